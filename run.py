@@ -1,0 +1,24 @@
+"""Entry point: `python run.py [overrides]`, or `python run.py -m ratio=0.2,0.3 ...` for a sweep."""
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rap.errors import RapError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from rap.job import run_job
+    from rap.report import print_summary
+
+    try:
+        print_summary(run_job(cfg, HydraConfig.get().runtime.output_dir))
+    except RapError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, compose
+from rap import job as job_module
+from rap.errors import ConfigError, DataError
+from rap.job import run_job
+
+
+def tiny_cfg(tmp_path, *extra):
+    return compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", *extra)
+
+
+def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    out = tmp_path / "job"
+    m = run_job(cfg, out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m)) and saved["status"] == "complete"
+    assert (out / "config.yaml").exists() and (out / "zeroshot_samples.json").exists()
+    assert saved["kv_bytes_per_token"] == saved["kv_bytes_per_token_formula"]
+    assert saved["flops_decode"] == saved["flops_decode_formula"]
+    assert saved["params_attention"] == saved["params_attention_formula"]
+    assert saved["n_piqa"] == 4 and 0 <= saved["acc_piqa"] <= 1
+    assert saved["ppl_windows"] == 2 and saved["ppl_seqlen"] == 64 and saved["ppl_wikitext2"] > 1
+
+    # A rerun of the same config must not load or compute anything.
+    monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("finished job was rerun"))
+    assert run_job(cfg, out) == saved
+    # Another config never overwrites a finished result.
+    with pytest.raises(ConfigError, match="different config"):
+        run_job(tiny_cfg(tmp_path, "seed=1"), out)
+    assert json.loads((out / "metrics.json").read_text()) == saved
+
+
+def test_failed_job_leaves_no_metrics(tmp_path):
+    cfg = tiny_cfg(tmp_path, "data.dir=/nonexistent/data")
+    with pytest.raises(DataError, match="does not exist"):
+        run_job(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists()
+
+
+def test_wandb_offline_run_lives_in_job_dir(tmp_path, data_dir):
+    cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=wandb", f"out_dir={tmp_path}")
+    run_job(cfg, tmp_path / "job")
+    runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ratio=0.3"], "ratio must be 0"),
+    (["ratio=1.5"], "outside [0, 1)"),
+    (["data.dir=/nonexistent/data"], "does not exist"),
+    (["model=no-such-model"], "no-such-model"),
+    (["no_such_key=1"], "no_such_key"),
+])
+def test_cli_bad_input_fails_clearly(tmp_path, overrides, message):
+    cmd = [sys.executable, "run.py", "model=tiny-llama", "tracking=none", "eval=smoke", f"out_dir={tmp_path}", *overrides]
+    if overrides[0].startswith("model="):
+        cmd.remove("model=tiny-llama")
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert not list(tmp_path.rglob("metrics.json"))
