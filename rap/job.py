@@ -11,6 +11,8 @@
 - costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, ``params_total``, ``params_attention``,
   ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
   as ``<key>_formula`` from the config alone.
+- compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
+  for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json``.
 - latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
   ``latency_decode_attention_ms`` with ``latency_device``, ``latency_dtype``, ``latency_threads``.
 """
@@ -25,11 +27,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import analytic, metrics
-from .data import resolve_data_dir, wikitext2_test_text
+from .data import calibration_batch, resolve_data_dir, wikitext2_test_text
 from .errors import ConfigError
 from .evaluation import perplexity
 from .models import ModelSpec, load_model
 from .tracking import make_tracker
+
+
+RATIO_KEYS = ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode", "flops_decode_attention",
+              "latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -76,7 +82,17 @@ def compress_model(model, tokenizer, cfg: DictConfig, data_dir):
     """Apply ``cfg.method`` at ``cfg.ratio``; returns ``(model, plan)``. ``plan`` is None for the baseline."""
     if cfg.method.name == "none":
         return model, None
-    raise ConfigError(f"Unknown method '{cfg.method.name}'; available: none.")
+    from .criteria import NEEDS_DATA
+    from .methods import compress, get_plan
+
+    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("name", "tag")}
+    criterion = cfg.criterion.name
+    calib = None
+    if criterion in NEEDS_DATA:
+        c = cfg.calibration
+        calib = calibration_batch(tokenizer, data_dir, c.source, c.n_samples, c.seqlen, seed=cfg.seed)
+    model = compress(model, cfg.method.name, float(cfg.ratio), calibration=calib, criterion=criterion, seed=cfg.seed, **options)
+    return model, get_plan(model)
 
 
 def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
@@ -117,13 +133,22 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         model, tok = load_model(model_spec(cfg))
         times["load"] = time.time() - t
 
+        m = cfg.eval.measure
+        base = {}
+        if cfg.method.name != "none" and m.get("baseline", True):
+            # The uncompressed model measured in the same process and conditions, for the *_ratio keys.
+            t = time.time()
+            base.update(metrics.measure_costs(model, m.context_len))
+            base.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
+                                                warmup=m.latency_warmup, decode_steps=m.decode_steps))
+            times["baseline"] = time.time() - t
+
         t = time.time()
         model, plan = compress_model(model, tok, cfg, data_dir)
         times["compress"] = time.time() - t
         if plan is not None:
             write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1))
 
-        m = cfg.eval.measure
         t = time.time()
         results.update(metrics.measure_costs(model, m.context_len))
         bytes_per_element = next(model.parameters()).element_size()
@@ -134,6 +159,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         results.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
                                                warmup=m.latency_warmup, decode_steps=m.decode_steps))
         times["latency"] = time.time() - t
+        for k in RATIO_KEYS:
+            if k in base:
+                results[f"base_{k}"] = base[k]
+                results[f"{k}_ratio"] = results[k] / base[k]
 
         t = time.time()
         p = cfg.eval.ppl

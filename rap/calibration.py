@@ -1,0 +1,112 @@
+"""Calibration statistics, gathered layer by layer with hooks (running sums, never stored activations)."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _layers(model):
+    return model.model.layers
+
+
+@torch.no_grad()
+def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Mean squared output per channel of q_proj, k_proj and v_proj, per layer: ``{"q","k","v"}`` -> list of
+    (out_features,) tensors. Pre-RoPE: a RoPE rotation preserves the energy of each (i, i+d/2) pair."""
+    sums = {n: [None] * len(_layers(model)) for n in ("q", "k", "v")}
+    count = [0]
+    handles = []
+    for i, layer in enumerate(_layers(model)):
+        for n in ("q", "k", "v"):
+            def hook(_m, _inp, out, n=n, i=i):
+                s = out.detach().float().pow(2).reshape(-1, out.shape[-1]).sum(0)
+                sums[n][i] = s if sums[n][i] is None else sums[n][i] + s
+            handles.append(getattr(layer.self_attn, f"{n}_proj").register_forward_hook(hook))
+    dev = next(model.parameters()).device
+    try:
+        for row in tqdm(batch, desc="calibration (energy)", leave=False):
+            model(row[None].to(dev), use_cache=False)
+            count[0] += row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: [s / count[0] for s in v] for n, v in sums.items()}
+
+
+def weight_gradients(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Per layer, over calibration sequences: mean squared gradient (Fisher) and mean |w·g| (Taylor) of the
+    k_proj and v_proj weights, for the LM loss. Returns keys ``fisher_k, fisher_v, taylor_k, taylor_v``."""
+    dev = next(model.parameters()).device
+    targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight) for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
+    was = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, _, w in targets:
+        w.requires_grad_(True)
+    out = {f"{kind}_{n}": [torch.zeros_like(w, dtype=torch.float32) for i, nn_, w in targets if nn_ == n]
+           for kind in ("fisher", "taylor") for n in ("k", "v")}
+    try:
+        for row in tqdm(batch, desc="calibration (gradients)", leave=False):
+            ids = row[None].to(dev)
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            for i, n, w in targets:
+                g = w.grad.float()
+                out[f"fisher_{n}"][i] += g.pow(2) / len(batch)
+                out[f"taylor_{n}"][i] += (w.detach().float() * g).abs() / len(batch)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, r in was.items():
+            p.requires_grad_(r)
+    return out
+
+
+@torch.no_grad()
+def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[str, list[torch.Tensor]]:
+    """Per layer: ``k`` (n_kv, d/2), the mean |pre-softmax logit change| when RoPE pair i of a KV head is dropped
+    (its exact contribution to q·k, over the group's query heads and causal query/key pairs); ``v`` (n_kv, d),
+    the mean |attention output| of value channel c times the norm of the W_o columns it feeds."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    L = len(_layers(model))
+    acc = {"k": [None] * L, "v": [None] * L}
+    handles = []
+
+    def make_hook(i, attn):
+        d, rep = attn.head_dim, attn.num_key_value_groups
+
+        def hook(_m, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            b, s, _ = x.shape
+            q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2).float()
+            k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2).float()
+            v = attn.v_proj(x).view(b, s, -1, d).transpose(1, 2).float()
+            q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+            nkv = k.shape[1]
+            qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long().to(x.device)  # skip the first tokens
+            qs = q[:, :, qi].view(b, nkv, rep, len(qi), d)
+            causal = (torch.arange(s, device=x.device)[None, :] <= qi[:, None]).float()  # (nq, s)
+            half = d // 2
+            prod = qs[..., None, :] * k[:, :, None, None, :, :]  # (b, nkv, rep, nq, s, d)
+            pair = prod[..., :half] + prod[..., half:]
+            k_err = (pair.abs() * causal[None, None, None, :, :, None]).sum((0, 2, 3, 4)) / (b * rep * causal.sum())
+            logits = (qs @ k[:, :, None].transpose(-1, -2)) * attn.scaling + (causal - 1) * 1e9
+            o = torch.softmax(logits, -1) @ v[:, :, None]  # (b, nkv, rep, nq, d)
+            w_o = attn.o_proj.weight.float().view(attn.o_proj.weight.shape[0], nkv, rep, d).norm(dim=0)  # (nkv, rep, d)
+            v_err = (o.abs().mean((0, 3)) * w_o).sum(1)
+            acc["k"][i] = k_err if acc["k"][i] is None else acc["k"][i] + k_err
+            acc["v"][i] = v_err if acc["v"][i] is None else acc["v"][i] + v_err
+
+        return hook
+
+    for i, layer in enumerate(_layers(model)):
+        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
+    dev = next(model.parameters()).device
+    try:
+        for row in tqdm(batch, desc="calibration (attention error)", leave=False):
+            model(row[None].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: [t / len(batch) for t in v] for n, v in acc.items()}

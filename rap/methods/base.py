@@ -1,0 +1,35 @@
+"""Base class of compression methods: ``make_plan`` chooses what to keep (the extension point);
+``apply`` rebuilds the compressed model from a plan, so a saved plan reproduces the model exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..analytic import AttentionShape
+
+
+@dataclass
+class Method:
+    """A KV-cache compression method.
+
+    Parameters
+    ----------
+    ratio : float
+        Fraction of KV-cache dimensions removed, in [0, 1).
+    """
+
+    ratio: float = 0.0
+    name = "base"
+
+    def make_plan(self, model, calibration=None) -> dict:
+        """Return a JSON-serialisable plan (``method``, ``ratio`` and per-layer choices)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def apply(model, plan: dict):
+        """Replace the attention modules of ``model`` (in place) as ``plan`` says; returns ``model``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def attention_shapes(config, plan: dict) -> list[AttentionShape]:
+        """Closed-form shapes of each layer's compressed attention (for the analytic costs)."""
+        raise NotImplementedError

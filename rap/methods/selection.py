@@ -1,0 +1,42 @@
+"""Pure tensor code: turn scores into kept indices under a budget."""
+from __future__ import annotations
+
+import torch
+
+
+def kept_count(ratio: float, units: int, round_to: int = 1, unit_width: int = 1) -> int:
+    """Units kept at ``ratio`` (e.g. RoPE pairs: unit_width 2). ``round_to`` rounds kept dims to a multiple."""
+    kept = round((1 - ratio) * units)
+    if round_to > 1:  # round the kept dims (units * unit_width) to a multiple of round_to
+        dims = max(round_to, round(kept * unit_width / round_to) * round_to)
+        kept = dims // unit_width
+    return min(units, kept)
+
+
+def top_per_head(scores: torch.Tensor, k: int) -> list[list[int]]:
+    """(heads, units) -> per head the indices of the ``k`` best units, sorted ascending."""
+    return [sorted(row.topk(k).indices.tolist()) for row in scores]
+
+
+def allocate(scores: list[torch.Tensor], keep_per_layer: int, allocation: str = "uniform", floor: int = 1) -> list[int]:
+    """Kept units per layer. ``uniform``: the same in every layer. ``global``: the same total, with layers
+    ranked by their per-layer-normalised scores (a slot of a layer is worth the heads' mean j-th best score)."""
+    L = len(scores)
+    if allocation == "uniform":
+        return [keep_per_layer] * L
+    if allocation != "global":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"Unknown allocation '{allocation}'; use uniform or global.")
+    units = scores[0].shape[1]
+    floor = min(floor, keep_per_layer)
+    counts = [floor] * L
+    slots = []
+    for layer, s in enumerate(scores):
+        s = s.float() / s.float().mean().clamp_min(1e-12)  # per-layer normalisation
+        ranked = s.sort(dim=1, descending=True).values.mean(0)  # (units,) non-increasing
+        slots += [(ranked[j].item(), layer) for j in range(floor, units)]
+    slots.sort(key=lambda t: -t[0])
+    for _, layer in slots[: keep_per_layer * L - floor * L]:
+        counts[layer] += 1
+    return counts
