@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens")
     ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--prune", default="kv", choices=["kv", "k", "v"])
+    ap.add_argument("--v-refit", action="store_true", help="least-squares refit of W_o (method.v_refit)")
     ap.add_argument("--out", default="criteria_ppl.csv")
     a = ap.parse_args()
     data_dir = resolve_data_dir()
@@ -36,7 +37,7 @@ def main():
         for crit in a.criteria:
             t = time.time()
             c = compress(copy.deepcopy(model), "rap", ratio, calibration=calib, criterion=crit, allocation=a.allocation,
-                         prune_k="k" in a.prune, prune_v="v" in a.prune)
+                         prune_k="k" in a.prune, prune_v="v" in a.prune, v_refit=a.v_refit)
             dt = time.time() - t
             ppl = perplexity(c, ids, a.seqlen, a.windows)["ppl"]
             rows.append({"criterion": crit, "ratio": ratio, "ppl": ppl, "time_s": round(dt, 1)})

@@ -110,3 +110,28 @@ def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[st
         for h in handles:
             h.remove()
     return {n: [t / len(batch) for t in v] for n, v in acc.items()}
+
+
+@torch.no_grad()
+def attention_output_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the (n_heads, d, d) Gram matrix of each query head's attention output (the input of
+    o_proj), summed over calibration tokens: what a least-squares refit of W_o needs."""
+    grams = [None] * len(_layers(model))
+    handles = []
+    for i, layer in enumerate(_layers(model)):
+        a = layer.self_attn
+
+        def pre(_m, args, i=i, a=a):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1] // a.head_dim, a.head_dim).transpose(0, 1)  # (heads, tokens, d)
+            g = x.transpose(1, 2) @ x
+            grams[i] = g if grams[i] is None else grams[i] + g
+        handles.append(a.o_proj.register_forward_pre_hook(pre))
+    dev = next(model.parameters()).device
+    try:
+        for row in tqdm(batch, desc="calibration (attention outputs)", leave=False):
+            model(row[None].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams

@@ -147,7 +147,9 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         model, plan = compress_model(model, tok, cfg, data_dir)
         times["compress"] = time.time() - t
         if plan is not None:
-            write_atomic(out_dir / "plan.json", json.dumps(plan, indent=1))
+            from .methods import save_plan
+
+            save_plan(model, out_dir / "plan.json")
 
         t = time.time()
         results.update(metrics.measure_costs(model, m.context_len))

@@ -18,7 +18,7 @@ def get_method(name: str) -> type[Method]:
 
 
 def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, **options):
-    """Compress ``model`` in place and return it; the plan is kept on ``model.config.rap_plan``.
+    """Compress ``model`` in place and return it; the plan is kept on ``model.rap_plan``.
 
     ``calibration`` is a (n, seqlen) LongTensor of token ids (see ``rap.data.calibration_batch``);
     ``options`` are the method's dataclass fields (e.g. ``criterion="qk_energy"``).
@@ -33,23 +33,49 @@ def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, *
     return apply_plan(model, m.make_plan(model, calibration))
 
 
+def load_plan(path: str | Path) -> dict:
+    """A plan saved by ``save_plan``: the JSON, plus its tensors (factor or map matrices) if it has any."""
+    path = Path(path)
+    plan = json.loads(path.read_text())
+    if plan.get("tensors_file"):
+        from safetensors.torch import load_file
+
+        plan["tensors"] = load_file(path.parent / plan["tensors_file"])
+    return plan
+
+
 def apply_plan(model, plan: dict | str | Path):
-    """Rebuild the compressed model from an uncompressed one and a plan (dict or JSON path)."""
+    """Rebuild the compressed model from an uncompressed one and a plan (dict or path saved by ``save_plan``)."""
     if not isinstance(plan, dict):
-        plan = json.loads(Path(plan).read_text())
-    if getattr(model.config, "rap_plan", None):
+        plan = load_plan(plan)
+    if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
     get_method(plan["method"]).apply(model, plan)
-    model.config.rap_plan = plan
+    model.rap_plan = plan  # on the module, not the config: it may hold tensors
     return model
 
 
 def get_plan(model) -> dict | None:
-    return getattr(model.config, "rap_plan", None)
+    return getattr(model, "rap_plan", None)
+
+
+def plan_json(plan: dict, tensors_file: str | None = None) -> str:
+    """The plan as JSON; its tensors (if any) are referenced by ``tensors_file``, not inlined."""
+    meta = {k: v for k, v in plan.items() if k != "tensors"}
+    if plan.get("tensors"):
+        meta["tensors_file"] = tensors_file
+    return json.dumps(meta, indent=1)
 
 
 def save_plan(model, path: str | Path) -> None:
+    """Write ``path`` (JSON) and, when the plan has tensors, ``<path stem>.safetensors`` beside it."""
     plan = get_plan(model)
     if plan is None:
         raise ConfigError("The model carries no compression plan; compress it first.")
-    Path(path).write_text(json.dumps(plan, indent=1))
+    path = Path(path)
+    tensors_file = path.with_suffix(".safetensors").name
+    if plan.get("tensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in plan["tensors"].items()}, str(path.parent / tensors_file))
+    path.write_text(plan_json(plan, tensors_file))

@@ -43,9 +43,13 @@ class PrunedAttention(nn.Module):
     attn : the original attention module (weights are copied, not shared).
     k_channels : per KV head, the kept key channels (original indices in [0, head_dim)); equal counts.
     v_channels : per KV head, the kept value channels; equal counts.
+    o_maps : optional (n_heads, d, n_v) least-squares maps from each query head's kept value channels to its
+        full attention output; W_o of head h becomes W_o[:, head h] @ o_maps[h] (compensates the dropped
+        channels). Without it, W_o keeps the matching input columns.
     """
 
-    def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]]):
+    def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]],
+                 o_maps: torch.Tensor | None = None):
         super().__init__()
         cfg = attn.config
         self.config, self.layer_idx = cfg, attn.layer_idx
@@ -69,7 +73,13 @@ class PrunedAttention(nn.Module):
             return _linear(lin.weight[idx], b)
 
         self.q_proj, self.k_proj, self.v_proj = rows(attn.q_proj, q_rows), rows(attn.k_proj, k_rows), rows(attn.v_proj, v_rows)
-        self.o_proj = _linear(attn.o_proj.weight[:, o_cols], attn.o_proj.bias)
+        if o_maps is None:
+            w_o = attn.o_proj.weight[:, o_cols]
+        else:
+            w = attn.o_proj.weight
+            heads = w.view(w.shape[0], -1, d).transpose(0, 1)  # (n_heads, hidden, d)
+            w_o = (heads.float() @ o_maps.to(w.device).float()).transpose(0, 1).reshape(w.shape[0], -1).to(w.dtype)
+        self.o_proj = _linear(w_o, attn.o_proj.bias)
         dev = attn.q_proj.weight.device
         partners = [rope_partners(k_channels[g], d) for g in range(n_kv)]
         self.register_buffer("k_index", torch.tensor(k_channels, device=dev), persistent=False)  # (n_kv, n_k)

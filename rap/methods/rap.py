@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .. import criteria
+from ..calibration import attention_output_gram
 from ..analytic import AttentionShape, has_o_bias, has_qkv_bias, head_dim
 from ..errors import ConfigError
 from .attention import PrunedAttention
 from .base import Method
-from .selection import allocate, kept_count, top_per_head
+from .selection import allocate, kept_count, least_squares_map, top_per_head
 
 
 @dataclass
@@ -31,6 +34,10 @@ class RAP(Method):
         Round kept K and V dims to a multiple of this (8 helps GPU kernels); 1 keeps the exact count.
     prune_k, prune_v : bool
         Prune keys / values (both by default).
+    v_refit : bool
+        Refit W_o by least squares on calibration attention outputs so the kept V channels also carry
+        what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
+        with the plan (``plan.safetensors``).
     seed : int
         For the ``random`` criterion.
     """
@@ -41,6 +48,7 @@ class RAP(Method):
     round_to: int = 1
     prune_k: bool = True
     prune_v: bool = True
+    v_refit: bool = False
     seed: int = 0
     name = "rap"
 
@@ -65,13 +73,23 @@ class RAP(Method):
                 k_pairs = top_per_head(s["k"][i], k_counts[i])
                 k_channels = [p + [c + d // 2 for c in p] for p in k_pairs]
             layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
-        return {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
-                "round_to": self.round_to, "head_dim": d, "layers": layers}
+        plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
+                "round_to": self.round_to, "v_refit": self.v_refit, "head_dim": d, "layers": layers}
+        if self.v_refit:
+            if calibration is None:
+                raise ConfigError("v_refit needs calibration data; pass calibration=<token batch>.")
+            rep = model.model.layers[0].self_attn.num_key_value_groups
+            grams = attention_output_gram(model, calibration)
+            plan["tensors"] = {f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
+                                                           for h, g in enumerate(grams[i])])
+                               for i, lp in enumerate(layers)}
+        return plan
 
     @staticmethod
     def apply(model, plan: dict):
-        for layer, lp in zip(model.model.layers, plan["layers"], strict=True):
-            layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"])
+        tensors = plan.get("tensors", {})
+        for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
+            layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"], tensors.get(f"o_maps.{i}"))
         return model
 
     @staticmethod

@@ -40,3 +40,12 @@ def allocate(scores: list[torch.Tensor], keep_per_layer: int, allocation: str = 
     for _, layer in slots[: keep_per_layer * L - floor * L]:
         counts[layer] += 1
     return counts
+
+
+def least_squares_map(gram: torch.Tensor, kept: list[int], damp: float = 1e-6) -> torch.Tensor:
+    """(d, |kept|) matrix M minimising E‖x - M x_kept‖² for x with second moment ``gram`` (d, d):
+    M = G[:, S] G[S, S]^-1, ridge-damped relative to the mean diagonal."""
+    g = gram.double()
+    gss = g[kept][:, kept]
+    gss = gss + damp * gss.diagonal().mean() * torch.eye(len(kept), dtype=g.dtype, device=g.device)
+    return torch.linalg.solve(gss, g[kept, :]).T.float()  # G[:,S] G[S,S]^-1, using symmetry
