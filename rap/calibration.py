@@ -10,11 +10,22 @@ def _layers(model):
 
 
 @torch.no_grad()
+def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
+    """Run every calibration sequence through the model (hooks collect the statistics), then remove the hooks."""
+    dev = next(model.parameters()).device
+    try:
+        for row in tqdm(batch, desc=desc, leave=False):
+            model(row[None].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Mean squared output per channel of q_proj, k_proj and v_proj, per layer: ``{"q","k","v"}`` -> list of
     (out_features,) tensors. Pre-RoPE: a RoPE rotation preserves the energy of each (i, i+d/2) pair."""
     sums = {n: [None] * len(_layers(model)) for n in ("q", "k", "v")}
-    count = [0]
     handles = []
     for i, layer in enumerate(_layers(model)):
         for n in ("q", "k", "v"):
@@ -22,15 +33,8 @@ def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
                 s = out.detach().float().pow(2).reshape(-1, out.shape[-1]).sum(0)
                 sums[n][i] = s if sums[n][i] is None else sums[n][i] + s
             handles.append(getattr(layer.self_attn, f"{n}_proj").register_forward_hook(hook))
-    dev = next(model.parameters()).device
-    try:
-        for row in tqdm(batch, desc="calibration (energy)", leave=False):
-            model(row[None].to(dev), use_cache=False)
-            count[0] += row.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: [s / count[0] for s in v] for n, v in sums.items()}
+    _forward_each(model, batch, handles, "calibration (energy)")
+    return {n: [s / batch.numel() for s in v] for n, v in sums.items()}
 
 
 def weight_gradients(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -102,13 +106,7 @@ def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[st
 
     for i, layer in enumerate(_layers(model)):
         handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
-    dev = next(model.parameters()).device
-    try:
-        for row in tqdm(batch, desc="calibration (attention error)", leave=False):
-            model(row[None].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_each(model, batch, handles, "calibration (attention error)")
     return {n: [t / len(batch) for t in v] for n, v in acc.items()}
 
 
@@ -127,11 +125,5 @@ def attention_output_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
             g = x.transpose(1, 2) @ x
             grams[i] = g if grams[i] is None else grams[i] + g
         handles.append(a.o_proj.register_forward_pre_hook(pre))
-    dev = next(model.parameters()).device
-    try:
-        for row in tqdm(batch, desc="calibration (attention outputs)", leave=False):
-            model(row[None].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_each(model, batch, handles, "calibration (attention outputs)")
     return grams

@@ -162,11 +162,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         times["latency"] = time.time() - t
         if plan is not None:
             # Cost baselines are exact in closed form (tests assert measured == formula); latency must be measured.
-            base.setdefault("kv_bytes_per_token", analytic.kv_bytes_per_token(model.config, None, bytes_per_element))
-            base.setdefault("params_total", analytic.total_params(model.config))
-            base.setdefault("params_attention", analytic.attention_params(model.config))
-            base.setdefault("flops_decode", analytic.decode_flops(model.config, m.context_len))
-            base.setdefault("flops_decode_attention", analytic.attention_decode_flops(model.config, m.context_len))
+            dense = formula_costs(model.config, None, m.context_len, bytes_per_element)
+            for k in RATIO_KEYS:
+                base.setdefault(k, dense.get(f"{k}_formula"))
+            base = {k: v for k, v in base.items() if v is not None}
         for k in RATIO_KEYS:
             if k in base:
                 results[f"base_{k}"] = base[k]
