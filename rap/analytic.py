@@ -13,20 +13,21 @@ class AttentionShape:
 
     Parameters
     ----------
-    n_heads, n_kv_heads : query heads and cached (KV) heads.
-    qk_dim, v_dim : per-head width of the score dot product and of the attended values.
-    cache_width : elements cached per token per KV head, summed over everything the layer caches.
-    linear_weights : weight elements of the layer's attention projections (2 FLOPs each per token).
+    n_heads : query heads (each scores every cached token).
+    qk_dim, v_dim : per-query-head widths the attention kernel runs at (score dot product, attended values).
+    cache_elements : elements the layer caches per token (all heads, keys and values or latents).
+    linear_weights : weight elements applied once per new token (2 FLOPs each).
     params : all attention parameters (weights, biases, factors).
+    rebuild_weights : weight elements applied to every cached token at every step (Palu's key rebuild).
     """
 
     n_heads: int
-    n_kv_heads: int
     qk_dim: int
     v_dim: int
-    cache_width: int
+    cache_elements: int
     linear_weights: int
     params: int
+    rebuild_weights: int = 0
 
 
 def head_dim(config) -> int:
@@ -47,7 +48,7 @@ def dense_attention_shape(config) -> AttentionShape:
     weights = 2 * h * nh * d + 2 * h * nkv * d
     bias = (nh * d + 2 * nkv * d) * has_qkv_bias(config) + h * has_o_bias(config)
     norms = 2 * d if config.model_type == "qwen3" else 0  # Qwen3 q_norm/k_norm
-    return AttentionShape(nh, nkv, d, d, 2 * d, weights, weights + bias + norms)
+    return AttentionShape(nh, d, d, 2 * nkv * d, weights, weights + bias + norms)
 
 
 def attention_shapes(config, plan: dict | None = None) -> list[AttentionShape]:
@@ -64,7 +65,7 @@ def mlp_weights(config) -> int:
 
 
 def kv_bytes_per_token(config, plan=None, bytes_per_element: int = 4) -> int:
-    return sum(s.n_kv_heads * s.cache_width for s in attention_shapes(config, plan)) * bytes_per_element
+    return sum(s.cache_elements for s in attention_shapes(config, plan)) * bytes_per_element
 
 
 def attention_params(config, plan=None) -> int:
@@ -82,7 +83,8 @@ def total_params(config, plan=None) -> int:
 def attention_decode_flops(config, context_len: int, plan=None) -> int:
     """FLOPs of all attention modules for one new token whose cache holds ``context_len`` tokens."""
     keys = context_len + 1  # the new token attends to itself too
-    return sum(2 * s.linear_weights + 2 * s.n_heads * keys * (s.qk_dim + s.v_dim) for s in attention_shapes(config, plan))
+    return sum(2 * s.linear_weights + 2 * keys * (s.rebuild_weights + s.n_heads * (s.qk_dim + s.v_dim))
+               for s in attention_shapes(config, plan))
 
 
 def decode_flops(config, context_len: int, plan=None) -> int:

@@ -127,3 +127,83 @@ def attention_output_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
         handles.append(a.o_proj.register_forward_pre_hook(pre))
     _forward_each(model, batch, handles, "calibration (attention outputs)")
     return grams
+
+
+@torch.no_grad()
+def attention_input_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, XᵀX (hidden, hidden) of the attention input (the normed hidden states that q/k/v_proj read),
+    summed over calibration tokens in float64: what whitened SVD needs."""
+    grams = [None] * len(_layers(model))
+    handles = []
+    for i, layer in enumerate(_layers(model)):
+        def pre(_m, args, i=i):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            g = x.T @ x
+            grams[i] = g if grams[i] is None else grams[i] + g
+        handles.append(layer.self_attn.k_proj.register_forward_pre_hook(pre))
+    _forward_each(model, batch, handles, "calibration (attention inputs)")
+    return grams
+
+
+def greedy_order(gaps: torch.Tensor) -> list[int]:
+    """``gaps`` (units, samples): unit i's term in an error sum over samples. Returns the units in greedy order:
+    each round takes the unit whose removal from the sum most reduces its mean absolute value."""
+    left = list(range(gaps.shape[0]))
+    total = gaps.sum(0)
+    order = []
+    while left:
+        err = (total[None] - gaps[left]).abs().mean(1)
+        j = left.pop(int(err.argmin()))
+        order.append(j)
+        total = total - gaps[j]
+    return order
+
+
+@torch.no_grad()
+def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: int = 64, max_sequences: int = 8,
+                     seed: int = 0) -> list[list[list[int]]]:
+    """EliteKV's RoPElite: per layer and KV head, the RoPE pairs in greedy order. A pair left without RoPE
+    changes the pre-softmax logit q·k by (its unrotated term − its rotated term); each round adds to the elite
+    set the pair whose rotation most reduces the mean |logit error| against full RoPE, over the group's query
+    heads and sampled causal (query, key) pairs of up to ``max_sequences`` calibration sequences."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    L = len(_layers(model))
+    orders: list = [None] * L
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+
+    def make_hook(i, attn):
+        d, rep = attn.head_dim, attn.num_key_value_groups
+
+        def hook(_m, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            b, s, _ = x.shape
+            q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2).float()
+            k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2).float()
+            qr, kr = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+            nkv, half = k.shape[1], d // 2
+            qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long()
+            kj = (torch.rand(len(qi), n_keys, generator=gen) * (qi[:, None] + 1)).long().clamp(max=s - 1)  # causal
+
+            def terms(qq, kk):  # per pair: (b, nkv, rep, nq, nk, half)
+                qs = qq[:, :, qi].view(b, nkv, rep, len(qi), 1, d)
+                ks = kk[:, :, kj.flatten().to(x.device)].view(b, nkv, 1, len(qi), n_keys, d)
+                prod = qs * ks
+                return prod[..., :half] + prod[..., half:]
+
+            gap = (terms(q, k) - terms(qr, kr)).permute(1, 5, 0, 2, 3, 4).reshape(nkv, half, -1)
+            orders[i] = [greedy_order(gap[g]) for g in range(nkv)]
+
+        return hook
+
+    for i, layer in enumerate(_layers(model)):
+        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
+    try:
+        dev = next(model.parameters()).device
+        model(batch[:max_sequences].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return orders

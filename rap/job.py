@@ -82,17 +82,20 @@ def compress_model(model, tokenizer, cfg: DictConfig, data_dir):
     """Apply ``cfg.method`` at ``cfg.ratio``; returns ``(model, plan)``. ``plan`` is None for the baseline."""
     if cfg.method.name == "none":
         return model, None
-    from .criteria import NEEDS_DATA
-    from .methods import compress, get_plan
+    from dataclasses import fields
+
+    from .methods import apply_plan, get_method, make_method
 
     options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("name", "tag")}
-    criterion = cfg.criterion.name
+    names = {f.name for f in fields(get_method(cfg.method.name))}
+    options.update({k: v for k, v in (("criterion", cfg.criterion.name), ("seed", cfg.seed)) if k in names})
+    method = make_method(cfg.method.name, float(cfg.ratio), **options)
     calib = None
-    if criterion in NEEDS_DATA:
+    if method.needs_calibration():
         c = cfg.calibration
         calib = calibration_batch(tokenizer, data_dir, c.source, c.n_samples, c.seqlen, seed=cfg.seed)
-    model = compress(model, cfg.method.name, float(cfg.ratio), calibration=calib, criterion=criterion, seed=cfg.seed, **options)
-    return model, get_plan(model)
+    plan = method.make_plan(model, calib)
+    return apply_plan(model, plan), plan
 
 
 def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:

@@ -54,6 +54,17 @@ def test_rap_job_reports_ratios_and_plan(tmp_path, data_dir):
     assert m["params_attention_ratio"] < 1 and m["time_compress_s"] > 0
 
 
+@pytest.mark.parametrize("method", ["palu", "elitekv"])
+def test_baseline_jobs_match_rap_budget(tmp_path, data_dir, method):
+    cfg = tiny_cfg(tmp_path, f"method={method}", "ratio=0.25", "eval.zeroshot.tasks=[]",
+                   "calibration.n_samples=2", "calibration.seqlen=32")
+    m = run_job(cfg, tmp_path / method)
+    plan = json.loads((tmp_path / method / "plan.json").read_text())
+    assert plan["method"] == method and (tmp_path / method / "plan.safetensors").exists()
+    assert m["kv_bytes_per_token_ratio"] == 0.75 and m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
+    assert m["flops_decode"] == m["flops_decode_formula"] and m["ppl_wikitext2"] > 1
+
+
 def test_failed_job_leaves_no_metrics(tmp_path):
     cfg = tiny_cfg(tmp_path, "data.dir=/nonexistent/data")
     with pytest.raises(DataError, match="does not exist"):

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .base import Method
+from .elitekv import EliteKV
+from .palu import Palu
 from .rap import RAP
 
-METHODS: dict[str, type[Method]] = {"rap": RAP}
+METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV}
 
 
 def get_method(name: str) -> type[Method]:
@@ -17,19 +19,24 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def make_method(method: str, ratio: float, **options) -> Method:
+    """The method's dataclass at ``ratio`` with ``options``; a clear error for a bad ratio or option."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio={ratio} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
+    cls = get_method(method)
+    try:
+        return cls(ratio=ratio, **options)
+    except TypeError as e:
+        raise ConfigError(f"Bad option for method '{method}': {e}.") from None
+
+
 def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, **options):
     """Compress ``model`` in place and return it; the plan is kept on ``model.rap_plan``.
 
     ``calibration`` is a (n, seqlen) LongTensor of token ids (see ``rap.data.calibration_batch``);
     ``options`` are the method's dataclass fields (e.g. ``criterion="qk_energy"``).
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio={ratio} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
-    cls = get_method(method)
-    try:
-        m = cls(ratio=ratio, **options)
-    except TypeError as e:
-        raise ConfigError(f"Bad option for method '{method}': {e}.") from None
+    m = make_method(method, ratio, **options)
     return apply_plan(model, m.make_plan(model, calibration))
 
 

@@ -1,11 +1,10 @@
-"""Attention with pruned query/key channels and value channels: a real module with smaller tensors.
+"""Compressed attention modules: real modules with smaller tensors, whose cache holds only what the method
+caches.
 
-Each KV head keeps its own channels. A kept key channel keeps its own RoPE frequency (cos/sin are gathered
-at its original index), and is rotated with its RoPE partner (channel i pairs with i + d/2 in the HF
-rotate_half layout). With whole pairs kept (RAP), every kept q·k term is exact; a channel whose partner
-was dropped (the RoPE-blind control) is rotated as if the partner were zero. The softmax scale stays
-1/sqrt(d) of the original head, and the cache holds keys of width ``n_k`` and values of width ``n_v``.
-The SDPA kernel itself runs at width max(n_k, n_v) (see ``forward``).
+``CompressedAttention`` is the shared forward (project -> cache -> expand -> attend -> o_proj); a method's
+module overrides ``project`` (what is computed from the new tokens and cached) and, if the cached tensors are
+not what the kernel attends over, ``expand``. ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and
+either value channels or a low-rank value latent whose up-projection is absorbed into W_o.
 """
 from __future__ import annotations
 
@@ -24,6 +23,19 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def linear_rows(lin: nn.Linear, rows: list[int]) -> nn.Linear:
+    """A new Linear holding only ``rows`` of ``lin``'s outputs (weight rows and bias)."""
+    return _linear(lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
+
+
+def kernel_widths(qk: int, v: int) -> tuple[int, int]:
+    """The widths the SDPA kernel runs at. Its fused CPU/GPU kernels need equal q/k and v widths, otherwise torch
+    falls back to the math kernel (3-4x slower on CPU). Zero-padding the narrower side changes no score and no
+    output, so it is done when it adds at most 1/8 of the wider width; beyond that the math kernel is cheaper."""
+    w = max(qk, v)
+    return (w, w) if 8 * (w - min(qk, v)) <= w else (qk, v)
+
+
 def rope_partners(kept: list[int], head_dim: int) -> tuple[list[int], list[float]]:
     """For each kept channel: the position of its RoPE partner among the kept ones (or itself) and the
     sign of the partner's term in rotate_half (-1 for the first half, +1 for the second, 0 if dropped)."""
@@ -37,87 +49,150 @@ def rope_partners(kept: list[int], head_dim: int) -> tuple[list[int], list[float
     return partner, sign
 
 
-class PrunedAttention(nn.Module):
-    """Drop-in replacement for a Llama/Mistral/Qwen2 attention module.
+class PairRope(nn.Module):
+    """RoPE on a subset of key channels, chosen per KV head: each kept channel keeps its own frequency (cos/sin
+    are gathered at its original index) and is rotated with its partner (channel i pairs with i + d/2 in the HF
+    rotate_half layout). A channel whose partner was dropped is rotated as if the partner were zero."""
 
-    Parameters
-    ----------
-    attn : the original attention module (weights are copied, not shared).
-    k_channels : per KV head, the kept key channels (original indices in [0, head_dim)); equal counts.
-    v_channels : per KV head, the kept value channels; equal counts.
-    o_maps : optional (n_heads, d, n_v) least-squares maps from each query head's kept value channels to its
-        full attention output; W_o of head h becomes W_o[:, head h] @ o_maps[h] (compensates the dropped
-        channels). Without it, W_o keeps the matching input columns.
+    def __init__(self, channels: list[list[int]], head_dim: int, device=None):
+        super().__init__()
+        partners = [rope_partners(c, head_dim) for c in channels]
+        self.register_buffer("index", torch.tensor(channels, device=device), persistent=False)  # (n_kv, n)
+        self.register_buffer("partner", torch.tensor([p for p, _ in partners], device=device), persistent=False)
+        self.register_buffer("sign", torch.tensor([s for _, s in partners], device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_kv: int) -> torch.Tensor:
+        """x: (b, heads, s, n); cos/sin: (b, s, d) of the full head."""
+        b, h, s, n = x.shape
+        idx = self.index.repeat_interleave(heads_per_kv, 0)[None, :, None, :].expand(b, h, s, n)
+        cos_k = cos[:, None].expand(b, h, s, -1).gather(-1, idx)
+        sin_k = sin[:, None].expand(b, h, s, -1).gather(-1, idx)
+        partner = self.partner.repeat_interleave(heads_per_kv, 0)[None, :, None, :].expand(b, h, s, n)
+        sign = self.sign.repeat_interleave(heads_per_kv, 0)[None, :, None, :].to(x.dtype)
+        return x * cos_k + x.gather(-1, partner) * sign * sin_k
+
+
+def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
+    """W_o with a value latent's up-projection absorbed. ``up`` (G, g·d, r) maps each group's latent to the values
+    of its g KV heads; query head h reads the rows of its KV head, so its block of W_o becomes W_o[:, h] @ up_rows.
+    The value bias (a constant under attention weights that sum to 1) moves into the output bias."""
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    w = attn.o_proj.weight.float()
+    hidden, n_heads = w.shape[0], w.shape[1] // d
+    g = up.shape[1] // d
+    blocks = []
+    for h in range(n_heads):
+        kv = h // rep
+        rows = up[kv // g, (kv % g) * d:(kv % g + 1) * d].float().to(w.device)  # (d, r)
+        blocks.append(w[:, h * d:(h + 1) * d] @ rows)
+    bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
+    if attn.v_proj.bias is not None:
+        b_v = attn.v_proj.bias.float().view(-1, d).repeat_interleave(rep, 0).reshape(-1)  # per query head
+        bias = w @ b_v if bias is None else bias + w @ b_v
+    dtype = attn.o_proj.weight.dtype
+    return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
+
+
+def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(b, h, s, w) with h dividing n -> (b, n, s, w), each head serving n/h consecutive heads."""
+    return x if x.shape[1] == n else x.repeat_interleave(n // x.shape[1], dim=1)
+
+
+class CompressedAttention(nn.Module):
+    """Base of the compressed attention modules: a drop-in replacement for a Llama/Mistral/Qwen2 attention.
+
+    The softmax scale stays the original 1/sqrt(d). Subclasses set ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+    as they need and override ``project`` (and ``expand``).
     """
 
-    def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]],
-                 o_maps: torch.Tensor | None = None):
+    def __init__(self, attn: nn.Module):
         super().__init__()
         cfg = attn.config
         self.config, self.layer_idx = cfg, attn.layer_idx
         self.is_causal, self.attention_dropout = True, attn.attention_dropout
         self.sliding_window = getattr(attn, "sliding_window", None)
-        d = self.head_dim = attn.head_dim
-        self.scaling = d ** -0.5  # the original scale: kept q·k terms are unchanged, so is their softmax
-        n_kv = len(k_channels)
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.num_key_value_groups = attn.num_key_value_groups
-        self.n_k, self.n_v = len(k_channels[0]), len(v_channels[0])
-        if any(len(c) != self.n_k for c in k_channels) or any(len(c) != self.n_v for c in v_channels):
-            raise ValueError("kept channel counts must be equal across the KV heads of a layer")
-        rep = self.num_key_value_groups
-        k_rows = [g * d + c for g in range(n_kv) for c in k_channels[g]]
-        q_rows = [h * d + c for h in range(n_kv * rep) for c in k_channels[h // rep]]
-        v_rows = [g * d + c for g in range(n_kv) for c in v_channels[g]]
-        o_cols = [h * d + c for h in range(n_kv * rep) for c in v_channels[h // rep]]
+        self.n_kv = cfg.num_key_value_heads
 
-        def rows(lin, idx):
-            b = lin.bias[idx] if lin.bias is not None else None
-            return _linear(lin.weight[idx], b)
+    def project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the new tokens: queries (b, heads, s, w) and what the cache stores for keys and values."""
+        raise NotImplementedError
 
-        self.q_proj, self.k_proj, self.v_proj = rows(attn.q_proj, q_rows), rows(attn.k_proj, k_rows), rows(attn.v_proj, v_rows)
-        if o_maps is None:
-            w_o = attn.o_proj.weight[:, o_cols]
-        else:
-            w = attn.o_proj.weight
-            heads = w.view(w.shape[0], -1, d).transpose(0, 1)  # (n_heads, hidden, d)
-            w_o = (heads.float() @ o_maps.to(w.device).float()).transpose(0, 1).reshape(w.shape[0], -1).to(w.dtype)
-        self.o_proj = _linear(w_o, attn.o_proj.bias)
-        dev = attn.q_proj.weight.device
-        partners = [rope_partners(k_channels[g], d) for g in range(n_kv)]
-        self.register_buffer("k_index", torch.tensor(k_channels, device=dev), persistent=False)  # (n_kv, n_k)
-        self.register_buffer("partner", torch.tensor([p for p, _ in partners], device=dev), persistent=False)
-        self.register_buffer("sign", torch.tensor([s for _, s in partners], device=dev), persistent=False)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_kv: int) -> torch.Tensor:
-        """x: (b, heads, s, n_k); cos/sin: (b, s, d) of the full head, gathered per KV head at the kept channels."""
-        b, h, s, n = x.shape
-        idx = self.k_index.repeat_interleave(heads_per_kv, 0)  # (heads, n_k)
-        cos_k = cos[:, None, :, :].expand(b, h, s, -1).gather(-1, idx[None, :, None, :].expand(b, h, s, n))
-        sin_k = sin[:, None, :, :].expand(b, h, s, -1).gather(-1, idx[None, :, None, :].expand(b, h, s, n))
-        partner = self.partner.repeat_interleave(heads_per_kv, 0)[None, :, None, :].expand(b, h, s, n)
-        sign = self.sign.repeat_interleave(heads_per_kv, 0)[None, :, None, :].to(x.dtype)
-        return x * cos_k + x.gather(-1, partner) * sign * sin_k
+    def expand(self, q, k, v):
+        """From the cached tensors (all tokens) to the keys and values the kernel attends over. Keys and values
+        may have fewer heads than the KV heads (a shared latent): they are repeated to the KV head count."""
+        return q, k, v
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        q = self.q_proj(hidden_states).view(*input_shape, -1, self.n_k).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(*input_shape, -1, self.n_k).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(*input_shape, -1, self.n_v).transpose(1, 2)
-        cos, sin = position_embeddings
-        q = self._rope(q, cos, sin, self.num_key_value_groups)
-        k = self._rope(k, cos, sin, 1)
+        q, k, v = self.project(hidden_states, position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        # SDPA's fused CPU/GPU kernels need equal q/k and v widths; otherwise torch falls back to the math
-        # kernel (3-4x slower on CPU). Zero-padding the narrower side changes no score and no output.
-        n = max(self.n_k, self.n_v)
-        if self.n_k < n:
-            q, k = F.pad(q, (0, n - self.n_k)), F.pad(k, (0, n - self.n_k))
-        elif self.n_v < n:
-            v = F.pad(v, (0, n - self.n_v))
+        q, k, v = self.expand(q, k, v)
+        k, v = _to_heads(k, self.n_kv), _to_heads(v, self.n_kv)
+        n_qk, n_v = q.shape[-1], v.shape[-1]
+        w_qk, w_v = kernel_widths(n_qk, n_v)
+        if w_qk > n_qk:
+            q, k = F.pad(q, (0, w_qk - n_qk)), F.pad(k, (0, w_qk - n_qk))
+        if w_v > n_v:
+            v = F.pad(v, (0, w_v - n_v))
         kwargs.pop("position_ids", None)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)
-        out, weights = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        out = out[..., : self.n_v]
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        out = out[..., :n_v]
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+class PrunedAttention(CompressedAttention):
+    """RAP's attention: kept RoPE pairs of the keys (and the same rows of W_q for each query head of the group);
+    values either pruned to kept channels or cached as a low-rank latent.
+
+    Parameters
+    ----------
+    attn : the original attention module (weights are copied, not shared).
+    k_channels : per KV head, the kept key channels (original indices in [0, head_dim)); equal counts.
+    v_channels : per KV head, the kept value channels; equal counts. Ignored with ``v_latent``.
+    o_maps : optional (n_heads, d, n_v) least-squares maps from each query head's kept value channels to its
+        full attention output; W_o of head h becomes W_o[:, head h] @ o_maps[h].
+    v_latent : optional ``(down, up)``: down (G·r, hidden) computes a rank-r latent per group of g KV heads (the
+        cache holds it), up (G, g·d, r) is absorbed into W_o (``latent_o_proj``), so nothing is rebuilt.
+    """
+
+    def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]] | None = None,
+                 o_maps: torch.Tensor | None = None, v_latent: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(attn)
+        d, rep, n_kv = self.head_dim, self.num_key_value_groups, len(k_channels)
+        self.n_k = len(k_channels[0])
+        if any(len(c) != self.n_k for c in k_channels):
+            raise ValueError("kept key channel counts must be equal across the KV heads of a layer")
+        self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_kv * rep) for c in k_channels[h // rep]])
+        self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(n_kv) for c in k_channels[g]])
+        if v_latent is not None:
+            down, up = v_latent
+            self.v_heads, self.n_v = up.shape[0], up.shape[2]
+            self.v_proj = _linear(down.to(attn.v_proj.weight), None)
+            self.o_proj = latent_o_proj(attn, up)
+        else:
+            self.v_heads, self.n_v = n_kv, len(v_channels[0])
+            if any(len(c) != self.n_v for c in v_channels):
+                raise ValueError("kept value channel counts must be equal across the KV heads of a layer")
+            self.v_proj = linear_rows(attn.v_proj, [g * d + c for g in range(n_kv) for c in v_channels[g]])
+            o_cols = [h * d + c for h in range(n_kv * rep) for c in v_channels[h // rep]]
+            if o_maps is None:
+                w_o = attn.o_proj.weight[:, o_cols]
+            else:
+                w = attn.o_proj.weight
+                heads = w.view(w.shape[0], -1, d).transpose(0, 1)  # (n_heads, hidden, d)
+                w_o = (heads.float() @ o_maps.to(w.device).float()).transpose(0, 1).reshape(w.shape[0], -1).to(w.dtype)
+            self.o_proj = _linear(w_o, attn.o_proj.bias)
+        self.rope = PairRope(k_channels, d, attn.q_proj.weight.device)
+
+    def project(self, x, position_embeddings):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
+        k = self.k_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
+        v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)
+        cos, sin = position_embeddings
+        return self.rope(q, cos, sin, self.num_key_value_groups), self.rope(k, cos, sin, 1), v

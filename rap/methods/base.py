@@ -20,6 +20,10 @@ class Method:
     ratio: float = 0.0
     name = "base"
 
+    def needs_calibration(self) -> bool:
+        """Whether ``make_plan`` reads calibration data (the job loads it only then)."""
+        return True
+
     def make_plan(self, model, calibration=None) -> dict:
         """Return a JSON-serialisable plan (``method``, ``ratio`` and per-layer choices)."""
         raise NotImplementedError

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import criteria
-from ..calibration import attention_output_gram
-from ..analytic import AttentionShape, has_o_bias, has_qkv_bias, head_dim
+from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
+from ..calibration import attention_input_gram, attention_output_gram
 from ..errors import ConfigError
-from .attention import PrunedAttention
+from .attention import PrunedAttention, kernel_widths
 from .base import Method
-from .selection import allocate, kept_count, least_squares_map, top_per_head
+from .lowrank import group_factors, group_size_for
+from .selection import allocate, kv_budget, least_squares_map, top_per_head
 
 
 @dataclass
@@ -34,8 +35,14 @@ class RAP(Method):
         Round kept K and V dims to a multiple of this (8 helps GPU kernels); 1 keeps the exact count.
     prune_k, prune_v : bool
         Prune keys / values (both by default).
+    v_path : str
+        ``channels`` (prune V channels, the paper's RAP) or ``lowrank``: cache a rank-r V latent per group of
+        ``group_size`` KV heads (the same cache budget: r = g · kept V channels), its up-projection absorbed
+        into W_o, so nothing is rebuilt (V has no RoPE). Factors as Palu's (``decomposition``).
+    group_size, decomposition :
+        With ``v_path=lowrank``: KV heads per latent (capped at the head count) and ``svd`` or ``whiten``.
     v_refit : bool
-        Refit W_o by least squares on calibration attention outputs so the kept V channels also carry
+        With ``v_path=channels``: refit W_o by least squares on calibration attention outputs so the kept V channels also carry
         what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
         with the plan (``plan.safetensors``).
     seed : int
@@ -48,18 +55,27 @@ class RAP(Method):
     round_to: int = 1
     prune_k: bool = True
     prune_v: bool = True
+    v_path: str = "channels"
+    group_size: int = 4
+    decomposition: str = "whiten"
     v_refit: bool = False
     seed: int = 0
     name = "rap"
 
+    def needs_calibration(self) -> bool:
+        lowrank_data = self.v_path == "lowrank" and self.decomposition == "whiten"
+        return self.criterion in criteria.NEEDS_DATA or self.v_refit or lowrank_data
+
     def make_plan(self, model, calibration=None) -> dict:
-        d = model.model.layers[0].self_attn.head_dim
-        if d % 2:
-            raise ConfigError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
-        n_pairs = kept_count(self.ratio, d // 2, self.round_to, unit_width=2) if self.prune_k else d // 2
-        n_v = kept_count(self.ratio, d, self.round_to) if self.prune_v else d
-        if n_pairs < 1 or n_v < 1:
-            raise ConfigError(f"ratio={self.ratio} leaves no RoPE pair or V channel of head_dim={d}; lower the ratio.")
+        if self.v_path not in ("channels", "lowrank"):
+            raise ConfigError(f"Unknown v_path '{self.v_path}'; use channels or lowrank.")
+        if self.decomposition not in ("svd", "whiten"):
+            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        if self.v_path == "lowrank" and self.v_refit:
+            raise ConfigError("v_refit refits pruned V channels; it does not apply to v_path=lowrank.")
+        attn = model.model.layers[0].self_attn
+        d = attn.head_dim
+        n_pairs, n_v = kv_budget(self.ratio, d, self.round_to, self.prune_k, self.prune_v)
         s = criteria.score(self.criterion, model, calibration, seed=self.seed)
         k_counts = allocate(s["k"], n_pairs, self.allocation, self.floor)
         v_counts = allocate(s["v"], n_v, self.allocation, self.floor)
@@ -74,7 +90,18 @@ class RAP(Method):
                 k_channels = [p + [c + d // 2 for c in p] for p in k_pairs]
             layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
         plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
-                "round_to": self.round_to, "v_refit": self.v_refit, "head_dim": d, "layers": layers}
+                "round_to": self.round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
+        if self.v_path == "lowrank":
+            g = group_size_for(model.config.num_key_value_heads, self.group_size)
+            if self.decomposition == "whiten" and calibration is None:
+                raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use svd.")
+            grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else [None] * len(layers)
+            plan.update(group_size=g, decomposition=self.decomposition, tensors={})
+            for i, (layer, lp) in enumerate(zip(model.model.layers, layers)):
+                rank = min(g * len(lp["v_channels"][0]), layer.self_attn.v_proj.weight.shape[1])  # RAP's V budget
+                down, up = group_factors(layer.self_attn.v_proj.weight, d, g, rank, grams[i])
+                plan["tensors"].update({f"v_down.{i}": down, f"v_up.{i}": up})
+                lp["v_rank"], lp["v_channels"] = rank, None
         if self.v_refit:
             if calibration is None:
                 raise ConfigError("v_refit needs calibration data; pass calibration=<token batch>.")
@@ -89,17 +116,25 @@ class RAP(Method):
     def apply(model, plan: dict):
         tensors = plan.get("tensors", {})
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
-            layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"], tensors.get(f"o_maps.{i}"))
+            v_latent = (tensors[f"v_down.{i}"], tensors[f"v_up.{i}"]) if lp.get("v_rank") else None
+            layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"],
+                                              tensors.get(f"o_maps.{i}"), v_latent)
         return model
 
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         h, nh, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         shapes = []
+        qkv_bias, o_bias = has_qkv_bias(config), has_o_bias(config)
         for lp in plan["layers"]:
-            nk, nv = len(lp["k_channels"][0]), len(lp["v_channels"][0])
-            weights = h * nh * nk + h * nkv * nk + h * nkv * nv + nh * nv * h
-            bias = (nh * nk + nkv * nk + nkv * nv) * has_qkv_bias(config) + h * has_o_bias(config)
-            width = max(nk, nv)  # the kernel runs on zero-padded equal widths (PrunedAttention.forward)
-            shapes.append(AttentionShape(nh, nkv, width, width, nk + nv, weights, weights + bias))
+            nk = len(lp["k_channels"][0])
+            if lp.get("v_rank"):  # a latent per group; the value bias moves into W_o's bias
+                nv, v_rows = lp["v_rank"], nkv // plan["group_size"] * lp["v_rank"]
+                bias = (nh * nk + nkv * nk) * qkv_bias + h * (o_bias or qkv_bias)
+            else:
+                nv, v_rows = len(lp["v_channels"][0]), nkv * len(lp["v_channels"][0])
+                bias = (nh * nk + nkv * nk + v_rows) * qkv_bias + h * o_bias
+            weights = h * nh * nk + h * nkv * nk + h * v_rows + nh * nv * h
+            qk_dim, v_dim = kernel_widths(nk, nv)
+            shapes.append(AttentionShape(nh, qk_dim, v_dim, nkv * nk + v_rows, weights, weights + bias))
         return shapes

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
 
 def kept_count(ratio: float, units: int, round_to: int = 1, unit_width: int = 1) -> int:
     """Units kept at ``ratio`` (e.g. RoPE pairs: unit_width 2). ``round_to`` rounds kept dims to a multiple."""
@@ -11,6 +13,17 @@ def kept_count(ratio: float, units: int, round_to: int = 1, unit_width: int = 1)
         dims = max(round_to, round(kept * unit_width / round_to) * round_to)
         kept = dims // unit_width
     return min(units, kept)
+
+
+def kv_budget(ratio: float, head_dim: int, round_to: int = 1, prune_k: bool = True, prune_v: bool = True) -> tuple[int, int]:
+    """RAP's kept RoPE pairs and V channels per KV head at ``ratio``: the KV budget every method matches."""
+    if head_dim % 2:
+        raise ConfigError(f"head_dim={head_dim} is odd, so keys cannot be split into RoPE pairs.")
+    n_pairs = kept_count(ratio, head_dim // 2, round_to, unit_width=2) if prune_k else head_dim // 2
+    n_v = kept_count(ratio, head_dim, round_to) if prune_v else head_dim
+    if n_pairs < 1 or n_v < 1:
+        raise ConfigError(f"ratio={ratio} leaves no RoPE pair or V channel of head_dim={head_dim}; lower the ratio.")
+    return n_pairs, n_v
 
 
 def top_per_head(scores: torch.Tensor, k: int) -> list[list[int]]:
@@ -25,8 +38,6 @@ def allocate(scores: list[torch.Tensor], keep_per_layer: int, allocation: str = 
     if allocation == "uniform":
         return [keep_per_layer] * L
     if allocation != "global":
-        from ..errors import ConfigError
-
         raise ConfigError(f"Unknown allocation '{allocation}'; use uniform or global.")
     units = scores[0].shape[1]
     floor = min(floor, keep_per_layer)

@@ -1,0 +1,195 @@
+"""EliteKV-style: per KV head, a few "elite" RoPE pairs keep their rotation and are cached as rotated keys; the
+other key dims lose RoPE and, with V, are factored jointly (J-LRD) into one latent per token shared by all
+heads. The key part of the up-projection is applied to the queries and the value part absorbed into W_o, so
+nothing is rebuilt. Training-free here: the paper's own numbers need uptraining."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
+from ..calibration import attention_errors, attention_input_gram, rope_elite_order
+from ..errors import ConfigError
+from .attention import CompressedAttention, PairRope, _linear, kernel_widths, latent_o_proj, linear_rows
+from .base import Method
+from .lowrank import factorize
+from .selection import kv_budget
+
+
+def pair_channels(pairs: list[int], head_dim: int) -> list[int]:
+    """RoPE pairs -> their channels (i and i + d/2), in the order RAP keeps them."""
+    pairs = sorted(pairs)
+    return pairs + [p + head_dim // 2 for p in pairs]
+
+
+class EliteAttention(CompressedAttention):
+    """Cache per token: rotated elite keys (n_kv · 2r) and the joint latent c (kv_dim), nothing else.
+
+    Score of query head h with a cached token: q_elite·k_elite (RoPE'd, own frequencies) + (B_kᵀ q_nope)·c,
+    where B_k are the up-projection rows of h's KV head; the K-nope bias is dropped (it adds the same amount
+    to every key's score, which softmax ignores). Values: attention weights times c, then W_o·B_v.
+
+    Parameters
+    ----------
+    attn : the original attention module.
+    elite : per KV head, the elite RoPE pairs (equal counts).
+    down : (kv_dim, hidden), the joint latent's projection.
+    up : (n_kv·(d-2r) + n_kv·d, kv_dim): rows of the non-elite key channels per head, then all value rows.
+    """
+
+    def __init__(self, attn: nn.Module, elite: list[list[int]], down: torch.Tensor, up: torch.Tensor):
+        super().__init__(attn)
+        d, rep, nkv = self.head_dim, self.num_key_value_groups, self.n_kv
+        elite_ch = [pair_channels(p, d) for p in elite]
+        nope_ch = [[c for c in range(d) if c not in set(e)] for e in elite_ch]
+        self.n_e, self.n_n, self.kv_dim = len(elite_ch[0]), d - len(elite_ch[0]), down.shape[0]
+        q_rows = [h * d + c for h in range(nkv * rep) for c in elite_ch[h // rep] + nope_ch[h // rep]]
+        self.q_proj = linear_rows(attn.q_proj, q_rows)
+        self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(nkv) for c in elite_ch[g]])
+        w = attn.k_proj.weight
+        self.kv_proj = _linear(down.to(w), None)
+        up = up.to(w)
+        self.q_absorb = nn.Parameter(up[: nkv * self.n_n].reshape(nkv, self.n_n, self.kv_dim).clone())
+        self.o_proj = latent_o_proj(attn, up[nkv * self.n_n:][None])
+        self.rope = PairRope(elite_ch, d, w.device)
+
+    def project(self, x, position_embeddings):
+        shape, b, s = x.shape[:-1], x.shape[0], x.shape[1]
+        rep = self.num_key_value_groups
+        q = self.q_proj(x).view(*shape, -1, self.n_e + self.n_n).transpose(1, 2)
+        q_e, q_n = q.split([self.n_e, self.n_n], -1)
+        cos, sin = position_embeddings
+        q_e = self.rope(q_e, cos, sin, rep)
+        q_lat = (q_n.reshape(b, self.n_kv, rep, s, self.n_n) @ self.q_absorb[None, :, None]).view(b, -1, s, self.kv_dim)
+        k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), cos, sin, 1)
+        c = self.kv_proj(x).view(*shape, 1, self.kv_dim).transpose(1, 2)
+        return torch.cat([q_e, q_lat], -1), k_e, c
+
+    def expand(self, q, k_e, c):
+        return q, torch.cat([k_e, c.expand(-1, self.n_kv, -1, -1)], -1), c
+
+
+@dataclass
+class EliteKV(Method):
+    """EliteKV-style elite RoPE pairs plus a joint low-rank K/V latent, at RAP's KV-cache budget.
+
+    Parameters
+    ----------
+    ratio : float
+        Fraction of KV-cache bytes removed, as for RAP. Per layer the cache holds n_kv·2r + kv_dim elements,
+        equal to RAP's n_kv·(2P + n_v); kv_dim follows from r.
+    elite_pairs : int
+        Elite RoPE pairs r per KV head. 0 searches ``search_fractions`` of d/2 and keeps the r with the lowest
+        calibration perplexity (EliteKV's allocation step).
+    selection : str
+        ``greedy`` (RoPElite: the pair whose rotation most reduces the mean |logit error| against full RoPE,
+        round by round), ``uniform`` (evenly spaced frequencies) or ``contribution`` (largest mean |q·k| term).
+    decomposition : str
+        J-LRD factors: ``svd`` of the stacked weights, or ``whiten`` (as Palu).
+    search_fractions : list
+        Candidate r as fractions of d/2 when ``elite_pairs`` is 0.
+    search_sequences : int
+        Calibration sequences that score each candidate.
+    seed : int
+        Sampling of the (query, key) pairs for ``greedy``.
+    """
+
+    elite_pairs: int = 0
+    selection: str = "greedy"
+    decomposition: str = "whiten"
+    search_fractions: list = field(default_factory=lambda: [0.125, 0.25, 0.5])
+    search_sequences: int = 4
+    seed: int = 0
+    name = "elitekv"
+
+    def make_plan(self, model, calibration=None) -> dict:
+        if self.selection not in ("greedy", "uniform", "contribution"):
+            raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
+        if self.decomposition not in ("svd", "whiten"):
+            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        if calibration is None and (self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs):
+            raise ConfigError("EliteKV needs calibration data here; pass calibration=<token batch>.")
+        cfg = model.config
+        d, nkv = model.model.layers[0].self_attn.head_dim, cfg.num_key_value_heads
+        n_pairs, n_v = kv_budget(self.ratio, d)
+        budget = nkv * (2 * n_pairs + n_v)  # RAP's cache elements per layer
+        if self.elite_pairs:
+            candidates = [self.elite_pairs]
+        else:
+            candidates = sorted({max(1, round(f * d / 2)) for f in self.search_fractions})
+        candidates = [r for r in candidates if 1 <= r <= d // 2 and budget - nkv * 2 * r >= 1]
+        if not candidates:
+            raise ConfigError(f"No elite pair count fits ratio={self.ratio} (budget {budget} per layer); lower the ratio or elite_pairs.")
+        order = self._order(model, calibration)
+        grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else None
+        plans = [self._plan(model, r, budget, order, grams) for r in candidates]
+        search = {}
+        if len(plans) > 1:
+            search = {p["elite_pairs"]: _calibration_ppl(model, p, calibration[: self.search_sequences]) for p in plans}
+            plans = [min(plans, key=lambda p: search[p["elite_pairs"]])]
+        plan = plans[0]
+        plan["search_ppl"] = {str(k): v for k, v in search.items()}
+        return plan
+
+    def _order(self, model, calibration):
+        """Per layer and KV head, every RoPE pair in order of preference (the first r are elite)."""
+        L, nkv = len(model.model.layers), model.config.num_key_value_heads
+        half = model.model.layers[0].self_attn.head_dim // 2
+        if self.selection == "greedy":
+            return rope_elite_order(model, calibration, seed=self.seed)
+        if self.selection == "contribution":
+            return [[row.argsort(descending=True).tolist() for row in s] for s in attention_errors(model, calibration)["k"]]
+        return [[None] * nkv for _ in range(L)]  # uniform: spacing depends on r
+
+    def _plan(self, model, r, budget, order, grams) -> dict:
+        cfg, layers = model.config, model.model.layers
+        d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
+        half = d // 2
+        kv_dim = min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size)
+        spaced = sorted({int(x) for x in torch.linspace(0, half - 1, r).round().tolist()})
+        out, tensors = [], {}
+        for i, layer in enumerate(layers):
+            a = layer.self_attn
+            elite = [sorted(o[:r]) if o is not None else spaced for o in order[i]]
+            nope = [[c for c in range(d) if c not in set(pair_channels(e, d))] for e in elite]
+            rows = [g * d + c for g in range(nkv) for c in nope[g]]
+            w = torch.cat([a.k_proj.weight[rows], a.v_proj.weight])
+            down, up = factorize(w, kv_dim, None if grams is None else grams[i])
+            tensors.update({f"down.{i}": down, f"up.{i}": up})
+            out.append({"elite_pairs": elite, "kv_dim": kv_dim})
+        return {"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
+                "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "layers": out, "tensors": tensors}
+
+    @staticmethod
+    def apply(model, plan: dict):
+        t = plan["tensors"]
+        for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
+            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"])
+        return model
+
+    @staticmethod
+    def attention_shapes(config, plan: dict) -> list[AttentionShape]:
+        h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, plan["head_dim"]
+        qkv_bias = has_qkv_bias(config)
+        shapes = []
+        for lp in plan["layers"]:
+            n_e, c = 2 * len(lp["elite_pairs"][0]), lp["kv_dim"]
+            weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c + nh * c * h
+            params = weights - nh * (d - n_e) * c + nkv * (d - n_e) * c  # q_absorb is stored once per KV head
+            bias = (nh * d + nkv * n_e) * qkv_bias + h * (has_o_bias(config) or qkv_bias)
+            qk_dim, v_dim = kernel_widths(n_e + c, c)
+            shapes.append(AttentionShape(nh, qk_dim, v_dim, nkv * n_e + c, weights, params + bias))
+        return shapes
+
+
+@torch.no_grad()
+def _calibration_ppl(model, plan: dict, batch: torch.Tensor) -> float:
+    """Perplexity of the model compressed by ``plan`` on calibration sequences (a copy; ``model`` is untouched)."""
+    m = EliteKV.apply(copy.deepcopy(model), plan)
+    dev = next(m.parameters()).device
+    nll = sum(m(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
+    return math.exp(nll / len(batch))
