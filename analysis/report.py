@@ -2,6 +2,7 @@
 
     python analysis/report.py outputs/default                 # markdown table to stdout
     python analysis/report.py outputs/default --csv runs.csv  # and a CSV
+    python analysis/report.py outputs/a outputs/b --columns variant ratio ppl_wikitext2 kv_bytes_per_token
 """
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["model", "method", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg", "acc_norm_avg",
+COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg", "acc_norm_avg",
            "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio", "flops_decode_ratio",
            "flops_decode_attention_ratio", "latency_decode_attention_ms_ratio", "latency_prefill_attention_ms_ratio",
            "time_compress_s"]
 
 
-def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per finished job; config fields flattened in as ``cfg.<key>``."""
+def load_runs(*roots: str | Path) -> pd.DataFrame:
+    """One row per finished job under any of ``roots``; config fields flattened in as ``cfg.<key>``."""
     rows = []
-    for path in sorted(Path(root).rglob("metrics.json")):
+    for path in sorted(p for root in roots for p in Path(root).rglob("metrics.json")):
         m = json.loads(path.read_text())
         cfg_path = path.with_name("config.yaml")
         if cfg_path.exists():
@@ -33,25 +34,29 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         rows.append(m)
     df = pd.DataFrame(rows)
     if not df.empty and "cfg.criterion.name" in df:
-        df["criterion"] = df["cfg.criterion.name"].where(df["method"] != "none", "-")
+        df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
+    if not df.empty and "cfg.method.tag" in df:
+        df["variant"] = df["cfg.method.tag"]
     return df
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
+def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
     """The comparison table: one row per cell, ratios against the uncompressed model of the same job."""
-    cols = [c for c in COLUMNS if c in df]
-    return df[cols].sort_values([c for c in ("model", "method", "ratio", "criterion") if c in cols]).reset_index(drop=True)
+    cols = [c for c in (columns or COLUMNS) if c in df]
+    keys = [c for c in ("model", "method", "ratio", "variant", "criterion") if c in cols]
+    return df[cols].sort_values(keys).reset_index(drop=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root")
+    ap.add_argument("roots", nargs="+")
     ap.add_argument("--csv")
+    ap.add_argument("--columns", nargs="+", help=f"columns to show (default: {' '.join(COLUMNS)})")
     a = ap.parse_args()
-    df = load_runs(a.root)
+    df = load_runs(*a.roots)
     if df.empty:
-        raise SystemExit(f"error: no metrics.json under {a.root}")
-    table = summary(df)
+        raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
+    table = summary(df, a.columns)
     print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
     if a.csv:
         df.to_csv(a.csv, index=False)

@@ -126,6 +126,29 @@ def test_generate_and_lm_eval_on_compressed(tmp_path, data_dir):
     assert res["n_piqa"] == 4 and 0 <= res["acc_piqa"] <= 1
 
 
+@pytest.mark.parametrize("kept", [[[1, 3, 9, 11], [0, 2, 8, 10]],     # whole pairs (RAP): rotate_half path
+                                  [[1, 3, 9, 12], [0, 5, 6, 10]]])   # RoPE-blind: some partners dropped
+def test_pair_rope_rotates_kept_channels_like_full_rope_with_dropped_zeroed(kept):
+    """Each kept channel keeps its own frequency; a dropped partner counts as zero (the documented control)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from rap.methods.attention import PairRope
+
+    d, b, s = 16, 2, 5
+    x = torch.randn(b, 4, s, d)  # 2 KV heads x 2 query heads each
+    ang = torch.arange(s)[:, None] * (10000 ** (-torch.arange(d // 2) / (d // 2)))[None]
+    cos, sin = torch.cat([ang, ang], -1).cos()[None].expand(b, s, d), torch.cat([ang, ang], -1).sin()[None].expand(b, s, d)
+    mask = torch.zeros(4, d)
+    for h in range(4):
+        mask[h, kept[h // 2]] = 1
+    full, _ = apply_rotary_pos_emb(x * mask[None, :, None], x * mask[None, :, None], cos, sin)
+    expected = torch.stack([full[:, h, :, kept[h // 2]] for h in range(4)], 1)
+    rope = PairRope(kept, d)
+    xs = torch.stack([x[:, h, :, kept[h // 2]] for h in range(4)], 1)
+    assert rope.paired == (kept[0] == [1, 3, 9, 11])
+    assert torch.allclose(rope(xs, rope.tables(cos, sin)), expected, atol=1e-6)
+
+
 def test_rope_blind_caches_the_same_budget():
     model, _ = build_tiny("tiny-llama")
     c = compress(model, "rap", 0.3, calibration=CALIB, criterion="rope_blind")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -52,24 +53,37 @@ def rope_partners(kept: list[int], head_dim: int) -> tuple[list[int], list[float
 class PairRope(nn.Module):
     """RoPE on a subset of key channels, chosen per KV head: each kept channel keeps its own frequency (cos/sin
     are gathered at its original index) and is rotated with its partner (channel i pairs with i + d/2 in the HF
-    rotate_half layout). A channel whose partner was dropped is rotated as if the partner were zero."""
+    rotate_half layout). A channel whose partner was dropped is rotated as if the partner were zero.
+
+    Whole pairs laid out as [pairs..., their partners...] (RAP, EliteKV) are themselves a rotate_half layout, so
+    they are rotated with ``rotate_half``; other layouts (the RoPE-blind control) gather each partner.
+    """
 
     def __init__(self, channels: list[list[int]], head_dim: int, device=None):
         super().__init__()
         partners = [rope_partners(c, head_dim) for c in channels]
+        n = len(channels[0])
+        self.n_kv = len(channels)
+        self.paired = n % 2 == 0 and all(p == [(j + n // 2) % n for j in range(n)] for p, _ in partners)
         self.register_buffer("index", torch.tensor(channels, device=device), persistent=False)  # (n_kv, n)
         self.register_buffer("partner", torch.tensor([p for p, _ in partners], device=device), persistent=False)
         self.register_buffer("sign", torch.tensor([s for _, s in partners], device=device), persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_kv: int) -> torch.Tensor:
-        """x: (b, heads, s, n); cos/sin: (b, s, d) of the full head."""
+    def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (b, s, d) of the full head -> per KV head at the kept channels, (b, n_kv, 1, s, n)."""
+        return cos[:, :, self.index].permute(0, 2, 1, 3)[:, :, None], sin[:, :, self.index].permute(0, 2, 1, 3)[:, :, None]
+
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: (b, heads, s, n) with heads a multiple of n_kv (query heads of a group are consecutive)."""
+        cos_k, sin_k = tables
         b, h, s, n = x.shape
-        idx = self.index.repeat_interleave(heads_per_kv, 0)[None, :, None, :].expand(b, h, s, n)
-        cos_k = cos[:, None].expand(b, h, s, -1).gather(-1, idx)
-        sin_k = sin[:, None].expand(b, h, s, -1).gather(-1, idx)
-        partner = self.partner.repeat_interleave(heads_per_kv, 0)[None, :, None, :].expand(b, h, s, n)
-        sign = self.sign.repeat_interleave(heads_per_kv, 0)[None, :, None, :].to(x.dtype)
-        return x * cos_k + x.gather(-1, partner) * sign * sin_k
+        xg = x.view(b, self.n_kv, h // self.n_kv, s, n)
+        if self.paired:
+            other = rotate_half(xg)
+        else:
+            idx = self.partner[None, :, None, None, :].expand(b, -1, h // self.n_kv, s, -1)
+            other = xg.gather(-1, idx) * self.sign[None, :, None, None, :].to(x.dtype)
+        return (xg * cos_k + other * sin_k).view(b, h, s, n)
 
 
 def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
@@ -194,5 +208,5 @@ class PrunedAttention(CompressedAttention):
         q = self.q_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
         k = self.k_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
         v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)
-        cos, sin = position_embeddings
-        return self.rope(q, cos, sin, self.num_key_value_groups), self.rope(k, cos, sin, 1), v
+        tables = self.rope.tables(*position_embeddings)
+        return self.rope(q, tables), self.rope(k, tables), v

@@ -62,10 +62,10 @@ class EliteAttention(CompressedAttention):
         rep = self.num_key_value_groups
         q = self.q_proj(x).view(*shape, -1, self.n_e + self.n_n).transpose(1, 2)
         q_e, q_n = q.split([self.n_e, self.n_n], -1)
-        cos, sin = position_embeddings
-        q_e = self.rope(q_e, cos, sin, rep)
+        tables = self.rope.tables(*position_embeddings)
+        q_e = self.rope(q_e, tables)
         q_lat = (q_n.reshape(b, self.n_kv, rep, s, self.n_n) @ self.q_absorb[None, :, None]).view(b, -1, s, self.kv_dim)
-        k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), cos, sin, 1)
+        k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), tables)
         c = self.kv_proj(x).view(*shape, 1, self.kv_dim).transpose(1, 2)
         return torch.cat([q_e, q_lat], -1), k_e, c
 

@@ -1,13 +1,19 @@
-"""Quick criterion comparison on SmolLM2: WikiText-2 perplexity (first N windows) after RAP at each ratio.
+"""Quick perplexity comparison on SmolLM2: WikiText-2 perplexity (first N windows) of compressed models.
 
-    python experiments/criteria_ppl.py --ratios 0.2 0.3 --criteria key_energy qk_energy --windows 12
+Each cell is ``method`` or ``method:key=value,...`` with the method's options (see ``conf/method``):
 
-Prints one line per cell and writes a CSV; the full pipeline (accuracy, costs) is `run.py -m method=rap ...`.
+    python experiments/quick_ppl.py --ratios 0.2 0.3 --cells rap:criterion=key_energy rap:criterion=rope_blind
+    python experiments/quick_ppl.py --ratios 0.2 --cells rap:criterion=key_energy,v_path=lowrank palu elitekv
+
+Prints one line per cell and writes a CSV; the full pipeline (accuracy, costs) is ``run.py -m method=...``.
+With ``--ratios`` empty and ``--windows 0`` it gives the full-test-set baseline perplexity.
 """
 import argparse
 import copy
 import csv
 import time
+
+import yaml
 
 from rap import compress
 from rap.data import calibration_batch, resolve_data_dir, wikitext2_test_text
@@ -15,17 +21,20 @@ from rap.evaluation import perplexity
 from rap.models import ModelSpec, load_model
 
 
+def parse_cell(spec: str) -> tuple[str, dict]:
+    """``rap:criterion=qk_energy,prune_v=false`` -> ("rap", {"criterion": "qk_energy", "prune_v": False})."""
+    method, _, opts = spec.partition(":")
+    return method, {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts.split(",") if o)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3])
-    ap.add_argument("--criteria", nargs="+", default=["key_energy", "qk_energy", "weight_norm", "random", "rope_blind"])
+    ap.add_argument("--cells", nargs="+", default=["rap:criterion=key_energy", "rap:criterion=rope_blind"])
     ap.add_argument("--windows", type=int, default=12, help="first N windows; 0 = the whole test set")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens")
-    ap.add_argument("--allocation", default="uniform")
-    ap.add_argument("--prune", default="kv", choices=["kv", "k", "v"])
-    ap.add_argument("--v-refit", action="store_true", help="least-squares refit of W_o (method.v_refit)")
-    ap.add_argument("--out", default="criteria_ppl.csv")
+    ap.add_argument("--out", default="quick_ppl.csv")
     a = ap.parse_args()
     a.windows = a.windows or None
     data_dir = resolve_data_dir()
@@ -33,17 +42,17 @@ def main():
     ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
     calib = calibration_batch(tok, data_dir, "wiki", a.calib, 512)
     base = perplexity(model, ids, a.seqlen, a.windows)
-    rows = [{"criterion": "none", "ratio": 0.0, "ppl": base["ppl"], "time_s": 0}]
+    rows = [{"cell": "none", "ratio": 0.0, "ppl": base["ppl"], "time_s": 0}]
     print(f"baseline: {base['tokens']} tokens in {base['windows']} windows of {a.seqlen}", flush=True)
     print(rows[-1], flush=True)
     for ratio in a.ratios:
-        for crit in a.criteria:
+        for spec in a.cells:
+            method, opts = parse_cell(spec)
             t = time.time()
-            c = compress(copy.deepcopy(model), "rap", ratio, calibration=calib, criterion=crit, allocation=a.allocation,
-                         prune_k="k" in a.prune, prune_v="v" in a.prune, v_refit=a.v_refit)
+            c = compress(copy.deepcopy(model), method, ratio, calibration=calib, **opts)
             dt = time.time() - t
             ppl = perplexity(c, ids, a.seqlen, a.windows)["ppl"]
-            rows.append({"criterion": crit, "ratio": ratio, "ppl": ppl, "time_s": round(dt, 1)})
+            rows.append({"cell": spec, "ratio": ratio, "ppl": ppl, "time_s": round(dt, 1)})
             print(rows[-1], f"(+{100 * (ppl / rows[0]['ppl'] - 1):.1f}%)", flush=True)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
