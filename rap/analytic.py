@@ -14,7 +14,7 @@ class AttentionShape:
     Parameters
     ----------
     n_heads : query heads (each scores every cached token).
-    qk_dim, v_dim : per-query-head widths the attention kernel runs at (score dot product, attended values).
+    qk_dim, v_dim : per-query-head widths of the decode attention (score dot product, attended values).
     cache_elements : elements the layer caches per token (all heads, keys and values or latents).
     linear_weights : weight elements applied once per new token (2 FLOPs each).
     params : all attention parameters (weights, biases, factors).

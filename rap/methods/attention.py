@@ -30,9 +30,9 @@ def linear_rows(lin: nn.Linear, rows: list[int]) -> nn.Linear:
 
 
 def kernel_widths(qk: int, v: int) -> tuple[int, int]:
-    """The widths the SDPA kernel runs at. Its fused CPU/GPU kernels need equal q/k and v widths, otherwise torch
-    falls back to the math kernel (3-4x slower on CPU). Zero-padding the narrower side changes no score and no
-    output, so it is done when it adds at most 1/8 of the wider width; beyond that the math kernel is cheaper."""
+    """The widths the prefill SDPA kernel runs at. Its fused CPU/GPU kernels need equal q/k and v widths, otherwise
+    torch falls back to the math kernel (3-4x slower on CPU). Zero-padding the narrower side changes no score and
+    no output, so it is done when it adds at most 1/8 of the wider width; beyond that the math kernel is cheaper."""
     w = max(qk, v)
     return (w, w) if 8 * (w - min(qk, v)) <= w else (qk, v)
 
@@ -107,6 +107,22 @@ def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
     return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
 
 
+def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """Attention of one new token per sequence over the whole cache, at the true widths and without copying the
+    cache: q (b, nh, 1, n), k (b, hk, T, n), v (b, hv, T, m), with hk and hv dividing nh (query heads of a group
+    are consecutive). ``mask``: None, boolean (True = attend) or additive, broadcastable to (b, 1, 1, T).
+    Returns (b, 1, nh, m)."""
+    b, nh, _, n = q.shape
+    hk, hv, t = k.shape[1], v.shape[1], k.shape[2]
+    scores = (q.reshape(b, hk, nh // hk, n) @ k.transpose(-1, -2)).reshape(b, nh, t) * scaling
+    if mask is not None:
+        mask = mask[..., -1, :t].reshape(mask.shape[0], 1, t)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = probs.reshape(b, hv, nh // hv, t) @ v  # (b, hv, nh/hv, m)
+    return out.reshape(b, 1, nh, v.shape[-1])
+
+
 def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     """(b, h, s, w) with h dividing n -> (b, n, s, w), each head serving n/h consecutive heads."""
     return x if x.shape[1] == n else x.repeat_interleave(n // x.shape[1], dim=1)
@@ -144,6 +160,9 @@ class CompressedAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         q, k, v = self.expand(q, k, v)
+        if q.shape[2] == 1:  # decode: true widths, no copy of the cache
+            out = decode_attention(q, k, v, attention_mask, self.scaling)
+            return self.o_proj(out.reshape(*input_shape, -1)), None
         k, v = _to_heads(k, self.n_kv), _to_heads(v, self.n_kv)
         n_qk, n_v = q.shape[-1], v.shape[-1]
         w_qk, w_v = kernel_widths(n_qk, n_v)

@@ -14,7 +14,7 @@ from torch import nn
 from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
 from ..calibration import attention_errors, attention_input_gram, rope_elite_order
 from ..errors import ConfigError
-from .attention import CompressedAttention, PairRope, _linear, kernel_widths, latent_o_proj, linear_rows
+from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
 from .selection import kv_budget
@@ -181,8 +181,7 @@ class EliteKV(Method):
             weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c + nh * c * h
             params = weights - nh * (d - n_e) * c + nkv * (d - n_e) * c  # q_absorb is stored once per KV head
             bias = (nh * d + nkv * n_e) * qkv_bias + h * (has_o_bias(config) or qkv_bias)
-            qk_dim, v_dim = kernel_widths(n_e + c, c)
-            shapes.append(AttentionShape(nh, qk_dim, v_dim, nkv * n_e + c, weights, params + bias))
+            shapes.append(AttentionShape(nh, n_e + c, c, nkv * n_e + c, weights, params + bias))
         return shapes
 
 

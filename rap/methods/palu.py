@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
 from ..calibration import attention_input_gram, weight_gradients
 from ..errors import ConfigError
-from .attention import CompressedAttention, _linear, kernel_widths, latent_o_proj
+from .attention import CompressedAttention, _linear, latent_o_proj
 from .base import Method
 from .lowrank import group_factors, group_size_for, proportional_counts
 from .selection import kv_budget
@@ -151,6 +151,5 @@ class Palu(Method):
             weights = h * nh * d + h * G * rk + h * G * rv + nh * rv * h
             rebuild = nkv * d * rk  # up-projection of every cached token's K latent
             bias = (nh * d + nkv * d) * qkv_bias + h * (has_o_bias(config) or qkv_bias)
-            qk_dim, v_dim = kernel_widths(d, rv)
-            shapes.append(AttentionShape(nh, qk_dim, v_dim, G * (rk + rv), weights, weights + rebuild + bias, rebuild))
+            shapes.append(AttentionShape(nh, d, rv, G * (rk + rv), weights, weights + rebuild + bias, rebuild))
         return shapes

@@ -11,7 +11,7 @@ from .. import criteria
 from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
 from ..calibration import attention_input_gram, attention_output_gram
 from ..errors import ConfigError
-from .attention import PrunedAttention, kernel_widths
+from .attention import PrunedAttention
 from .base import Method
 from .lowrank import group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
@@ -135,6 +135,5 @@ class RAP(Method):
                 nv, v_rows = len(lp["v_channels"][0]), nkv * len(lp["v_channels"][0])
                 bias = (nh * nk + nkv * nk + v_rows) * qkv_bias + h * o_bias
             weights = h * nh * nk + h * nkv * nk + h * v_rows + nh * nv * h
-            qk_dim, v_dim = kernel_widths(nk, nv)
-            shapes.append(AttentionShape(nh, qk_dim, v_dim, nkv * nk + v_rows, weights, weights + bias))
+            shapes.append(AttentionShape(nh, nk, nv, nkv * nk + v_rows, weights, weights + bias))
         return shapes
