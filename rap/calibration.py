@@ -65,6 +65,16 @@ def weight_gradients(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]
     return out
 
 
+def _heads_pre_rope(attn, args, kwargs):
+    """In a self_attn forward pre-hook: the input x and the pre-RoPE q, k, v as (b, heads, s, d) float, cos, sin."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    cos, sin = kwargs["position_embeddings"]
+    b, s, _ = x.shape
+    d = attn.head_dim
+    q, k, v = (getattr(attn, f"{n}_proj")(x).view(b, s, -1, d).transpose(1, 2).float() for n in "qkv")
+    return x, q, k, v, cos.float(), sin.float()
+
+
 @torch.no_grad()
 def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[str, list[torch.Tensor]]:
     """Per layer: ``k`` (n_kv, d/2), the mean |pre-softmax logit change| when RoPE pair i of a KV head is dropped
@@ -80,13 +90,9 @@ def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[st
         d, rep = attn.head_dim, attn.num_key_value_groups
 
         def hook(_m, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
+            x, q, k, v, cos, sin = _heads_pre_rope(attn, args, kwargs)
             b, s, _ = x.shape
-            q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2).float()
-            k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2).float()
-            v = attn.v_proj(x).view(b, s, -1, d).transpose(1, 2).float()
-            q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             nkv = k.shape[1]
             qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long().to(x.device)  # skip the first tokens
             qs = q[:, :, qi].view(b, nkv, rep, len(qi), d)
@@ -177,12 +183,9 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
         d, rep = attn.head_dim, attn.num_key_value_groups
 
         def hook(_m, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
+            x, q, k, _, cos, sin = _heads_pre_rope(attn, args, kwargs)
             b, s, _ = x.shape
-            q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2).float()
-            k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2).float()
-            qr, kr = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+            qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
             nkv, half = k.shape[1], d // 2
             qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long()
             kj = (torch.rand(len(qi), n_keys, generator=gen) * (qi[:, None] + 1)).long().clamp(max=s - 1)  # causal

@@ -153,3 +153,14 @@ def test_bad_input(method, opts, message):
     opts = {"ratio": 0.3, **opts}
     with pytest.raises(ConfigError, match=message):
         compress(model, method, calibration=CALIB, **opts)
+
+
+@pytest.mark.parametrize("selection", ["uniform", "contribution", "greedy"])
+def test_elite_selection_options(selection):
+    model, _ = build_tiny("tiny-llama")
+    plan = get_plan(compress(model, "elitekv", 0.3, calibration=CALIB, elite_pairs=3, selection=selection))
+    for lp in plan["layers"]:
+        for pairs in lp["elite_pairs"]:
+            assert len(pairs) == len(set(pairs)) == 3 and all(0 <= p < 8 for p in pairs)
+            if selection == "uniform":
+                assert pairs == [0, 4, 7]  # evenly spaced over the 8 frequencies

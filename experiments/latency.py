@@ -1,0 +1,64 @@
+"""Latency benchmark of finished runs, on a quiet machine: rebuild each run's compressed model from its
+``plan.json`` and time prefill and decode (whole model and attention modules) against the uncompressed model,
+measured in the same process, before and after the compressed ones (to show drift).
+
+    python experiments/latency.py outputs/baselines outputs/rap_criteria --context 2048 --out latency.csv
+
+The sweep jobs time latency too, but when cells run side by side their timings share the CPU; this
+re-times every plan with nothing else running.
+"""
+import argparse
+import copy
+import csv
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from rap import apply_plan, metrics
+from rap.job import model_spec
+from rap.models import load_model
+
+KEYS = ["latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("roots", nargs="+", help="folders searched for finished runs (plan.json + metrics.json)")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--out", default="latency.csv")
+    a = ap.parse_args()
+    runs = sorted(p.parent for root in a.roots for p in Path(root).rglob("plan.json") if (p.parent / "metrics.json").exists())
+    if not runs:
+        raise SystemExit(f"error: no finished compressed runs under {' '.join(a.roots)}")
+    cfg = OmegaConf.load(runs[0] / "config.yaml")
+    base, _ = load_model(model_spec(cfg))
+
+    def timed(model):
+        return metrics.measure_latency(model, a.context, repeats=a.repeats, warmup=1, decode_steps=a.decode_steps)
+
+    rows = [{"run": "baseline (before)", **{k: timed(base)[k] for k in KEYS}}]
+    print(rows[-1], flush=True)
+    for run in runs:
+        if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
+            continue
+        model = apply_plan(copy.deepcopy(base), run / "plan.json")
+        rows.append({"run": run.name, **{k: timed(model)[k] for k in KEYS}})
+        print(rows[-1], flush=True)
+        del model
+    rows.append({"run": "baseline (after)", **{k: timed(base)[k] for k in KEYS}})
+    print(rows[-1], flush=True)
+    ref = {k: (rows[0][k] + rows[-1][k]) / 2 for k in KEYS}
+    for r in rows:
+        r.update({f"{k}_ratio": r[k] / ref[k] for k in KEYS})
+    with open(a.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"threads={torch.get_num_threads()} context={a.context}; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
