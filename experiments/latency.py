@@ -36,19 +36,20 @@ def main():
     cfg = OmegaConf.load(runs[0] / "config.yaml")
     base, _ = load_model(model_spec(cfg))
 
-    def timed(model):
-        return metrics.measure_latency(model, a.context, repeats=a.repeats, warmup=1, decode_steps=a.decode_steps)
+    def timed(model) -> dict:
+        m = metrics.measure_latency(model, a.context, repeats=a.repeats, warmup=1, decode_steps=a.decode_steps)
+        return {k: m[k] for k in KEYS}
 
-    rows = [{"run": "baseline (before)", **{k: timed(base)[k] for k in KEYS}}]
+    rows = [{"run": "baseline (before)", **timed(base)}]
     print(rows[-1], flush=True)
     for run in runs:
         if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
             continue
         model = apply_plan(copy.deepcopy(base), run / "plan.json")
-        rows.append({"run": run.name, **{k: timed(model)[k] for k in KEYS}})
+        rows.append({"run": run.name, **timed(model)})
         print(rows[-1], flush=True)
         del model
-    rows.append({"run": "baseline (after)", **{k: timed(base)[k] for k in KEYS}})
+    rows.append({"run": "baseline (after)", **timed(base)})
     print(rows[-1], flush=True)
     ref = {k: (rows[0][k] + rows[-1][k]) / 2 for k in KEYS}
     for r in rows:
