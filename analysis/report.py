@@ -3,6 +3,7 @@
     python analysis/report.py outputs/default                 # markdown table to stdout
     python analysis/report.py outputs/default --csv runs.csv  # and a CSV
     python analysis/report.py outputs/a outputs/b --columns variant ratio ppl_wikitext2 kv_bytes_per_token
+    python analysis/report.py outputs/baselines --latency latency.csv   # adds quiet_* columns from experiments/latency.py
 """
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
     return df
 
 
+def add_quiet_latency(df: pd.DataFrame, csv_path: str | Path) -> pd.DataFrame:
+    """Join the timings of ``experiments/latency.py`` (re-timed with nothing else running) as ``quiet_*`` columns,
+    matched by run folder name; uncompressed runs get the mean of its before/after baseline timings."""
+    lat = pd.read_csv(csv_path)
+    keys = [c for c in lat.columns if c != "run"]
+    base = lat[lat["run"].str.startswith("baseline")][keys].mean()
+    by_run = lat.set_index("run")[keys]
+    out = df.copy()
+    for k in keys:
+        out[f"quiet_{k}"] = [base[k] if m == "none" else by_run[k].get(Path(p).name, float("nan"))
+                             for m, p in zip(out["method"], out["path"])]
+    return out
+
+
 def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
     """The comparison table: one row per cell, ratios against the uncompressed model of the same job."""
     cols = [c for c in (columns or COLUMNS) if c in df]
@@ -51,11 +66,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="+")
     ap.add_argument("--csv")
+    ap.add_argument("--latency", help="CSV written by experiments/latency.py, joined as quiet_* columns")
     ap.add_argument("--columns", nargs="+", help=f"columns to show (default: {' '.join(COLUMNS)})")
     a = ap.parse_args()
     df = load_runs(*a.roots)
     if df.empty:
         raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
+    if a.latency:
+        if not Path(a.latency).exists():
+            raise SystemExit(f"error: latency file {a.latency} does not exist (write it with experiments/latency.py)")
+        df = add_quiet_latency(df, a.latency)
     table = summary(df, a.columns)
     print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
     if a.csv:

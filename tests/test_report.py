@@ -1,0 +1,28 @@
+import pandas as pd
+import pytest
+
+from analysis.report import add_quiet_latency
+
+
+def test_quiet_latency_joins_by_run_folder(tmp_path):
+    csv = tmp_path / "latency.csv"
+    pd.DataFrame({"run": ["baseline (before)", "m_rap_r0.2", "baseline (after)"],
+                  "latency_decode_attention_ms": [60.0, 40.0, 70.0]}).to_csv(csv, index=False)
+    runs = pd.DataFrame({"method": ["none", "rap", "palu"],
+                         "path": ["out/default/m_none", "out/b/m_rap_r0.2", "out/b/m_palu_r0.2"]})
+    got = add_quiet_latency(runs, csv)["quiet_latency_decode_attention_ms"].tolist()
+    assert got[:2] == [65.0, 40.0]  # baseline: mean of before and after
+    assert pd.isna(got[2])  # a run that was not re-timed stays missing, never borrowed from another
+
+
+def test_report_cli_rejects_missing_latency_file(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from analysis import report
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"method": "none", "ppl_wikitext2": 20.0}))
+    monkeypatch.setattr(sys, "argv", ["report", str(tmp_path), "--latency", str(tmp_path / "nope.csv")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        report.main()
