@@ -42,6 +42,11 @@ def has_o_bias(config) -> bool:
     return config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
 
 
+def has_latent_o_bias(config) -> bool:
+    """W_o with a value up-projection absorbed has a bias if it had one or V had one (it moves into W_o's)."""
+    return has_o_bias(config) or has_qkv_bias(config)
+
+
 def dense_attention_shape(config) -> AttentionShape:
     """The uncompressed attention of the Llama/Mistral/Qwen2 family."""
     h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)

@@ -66,8 +66,9 @@ class PairRope(nn.Module):
         self.n_kv = len(channels)
         self.paired = n % 2 == 0 and all(p == [(j + n // 2) % n for j in range(n)] for p, _ in partners)
         self.register_buffer("index", torch.tensor(channels, device=device), persistent=False)  # (n_kv, n)
-        self.register_buffer("partner", torch.tensor([p for p, _ in partners], device=device), persistent=False)
-        self.register_buffer("sign", torch.tensor([s for _, s in partners], device=device), persistent=False)
+        if not self.paired:  # the rotate_half path needs no partner table
+            self.register_buffer("partner", torch.tensor([p for p, _ in partners], device=device), persistent=False)
+            self.register_buffer("sign", torch.tensor([s for _, s in partners], device=device), persistent=False)
 
     def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (b, s, d) of the full head -> per KV head at the kept channels, (b, n_kv, 1, s, n)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
 from ..calibration import attention_errors, attention_input_gram, rope_elite_order
 from ..errors import ConfigError
 from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
@@ -180,7 +180,7 @@ class EliteKV(Method):
             n_e, c = 2 * len(lp["elite_pairs"][0]), lp["kv_dim"]
             weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c + nh * c * h
             params = weights - nh * (d - n_e) * c + nkv * (d - n_e) * c  # q_absorb is stored once per KV head
-            bias = (nh * d + nkv * n_e) * qkv_bias + h * (has_o_bias(config) or qkv_bias)
+            bias = (nh * d + nkv * n_e) * qkv_bias + h * has_latent_o_bias(config)
             shapes.append(AttentionShape(nh, n_e + c, c, nkv * n_e + c, weights, params + bias))
         return shapes
 

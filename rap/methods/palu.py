@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
 from ..calibration import attention_input_gram, weight_gradients
 from ..errors import ConfigError
 from .attention import CompressedAttention, _linear, latent_o_proj
@@ -150,6 +150,6 @@ class Palu(Method):
             rk, rv = lp["k_rank"], lp["v_rank"]
             weights = h * nh * d + h * G * rk + h * G * rv + nh * rv * h
             rebuild = nkv * d * rk  # up-projection of every cached token's K latent
-            bias = (nh * d + nkv * d) * qkv_bias + h * (has_o_bias(config) or qkv_bias)
+            bias = (nh * d + nkv * d) * qkv_bias + h * has_latent_o_bias(config)
             shapes.append(AttentionShape(nh, d, rv, G * (rk + rv), weights, weights + rebuild + bias, rebuild))
         return shapes

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import criteria
-from ..analytic import AttentionShape, has_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias
 from ..calibration import attention_input_gram, attention_output_gram
 from ..errors import ConfigError
 from .attention import PrunedAttention
@@ -130,7 +130,7 @@ class RAP(Method):
             nk = len(lp["k_channels"][0])
             if lp.get("v_rank"):  # a latent per group; the value bias moves into W_o's bias
                 nv, v_rows = lp["v_rank"], nkv // plan["group_size"] * lp["v_rank"]
-                bias = (nh * nk + nkv * nk) * qkv_bias + h * (o_bias or qkv_bias)
+                bias = (nh * nk + nkv * nk) * qkv_bias + h * has_latent_o_bias(config)
             else:
                 nv, v_rows = len(lp["v_channels"][0]), nkv * len(lp["v_channels"][0])
                 bias = (nh * nk + nkv * nk + v_rows) * qkv_bias + h * o_bias
