@@ -105,6 +105,23 @@ def test_equal_budget_and_costs_at_ratio_03():
             assert m["flops_decode_attention"] > rap["flops_decode_attention"]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_per_head_lowrank_v_costs_what_channel_pruning_costs(name):
+    """RAP's low-rank V per KV head: same cache, attention params and decode FLOPs as pruned V channels (the
+    up-projection is absorbed into W_o, nothing is rebuilt); a joint latent widens W_o and the value sum."""
+    model, _ = build_tiny(name)
+    costs = {}
+    for label, opts in [("channels", {}), ("per_head", dict(v_path="lowrank")),
+                        ("joint", dict(v_path="lowrank", group_size=2))]:
+        c = compress(copy.deepcopy(model), "rap", 0.3, calibration=CALIB, criterion="key_energy", **opts)
+        costs[label] = metrics.measure_costs(c, 32)
+    keys = ["kv_bytes_per_token", "params_attention", "flops_decode_attention"]
+    assert [costs["per_head"][k] for k in keys] == [costs["channels"][k] for k in keys]
+    assert costs["joint"]["kv_bytes_per_token"] == costs["channels"]["kv_bytes_per_token"]
+    assert costs["joint"]["params_attention"] > costs["channels"]["params_attention"]
+    assert costs["joint"]["flops_decode_attention"] > costs["channels"]["flops_decode_attention"]
+
+
 @pytest.mark.parametrize("method, opts", [("palu", dict(rank_allocation="fisher", floor=2)), ("elitekv", dict()),
                                           ("rap", dict(criterion="key_energy", v_path="lowrank"))])
 def test_plan_round_trip_and_generate(tmp_path, method, opts):

@@ -41,6 +41,8 @@ class RAP(Method):
         into W_o, so nothing is rebuilt (V has no RoPE). Factors as Palu's (``decomposition``).
     group_size, decomposition :
         With ``v_path=lowrank``: KV heads per latent (capped at the head count) and ``svd`` or ``whiten``.
+        Per head (1, the default) costs exactly what channel pruning costs; a joint latent of g heads makes each
+        query head's block of W_o (and its attention-weighted sum) g times wider.
     v_refit : bool
         With ``v_path=channels``: refit W_o by least squares on calibration attention outputs so the kept V channels also carry
         what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
@@ -56,7 +58,7 @@ class RAP(Method):
     prune_k: bool = True
     prune_v: bool = True
     v_path: str = "channels"
-    group_size: int = 4
+    group_size: int = 1
     decomposition: str = "whiten"
     v_refit: bool = False
     seed: int = 0
