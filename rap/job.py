@@ -61,13 +61,20 @@ def job_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+LOCATION_KEYS = ("out_dir", "sweep")  # where a result is written, not what it is: a moved result still counts
+
+
+def without_location(config: dict | None) -> dict | None:
+    return None if config is None else {k: v for k, v in config.items() if k not in LOCATION_KEYS}
+
+
 def finished(out_dir: Path, config: dict) -> bool:
     """True when ``out_dir`` holds metrics for this exact config. Metrics for another config are never overwritten."""
     metrics_path, config_path = out_dir / "metrics.json", out_dir / "config.yaml"
     if not metrics_path.exists():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.exists() else None
-    if saved != config:
+    if without_location(saved) != without_location(config):
         raise ConfigError(f"{out_dir} already holds results of a different config; set out_dir=... or sweep=... to write elsewhere.")
     return True
 

@@ -36,6 +36,8 @@ def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch)
     # A rerun of the same config must not load or compute anything.
     monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("finished job was rerun"))
     assert run_job(cfg, out) == saved
+    # Nor one whose folder was reached through another out_dir or sweep name (a moved or re-rooted result).
+    assert run_job(tiny_cfg(tmp_path, "out_dir=/elsewhere", "sweep=moved"), out) == saved
     # Another config never overwrites a finished result.
     with pytest.raises(ConfigError, match="different config"):
         run_job(tiny_cfg(tmp_path, "seed=1"), out)
