@@ -43,14 +43,15 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
 
 def add_quiet_latency(df: pd.DataFrame, csv_path: str | Path) -> pd.DataFrame:
     """Join the timings of ``experiments/latency.py`` (re-timed with nothing else running) as ``quiet_*`` columns,
-    matched by run folder name; uncompressed runs get the mean of its before/after baseline timings."""
+    matched by run folder; uncompressed runs get the mean of its before/after baseline timings."""
     lat = pd.read_csv(csv_path)
     keys = [c for c in lat.columns if c != "run"]
-    base = lat[lat["run"].str.startswith("baseline")][keys].mean()
-    by_run = lat.set_index("run")[keys]
+    is_base = lat["run"].str.startswith("baseline")
+    base = lat[is_base][keys].mean()
+    by_run = lat[~is_base].assign(run=lambda t: [str(Path(r).resolve()) for r in t["run"]]).set_index("run")[keys]
     out = df.copy()
     for k in keys:
-        out[f"quiet_{k}"] = [base[k] if m == "none" else by_run[k].get(Path(p).name, float("nan"))
+        out[f"quiet_{k}"] = [base[k] if m == "none" else by_run[k].get(str(Path(p).resolve()), float("nan"))
                              for m, p in zip(out["method"], out["path"])]
     return out
 

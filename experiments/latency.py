@@ -46,7 +46,7 @@ def main():
         if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
             continue
         model = apply_plan(copy.deepcopy(base), run / "plan.json")
-        rows.append({"run": run.name, **timed(model)})
+        rows.append({"run": str(run), **timed(model)})
         print(rows[-1], flush=True)
         del model
     rows.append({"run": "baseline (after)", **timed(base)})

@@ -6,13 +6,13 @@ from analysis.report import add_quiet_latency
 
 def test_quiet_latency_joins_by_run_folder(tmp_path):
     csv = tmp_path / "latency.csv"
-    pd.DataFrame({"run": ["baseline (before)", "m_rap_r0.2", "baseline (after)"],
+    pd.DataFrame({"run": ["baseline (before)", "out/b/m_rap_r0.2", "baseline (after)"],
                   "latency_decode_attention_ms": [60.0, 40.0, 70.0]}).to_csv(csv, index=False)
-    runs = pd.DataFrame({"method": ["none", "rap", "palu"],
-                         "path": ["out/default/m_none", "out/b/m_rap_r0.2", "out/b/m_palu_r0.2"]})
+    runs = pd.DataFrame({"method": ["none", "rap", "rap"],
+                         "path": ["out/default/m_none", "out/b/m_rap_r0.2", "out/other/m_rap_r0.2"]})
     got = add_quiet_latency(runs, csv)["quiet_latency_decode_attention_ms"].tolist()
     assert got[:2] == [65.0, 40.0]  # baseline: mean of before and after
-    assert pd.isna(got[2])  # a run that was not re-timed stays missing, never borrowed from another
+    assert pd.isna(got[2])  # same folder name under another root: not re-timed, never borrowed
 
 
 def test_report_cli_rejects_missing_latency_file(tmp_path, monkeypatch):
