@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python run.py sweep=baselines eval=quick                                  # the baseline row
 python run.py -m sweep=baselines eval=quick method=rap,palu,elitekv ratio=0.2,0.3 "$@"
-python run.py -m sweep=baselines eval=quick method=rap method.v_path=lowrank ratio=0.2,0.3 "$@"   # per-head V latent
+python run.py -m sweep=baselines eval=quick method=rap method.v_path=lowrank method.group_size=1 ratio=0.2,0.3 "$@"  # per-head V
 python run.py -m sweep=baselines_vjoint eval=quick method=rap method.v_path=lowrank method.group_size=4 ratio=0.2,0.3 "$@"
 python experiments/latency.py outputs/baselines outputs/baselines_vjoint --repeats 2 --out outputs/baselines/latency.csv
 python analysis/report.py outputs/baselines outputs/baselines_vjoint --latency outputs/baselines/latency.csv \

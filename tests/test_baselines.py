@@ -111,7 +111,7 @@ def test_per_head_lowrank_v_costs_what_channel_pruning_costs(name):
     up-projection is absorbed into W_o, nothing is rebuilt); a joint latent widens W_o and the value sum."""
     model, _ = build_tiny(name)
     costs = {}
-    for label, opts in [("channels", {}), ("per_head", dict(v_path="lowrank")),
+    for label, opts in [("channels", {}), ("per_head", dict(v_path="lowrank", group_size=1)),
                         ("joint", dict(v_path="lowrank", group_size=2))]:
         c = compress(copy.deepcopy(model), "rap", 0.3, calibration=CALIB, criterion="key_energy", **opts)
         costs[label] = metrics.measure_costs(c, 32)
