@@ -48,12 +48,10 @@ def add_quiet_latency(df: pd.DataFrame, csv_path: str | Path) -> pd.DataFrame:
     keys = [c for c in lat.columns if c != "run"]
     is_base = lat["run"].str.startswith("baseline")
     base = lat[is_base][keys].mean()
-    by_run = lat[~is_base].assign(run=lambda t: [str(Path(r).resolve()) for r in t["run"]]).set_index("run")[keys]
-    out = df.copy()
-    for k in keys:
-        out[f"quiet_{k}"] = [base[k] if m == "none" else by_run[k].get(str(Path(p).resolve()), float("nan"))
-                             for m, p in zip(out["method"], out["path"])]
-    return out
+    by_run = {str(Path(r).resolve()): t for r, t in zip(lat["run"], lat[keys].to_dict("records"))}
+    rows = [base.to_dict() if m == "none" else by_run.get(str(Path(p).resolve()), {})
+            for m, p in zip(df["method"], df["path"])]
+    return df.join(pd.DataFrame(rows, index=df.index, columns=keys).add_prefix("quiet_"))
 
 
 def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:

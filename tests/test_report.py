@@ -1,3 +1,6 @@
+import json
+import sys
+
 import pandas as pd
 import pytest
 
@@ -16,9 +19,6 @@ def test_quiet_latency_joins_by_run_folder(tmp_path):
 
 
 def test_report_cli_rejects_missing_latency_file(tmp_path, monkeypatch):
-    import json
-    import sys
-
     from analysis import report
 
     (tmp_path / "run").mkdir()
