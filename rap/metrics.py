@@ -10,6 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs, output_cache
+
 aten = torch.ops.aten
 
 
@@ -51,7 +53,7 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def prefill(model, ids):
-    return model(ids, use_cache=True).past_key_values
+    return output_cache(model(ids, use_cache=True))
 
 
 def count_params(model) -> dict:
@@ -74,7 +76,7 @@ def measure_costs(model, context_len: int) -> dict:
     held = kv_bytes(cache)
     counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
     with counter:
-        model(random_ids(model, 1, seed=1), past_key_values=cache, use_cache=True)
+        model(random_ids(model, 1, seed=1), use_cache=True, **cache_kwargs(cache))
     per_module = counter.get_flop_counts()
     attn = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith("self_attn"))
     kernels = sorted({str(op) for op in per_module["Global"] if "scaled_dot_product" in str(op)})
@@ -148,13 +150,13 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
 
     pre_total, pre_attn = [], []
     for i in tqdm(range(warmup + repeats), desc=f"prefill latency @{context_len}", leave=False):
-        t, a, cache = timed(lambda: model(ids, use_cache=True).past_key_values)
+        t, a, cache = timed(lambda: output_cache(model(ids, use_cache=True)))
         if i >= warmup:
             pre_total.append(t)
             pre_attn.append(a)
     dec_total, dec_attn = [], []
     for i in tqdm(range(warmup + decode_steps), desc=f"decode latency @{context_len}", leave=False):
-        t, a, _ = timed(lambda: model(step_ids, past_key_values=cache, use_cache=True))
+        t, a, _ = timed(lambda: model(step_ids, use_cache=True, **cache_kwargs(cache)))
         cache.crop(-1)  # back to exactly context_len cached tokens
         if i >= warmup:
             dec_total.append(t)

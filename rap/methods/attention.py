@@ -155,11 +155,14 @@ class CompressedAttention(nn.Module):
         may have fewer heads than the KV heads (a shared latent): they are repeated to the KV head count."""
         return q, k, v
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        # The decoder layer passes the cache as `cache` from transformers 5.24 on, as `past_key_values` before.
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         q, k, v = self.project(hidden_states, position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         q, k, v = self.expand(q, k, v)
         if q.shape[2] == 1:  # decode: true widths, no copy of the cache
             out = decode_attention(q, k, v, attention_mask, self.scaling)

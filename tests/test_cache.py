@@ -1,0 +1,98 @@
+"""Every compressed layer uses the cache it is handed, under whichever argument name the installed transformers
+passes it: after a prefill each layer holds tensors of the method's widths, and cached decode reproduces a full
+forward over the same tokens. rap's own calls pass no deprecated cache argument."""
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+
+from conftest import TINY
+from rap import analytic, compress, get_plan, metrics
+from rap.compat import CACHE_ARG, cache_kwargs, output_cache
+from rap.models import build_tiny
+
+CALIB = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+PREFILL = 16  # the last X.shape[1] - PREFILL tokens are decoded one at a time
+
+METHODS = {
+    "none": None,
+    "rap": ("rap", dict(criterion="key_energy")),
+    "rap-rope_blind": ("rap", dict(criterion="rope_blind")),
+    "rap-lowrank_v": ("rap", dict(criterion="key_energy", v_path="lowrank")),
+    "palu-joint": ("palu", dict()),
+    "palu-per_head": ("palu", dict(group_size=1, decomposition="svd")),
+    "elitekv": ("elitekv", dict(elite_pairs=2)),
+}
+
+
+def compressed(name: str, method: str):
+    model, _ = build_tiny(name)
+    if METHODS[method] is None:
+        return model
+    m, opts = METHODS[method]
+    return compress(copy.deepcopy(model), m, 0.3, calibration=CALIB, **opts)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("method", METHODS)
+def test_cache_holds_method_widths_and_cached_decode_equals_full_forward(name, method):
+    model = compressed(name, method)
+    shapes = analytic.attention_shapes(model.config, get_plan(model))
+    with torch.no_grad():
+        full = model(X, use_cache=False).logits
+        out = model(X[:, :PREFILL], use_cache=True)
+        cache = output_cache(out)
+        assert len(cache.layers) == model.config.num_hidden_layers
+        for layer, shape in zip(cache.layers, shapes):
+            k, v = layer.keys, layer.values
+            assert k.shape[0] == v.shape[0] == X.shape[0] and k.shape[2] == v.shape[2] == PREFILL
+            assert k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3] == shape.cache_elements
+        steps = [out.logits[:, -1]]
+        for t in range(PREFILL, X.shape[1]):
+            out = model(X[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
+            steps.append(out.logits[:, -1])
+        assert cache.get_seq_length() == X.shape[1]
+    # logits after token t-1 (the prefill's last) ... after token X.shape[1]-1, from the cache vs. in one pass
+    assert torch.allclose(torch.stack(steps, 1), full[:, PREFILL - 1:], atol=1e-4)
+
+
+@pytest.fixture
+def captured_deprecations(caplog):
+    """Deprecation warnings (Python warnings and transformers' log-once messages) raised in the block."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # a message logged once earlier in the session must show again
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        yield lambda: [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+
+
+def test_rap_passes_no_deprecated_cache_argument(captured_deprecations):
+    model = compressed("tiny-llama", "rap")
+    metrics.measure_costs(model, 8)
+    metrics.measure_latency(model, 8, repeats=1, warmup=0, decode_steps=1)
+    with torch.no_grad():
+        out = model(X[:, :8], use_cache=True)
+        model(X[:, 8:9], **cache_kwargs(output_cache(out)))
+    hits = [m for m in captured_deprecations() if "past_key_values" in m and CACHE_ARG == "cache"]
+    assert hits == []
+
+
+def test_compressed_layer_reads_the_cache_under_either_name():
+    """The module itself, called as 5.23 (past_key_values=) and 5.24 (cache=) decoder layers call it."""
+    from transformers import DynamicCache
+
+    model = compressed("tiny-qwen2", "rap")
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 5, model.config.hidden_size)
+    pos = model.model.rotary_emb(h, torch.arange(5)[None])
+    widths = []
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            attn(h, pos, None, **{name: cache})
+        widths.append((cache.layers[0].keys.shape, cache.layers[0].values.shape))
+    assert widths[0] == widths[1] and widths[0][0][2] == 5
