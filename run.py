@@ -5,6 +5,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from rap import config as _resolvers  # noqa: F401  (registers the resolvers the configs use)
 from rap.errors import RapError
 
 

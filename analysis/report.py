@@ -4,11 +4,16 @@
     python analysis/report.py outputs/default --csv runs.csv  # and a CSV
     python analysis/report.py outputs/a outputs/b --columns variant ratio ppl_wikitext2 kv_bytes_per_token
     python analysis/report.py outputs/baselines --latency latency.csv   # adds quiet_* columns from experiments/latency.py
+    python analysis/report.py outputs/default --env          # with the environment columns (env_*)
+
+Runs whose environments differ (package versions, commit, device, dtype, threads) are flagged on stderr and
+the differing env_* columns are added to the table, so they are never compared silently.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +46,16 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
     return df
 
 
+ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python", "env_torch", "env_transformers",
+               "env_lm_eval", "env_datasets", "env_hydra_core", "env_device_name", "env_dtype", "env_threads"]
+
+
+def environment_differences(df: pd.DataFrame) -> list[str]:
+    """The env_* columns whose value is not the same in every run (a run without the key counts as different)."""
+    cols = [c for c in df.columns if c.startswith("env_")]
+    return [c for c in cols if df[c].astype(str).nunique(dropna=False) > 1 or df[c].isna().any()]
+
+
 def add_quiet_latency(df: pd.DataFrame, csv_path: str | Path) -> pd.DataFrame:
     """Join the timings of ``experiments/latency.py`` (re-timed with nothing else running) as ``quiet_*`` columns,
     matched by run folder; uncompressed runs get the mean of its before/after baseline timings."""
@@ -67,6 +82,7 @@ def main():
     ap.add_argument("--csv")
     ap.add_argument("--latency", help="CSV written by experiments/latency.py, joined as quiet_* columns")
     ap.add_argument("--columns", nargs="+", help=f"columns to show (default: {' '.join(COLUMNS)})")
+    ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
     a = ap.parse_args()
     df = load_runs(*a.roots)
     if df.empty:
@@ -75,7 +91,13 @@ def main():
         if not Path(a.latency).exists():
             raise SystemExit(f"error: latency file {a.latency} does not exist (write it with experiments/latency.py)")
         df = add_quiet_latency(df, a.latency)
-    table = summary(df, a.columns)
+    columns = list(a.columns or COLUMNS)
+    differ = environment_differences(df)
+    if differ:
+        print(f"warning: these runs come from different environments ({', '.join(differ)}); "
+              "the columns are shown, compare with care", file=sys.stderr)
+    columns += [c for c in (ENV_COLUMNS if a.env else []) + differ if c not in columns]
+    table = summary(df, columns)
     print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
     if a.csv:
         df.to_csv(a.csv, index=False)

@@ -2,8 +2,12 @@
 
 ``metrics.json`` keys (flat):
 
-- run: ``model``, ``method``, ``ratio``, ``eval_profile``, ``seed``, ``run_name``, ``status`` ("complete"),
-  ``wall_time_s`` and ``time_<phase>_s`` for load/compress/measure/latency/ppl/zeroshot.
+- run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
+  ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
+  load/baseline/compress/measure/latency/ppl/zeroshot.
+- environment (``rap.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
+  ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
+  ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
   ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``.
 - zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
@@ -27,10 +31,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import analytic, metrics
+from .config import is_baseline_ratio
 from .data import calibration_batch, resolve_data_dir, wikitext2_test_text
+from .environment import describe_environment
 from .errors import ConfigError
 from .evaluation import perplexity
-from .models import ModelSpec, load_model
+from .models import ModelSpec, check_rope_config, load_config, load_model, resolve_device, resolve_dtype
 from .tracking import make_tracker
 
 
@@ -49,23 +55,46 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    ratio = float(cfg.ratio)
+    """The checks that need nothing loaded."""
+    try:
+        ratio = float(cfg.ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio={cfg.ratio!r} is not a number; it is the fraction of KV-cache dimensions removed, in [0, 1).") from None
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio={ratio} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
     if cfg.method.name == "none" and ratio != 0.0:
         raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); pick a method or set ratio=0.")
 
 
-def job_config(cfg: DictConfig) -> dict:
-    """The resolved job config without Hydra's own settings: what identifies a result."""
-    return OmegaConf.to_container(cfg, resolve=True)
+def is_baseline(cfg: DictConfig) -> bool:
+    """Ratio 0 is the uncompressed model whatever the method: one result, shared by every method's sweep."""
+    return cfg.method.name == "none" or is_baseline_ratio(cfg.ratio)
 
 
+BASELINE_METHOD = {"name": "none", "tag": "none"}
 LOCATION_KEYS = ("out_dir", "sweep")  # where a result is written, not what it is: a moved result still counts
+UNUSED_BY_BASELINE = ("method", "criterion", "calibration")  # settings that cannot change an uncompressed result
 
 
-def without_location(config: dict | None) -> dict | None:
-    return None if config is None else {k: v for k, v in config.items() if k not in LOCATION_KEYS}
+def job_config(cfg: DictConfig) -> dict:
+    """The resolved job config without Hydra's own settings: what identifies a result. A baseline (ratio 0)
+    is recorded as ``method: none`` whichever method's sweep ran it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["ratio"] = float(config["ratio"])
+    if is_baseline(cfg):
+        config["method"] = dict(BASELINE_METHOD)
+    return config
+
+
+def identity(config: dict | None) -> dict | None:
+    """The part of a config that decides a result: no location, and for the baseline no compression settings."""
+    if config is None:
+        return None
+    drop = LOCATION_KEYS + (UNUSED_BY_BASELINE if config.get("method", {}).get("name") == "none" else ())
+    out = {k: v for k, v in config.items() if k not in drop}
+    if "ratio" in out:
+        out["ratio"] = float(out["ratio"])
+    return out
 
 
 def finished(out_dir: Path, config: dict) -> bool:
@@ -74,7 +103,7 @@ def finished(out_dir: Path, config: dict) -> bool:
     if not metrics_path.exists():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.exists() else None
-    if without_location(saved) != without_location(config):
+    if identity(saved) != identity(config):
         raise ConfigError(f"{out_dir} already holds results of a different config; set out_dir=... or sweep=... to write elsewhere.")
     return True
 
@@ -85,18 +114,34 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
                      dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed)
 
 
-def compress_model(model, tokenizer, cfg: DictConfig, data_dir):
-    """Apply ``cfg.method`` at ``cfg.ratio``; returns ``(model, plan)``. ``plan`` is None for the baseline."""
-    if cfg.method.name == "none":
-        return model, None
+def build_method(cfg: DictConfig):
+    """The configured method at ``cfg.ratio`` (None for the baseline); a bad option fails here, before loading."""
+    if is_baseline(cfg):
+        return None
     from dataclasses import fields
 
-    from .methods import apply_plan, get_method, make_method
+    from .methods import get_method, make_method
 
     options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("name", "tag")}
     names = {f.name for f in fields(get_method(cfg.method.name))}
     options.update({k: v for k, v in (("criterion", cfg.criterion.name), ("seed", cfg.seed)) if k in names})
-    method = make_method(cfg.method.name, float(cfg.ratio), **options)
+    return make_method(cfg.method.name, float(cfg.ratio), **options)
+
+
+def check_before_loading(cfg: DictConfig, method) -> None:
+    """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget."""
+    config = load_config(model_spec(cfg))
+    check_rope_config(config)
+    if method is not None:
+        method.validate(config)
+
+
+def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
+    """Apply ``method`` (from ``build_method``); returns ``(model, plan)``. ``plan`` is None for the baseline."""
+    if method is None:
+        return model, None
+    from .methods import apply_plan
+
     calib = None
     if method.needs_calibration():
         c = cfg.calibration
@@ -129,23 +174,28 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    method = build_method(cfg)
+    check_before_loading(cfg, method)
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(config))
 
     t0 = time.time()
     times = {}
-    results = {"model": cfg.model.name, "method": cfg.method.name, "ratio": float(cfg.ratio),
-               "eval_profile": cfg.eval.name, "seed": cfg.seed, "run_name": cfg.run_name}
+    spec = model_spec(cfg)
+    device = resolve_device(spec.device)
+    results = {"model": cfg.model.name, "method": config["method"]["name"], "ratio": config["ratio"],
+               "eval_profile": cfg.eval.name, "seed": cfg.seed, "run_name": cfg.run_name,
+               **describe_environment(device, resolve_dtype(spec.dtype, device))}
     tracker = make_tracker(cfg.tracking.backend, **({} if cfg.tracking.backend == "none" else dict(
         out_dir=out_dir, project=cfg.tracking.project, entity=cfg.tracking.get("entity"), mode=cfg.tracking.get("mode"),
-        group=cfg.sweep, name=cfg.run_name, config=flat_config(config))))
+        group=cfg.sweep, name=cfg.run_name, config={**flat_config(config), **results})))
     try:
         t = time.time()
-        model, tok = load_model(model_spec(cfg))
+        model, tok = load_model(spec)
         times["load"] = time.time() - t
 
         m = cfg.eval.measure
         base = {}
-        if cfg.method.name != "none" and m.baseline_latency:
+        if method is not None and m.baseline_latency:
             # The uncompressed model timed in the same process and conditions, for the latency *_ratio keys.
             t = time.time()
             base.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
@@ -153,7 +203,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
             times["baseline"] = time.time() - t
 
         t = time.time()
-        model, plan = compress_model(model, tok, cfg, data_dir)
+        model, plan = compress_model(model, tok, method, cfg, data_dir)
         times["compress"] = time.time() - t
         if plan is not None:
             from .methods import save_plan

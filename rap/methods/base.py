@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analytic import AttentionShape
+from ..analytic import AttentionShape, head_dim
+from .selection import kv_budget
 
 
 @dataclass
@@ -19,6 +20,11 @@ class Method:
 
     ratio: float = 0.0
     name = "base"
+
+    def validate(self, config) -> None:
+        """Cheap checks from the model config alone (options, the KV budget at ``ratio``), so a bad setting fails
+        before any model is loaded or timed. ``make_plan`` runs it first; methods with options extend it."""
+        kv_budget(self.ratio, head_dim(config))
 
     def needs_calibration(self) -> bool:
         """Whether ``make_plan`` reads calibration data (the job loads it only then)."""

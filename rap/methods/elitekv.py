@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_errors, attention_input_gram, rope_elite_order
 from ..errors import ConfigError
 from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
@@ -106,17 +106,11 @@ class EliteKV(Method):
     seed: int = 0
     name = "elitekv"
 
-    def make_plan(self, model, calibration=None) -> dict:
-        if self.selection not in ("greedy", "uniform", "contribution"):
-            raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
-        if self.decomposition not in ("svd", "whiten"):
-            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
-        if calibration is None and (self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs):
-            raise ConfigError("EliteKV needs calibration data here; pass calibration=<token batch>.")
-        cfg = model.config
-        d, nkv = model.model.layers[0].self_attn.head_dim, cfg.num_key_value_heads
+    def _candidates(self, config) -> tuple[list[int], int]:
+        """The elite pair counts to try and RAP's cache elements per layer (the budget they must fit)."""
+        d, nkv = head_dim(config), config.num_key_value_heads
         n_pairs, n_v = kv_budget(self.ratio, d)
-        budget = nkv * (2 * n_pairs + n_v)  # RAP's cache elements per layer
+        budget = nkv * (2 * n_pairs + n_v)
         if self.elite_pairs:
             candidates = [self.elite_pairs]
         else:
@@ -124,6 +118,20 @@ class EliteKV(Method):
         candidates = [r for r in candidates if 1 <= r <= d // 2 and budget - nkv * 2 * r >= 1]
         if not candidates:
             raise ConfigError(f"No elite pair count fits ratio={self.ratio} (budget {budget} per layer); lower the ratio or elite_pairs.")
+        return candidates, budget
+
+    def validate(self, config) -> None:
+        if self.selection not in ("greedy", "uniform", "contribution"):
+            raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
+        if self.decomposition not in ("svd", "whiten"):
+            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        self._candidates(config)
+
+    def make_plan(self, model, calibration=None) -> dict:
+        self.validate(model.config)
+        if calibration is None and (self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs):
+            raise ConfigError("EliteKV needs calibration data here; pass calibration=<token batch>.")
+        candidates, budget = self._candidates(model.config)
         order = self._order(model, calibration)
         grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else None
         plans = [self._plan(model, r, budget, order, grams) for r in candidates]

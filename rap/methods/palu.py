@@ -104,11 +104,16 @@ class Palu(Method):
     def needs_calibration(self) -> bool:
         return self.decomposition == "whiten" or self.rank_allocation == "fisher"
 
-    def make_plan(self, model, calibration=None) -> dict:
+    def validate(self, config) -> None:
         if self.decomposition not in ("svd", "whiten"):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
         if self.rank_allocation not in ("uniform", "fisher"):
             raise ConfigError(f"Unknown rank_allocation '{self.rank_allocation}'; use uniform or fisher.")
+        group_size_for(config.num_key_value_heads, self.group_size)
+        super().validate(config)
+
+    def make_plan(self, model, calibration=None) -> dict:
+        self.validate(model.config)
         if self.needs_calibration() and calibration is None:
             raise ConfigError("Palu with whiten or fisher needs calibration data; pass calibration=<token batch>.")
         cfg, layers = model.config, model.model.layers

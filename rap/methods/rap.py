@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import criteria
-from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_input_gram, attention_output_gram
 from ..errors import ConfigError
 from .attention import PrunedAttention
@@ -68,13 +68,23 @@ class RAP(Method):
         lowrank_data = self.v_path == "lowrank" and self.decomposition == "whiten"
         return self.criterion in criteria.NEEDS_DATA or self.v_refit or lowrank_data
 
-    def make_plan(self, model, calibration=None) -> dict:
+    def validate(self, config) -> None:
+        if self.criterion not in criteria.CRITERIA:
+            raise ConfigError(f"Unknown criterion '{self.criterion}'; choose one of {', '.join(sorted(criteria.CRITERIA))}.")
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError(f"Unknown allocation '{self.allocation}'; use uniform or global.")
         if self.v_path not in ("channels", "lowrank"):
             raise ConfigError(f"Unknown v_path '{self.v_path}'; use channels or lowrank.")
         if self.decomposition not in ("svd", "whiten"):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
         if self.v_path == "lowrank" and self.v_refit:
             raise ConfigError("v_refit refits pruned V channels; it does not apply to v_path=lowrank.")
+        if self.v_path == "lowrank":
+            group_size_for(config.num_key_value_heads, self.group_size)
+        kv_budget(self.ratio, head_dim(config), self.round_to, self.prune_k, self.prune_v)
+
+    def make_plan(self, model, calibration=None) -> dict:
+        self.validate(model.config)
         attn = model.model.layers[0].self_attn
         d = attn.head_dim
         n_pairs, n_v = kv_budget(self.ratio, d, self.round_to, self.prune_k, self.prune_v)

@@ -1,0 +1,26 @@
+"""OmegaConf resolvers the Hydra configs use (registered on import: run.py and the tests import this module)."""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def is_baseline_ratio(ratio) -> bool:
+    """Ratio 0 removes nothing: the job is the uncompressed baseline, whatever the method."""
+    try:
+        return float(ratio) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def run_tag(method_tag: str, ratio) -> str:
+    """``<method tag>_r<ratio>`` with the ratio as a float (``0`` and ``0.0`` name one folder), and ``none`` as
+    the method at ratio 0, so a sweep over methods computes the baseline once. A ratio that is not a number is
+    kept as written; the job then rejects it with its own message."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        return f"{method_tag}_r{ratio}"
+    return f"{'none' if r == 0.0 else method_tag}_r{r}"
+
+
+OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
