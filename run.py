@@ -3,7 +3,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rap import config as _resolvers  # noqa: F401  (registers the resolvers the configs use)
 from rap.errors import RapError
@@ -15,7 +15,9 @@ def main(cfg: DictConfig) -> None:
     from rap.report import print_summary
 
     try:
-        print_summary(run_job(cfg, HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        launcher = OmegaConf.to_container(hydra_cfg.launcher) if "launcher" in hydra_cfg else None
+        print_summary(run_job(cfg, hydra_cfg.runtime.output_dir, launcher))
     except RapError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

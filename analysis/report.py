@@ -1,53 +1,46 @@
-"""Gather finished runs (every metrics.json under a folder) into one pandas table.
+"""Paper-style tables from finished runs, with paired bootstrap intervals against each run's baseline.
 
-    python analysis/report.py outputs/default                 # markdown table to stdout
-    python analysis/report.py outputs/default --csv runs.csv  # and a CSV
-    python analysis/report.py outputs/a outputs/b --columns variant ratio ppl_wikitext2 kv_bytes_per_token
-    python analysis/report.py outputs/baselines --latency latency.csv   # adds quiet_* columns from experiments/latency.py
-    python analysis/report.py outputs/default --env          # with the environment columns (env_*)
+    python -m analysis.report outputs/main_table                     # Markdown: method x ratio, baseline first
+    python -m analysis.report outputs/main_table --format latex      # or csv (numbers, intervals as columns)
+    python -m analysis.report outputs/a outputs/b --columns variant ratio ppl_wikitext2   # raw columns instead
+    python -m analysis.report outputs/baselines --latency latency.csv   # quiet_* columns from experiments/latency.py
+    python -m analysis.report outputs/default --env                  # with the environment columns (env_*)
 
-Runs whose environments differ (package versions, commit, device, dtype, threads) are flagged on stderr and
-the differing env_* columns are added to the table, so they are never compared silently.
+Each compressed run is paired with the uncompressed run of the same model, eval profile and seed (the same
+documents and windows): ``ppl x`` is its perplexity ratio and ``Δacc`` its average-accuracy difference, each
+with a 95% paired bootstrap interval; ``*`` marks an interval that excludes no change. Bold marks the best
+compressed value of a column at each ratio. Runs whose environments differ (package versions, commit,
+device, dtype, threads) are flagged on stderr and the differing env_* columns added to the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from analysis.collect import collect, collect_local
+from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
+
 COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg", "acc_norm_avg",
            "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio", "flops_decode_ratio",
            "flops_decode_attention_ratio", "latency_decode_attention_ms_ratio", "latency_prefill_attention_ms_ratio",
            "time_compress_s"]
+ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python", "env_torch", "env_transformers",
+               "env_lm_eval", "env_datasets", "env_hydra_core", "env_device_name", "env_dtype", "env_threads"]
+COST_COLUMNS = {"kv_bytes_per_token_ratio": "KV", "params_attention_ratio": "attn params",
+                "flops_decode_attention_ratio": "attn FLOPs", "latency_decode_attention_ms_ratio": "decode attn t",
+                "latency_prefill_attention_ms_ratio": "prefill attn t"}
+METHOD_ORDER = {"none": 0, "rap": 1, "palu": 2, "elitekv": 3}
+PAIR_KEYS = ("model", "eval_profile", "seed")  # runs sharing these saw the same documents and windows
 
 
 def load_runs(*roots: str | Path) -> pd.DataFrame:
     """One row per finished job under any of ``roots``; config fields flattened in as ``cfg.<key>``."""
-    rows = []
-    for path in sorted(p for root in roots for p in Path(root).rglob("metrics.json")):
-        m = json.loads(path.read_text())
-        cfg_path = path.with_name("config.yaml")
-        if cfg_path.exists():
-            from omegaconf import OmegaConf
-
-            from rap.job import flat_config
-
-            m.update({f"cfg.{k}": v for k, v in flat_config(OmegaConf.to_container(OmegaConf.load(cfg_path))).items()})
-        m["path"] = str(path.parent)
-        rows.append(m)
-    df = pd.DataFrame(rows)
-    if not df.empty and "cfg.criterion.name" in df:
-        df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
-    if not df.empty and "cfg.method.tag" in df:
-        df["variant"] = df["cfg.method.tag"]
-    return df
-
-
-ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python", "env_torch", "env_transformers",
-               "env_lm_eval", "env_datasets", "env_hydra_core", "env_device_name", "env_dtype", "env_threads"]
+    return collect_local(*roots)[0]
 
 
 def environment_differences(df: pd.DataFrame) -> list[str]:
@@ -70,46 +63,143 @@ def add_quiet_latency(df: pd.DataFrame, csv_path: str | Path) -> pd.DataFrame:
 
 
 def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """The comparison table: one row per cell, ratios against the uncompressed model of the same job."""
+    """Raw columns, one row per run, sorted by model, method, ratio."""
     cols = [c for c in (columns or COLUMNS) if c in df]
     keys = [c for c in ("model", "method", "ratio", "variant", "criterion") if c in cols]
     return df[cols].sort_values(keys).reset_index(drop=True)
 
 
-def main():
+def _per_sample(path) -> dict | None:
+    f = Path(str(path)) / "per_sample.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def add_paired_intervals(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """``ppl_ratio``/``acc_diff`` (with ``_low``, ``_high``, ``_significant``) of each run against its baseline."""
+    df = df.copy()
+    keys = [k for k in PAIR_KEYS if k in df]
+    names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff") for s in ("", "_low", "_high", "_significant")]
+    for n in names:
+        df[n] = math.nan
+    df["baseline_path"] = None
+    bases = df[df["method"] == "none"]
+    for i, row in df.iterrows():
+        if row["method"] == "none":
+            continue
+        match = bases[(bases[keys] == row[keys]).all(axis=1)] if keys else bases
+        if match.empty:
+            continue
+        base = match.iloc[0]
+        df.at[i, "baseline_path"] = base["path"]
+        a, b = _per_sample(base["path"]), _per_sample(row["path"])
+        if a is None or b is None:
+            continue
+        out = {}
+        if a["ppl"]["window_nll"] and len(a["ppl"]["window_nll"]) == len(b["ppl"]["window_nll"]):
+            out["ppl_ratio"] = paired_perplexity_ratio(a["ppl"]["window_nll"], b["ppl"]["window_nll"], n_boot=n_boot)
+        if a["zeroshot"] and b["zeroshot"]:
+            out["acc_diff"] = paired_accuracy_difference(a["zeroshot"], b["zeroshot"], n_boot=n_boot)
+        for name, iv in out.items():
+            df.at[i, name], df.at[i, f"{name}_low"], df.at[i, f"{name}_high"] = iv.estimate, iv.low, iv.high
+            df.at[i, f"{name}_significant"] = float(iv.significant)
+    return df
+
+
+def paper_table(df: pd.DataFrame, tasks: bool = True, n_boot: int = 2000, extra: list[str] = ()) -> pd.DataFrame:
+    """Numbers for the paper table: per model the baseline first, then each ratio's methods."""
+    df = add_paired_intervals(df, n_boot)
+    df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
+    df = df.sort_values([c for c in ("model", "ratio", "_order", "variant") if c in df]).reset_index(drop=True)
+    task_cols = sorted(c for c in df if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
+    cols = ["model", "method", "variant", "ratio", "ppl_wikitext2", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high",
+            "ppl_ratio_significant", "acc_avg", "acc_diff", "acc_diff_low", "acc_diff_high", "acc_diff_significant",
+            *(task_cols if tasks else []), *COST_COLUMNS, *extra]
+    return df[[c for c in cols if c in df]]
+
+
+# Which direction is better, for marking the best value of each column.
+LOWER_IS_BETTER = {"ppl_wikitext2", "ppl_ratio", *COST_COLUMNS}
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
+    """Markdown or LaTeX: intervals as ``est [low, high]``, ``*`` where significant, the best per ratio in bold."""
+    bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
+    task_cols = [c for c in table if c.startswith("acc_") and c != "acc_avg" and not c.startswith("acc_diff")]
+    value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", *task_cols, *COST_COLUMNS) if c in table]
+    env_cols = [c for c in table if c.startswith("env_")]
+    best = {}
+    compressed = table[table["method"] != "none"]
+    for col in value_cols:
+        for _, group in compressed.groupby("ratio"):
+            vals = group[col].dropna()
+            if len(vals) > 1 and vals.nunique() > 1:  # equal values (the KV budget of every method) mark nothing
+                top = vals.min() if col in LOWER_IS_BETTER else vals.max()
+                best.update({(idx, col): True for idx in vals.index[vals == top]})
+    rows = []
+    for i, r in table.iterrows():
+        out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""), "ratio": _fmt(r["ratio"], ".2f")}
+        for col in value_cols:
+            if col in ("ppl_ratio", "acc_diff"):
+                if pd.isna(r.get(col)):
+                    s = ""
+                else:
+                    spec = ".3f" if col == "ppl_ratio" else "+.3f"
+                    s = f"{_fmt(r[col], spec)} [{_fmt(r[col + '_low'], spec)}, {_fmt(r[col + '_high'], spec)}]"
+                    s += "*" if r[col + "_significant"] == 1.0 else ""
+            else:
+                s = _fmt(r[col], ".2f" if col == "ppl_wikitext2" else ".3f")
+            out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if best.get((i, col)) and s else s
+        out.update({c: r[c] for c in env_cols})
+        rows.append(out)
+    frame = pd.DataFrame(rows)
+    if fmt == "latex":
+        body = frame.to_latex(index=False, escape=False)
+        return body.replace("_", "\\_").replace("Δ", "$\\Delta$")
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+HEADERS = {"ppl_wikitext2": "ppl", "ppl_ratio": "ppl x [95% CI]", "acc_avg": "acc", "acc_diff": "Δacc [95% CI]",
+           **COST_COLUMNS}
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="+")
-    ap.add_argument("--csv")
+    ap.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    ap.add_argument("--out", help="write the table to this file as well")
+    ap.add_argument("--csv", help="write every column of every run to this CSV")
+    ap.add_argument("--no-tasks", action="store_true", help="leave out the per-task accuracy columns")
     ap.add_argument("--latency", help="CSV written by experiments/latency.py, joined as quiet_* columns")
-    ap.add_argument("--columns", nargs="+", help=f"columns to show (default: {' '.join(COLUMNS)})")
+    ap.add_argument("--columns", nargs="+", help="raw columns instead of the paper table")
     ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
-    a = ap.parse_args()
-    df = load_runs(*a.roots)
+    a = ap.parse_args(argv)
+    df, _ = collect(*a.roots)
     if df.empty:
         raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
     if a.latency:
         if not Path(a.latency).exists():
             raise SystemExit(f"error: latency file {a.latency} does not exist (write it with experiments/latency.py)")
         df = add_quiet_latency(df, a.latency)
-    columns = list(a.columns or COLUMNS)
     differ = environment_differences(df)
     if differ:
         print(f"warning: these runs come from different environments ({', '.join(differ)}); "
               "the columns are shown, compare with care", file=sys.stderr)
-    columns += [c for c in (ENV_COLUMNS if a.env else []) + differ if c not in columns]
-    table = summary(df, columns)
-    print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
+    extra = [c for c in (ENV_COLUMNS if a.env else []) + differ]
+    if a.columns or a.env or a.latency:
+        table = summary(df, list(a.columns or COLUMNS) + [c for c in extra if c not in (a.columns or COLUMNS)])
+        text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, floatfmt=".4g")
+    else:
+        table = paper_table(df, tasks=not a.no_tasks, extra=differ)
+        text = table.to_csv(index=False) if a.format == "csv" else format_table(table, a.format)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
     if a.csv:
         df.to_csv(a.csv, index=False)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
 
     Returns
     -------
-    dict with ``ppl``, ``nll`` (mean CE in nats), ``tokens`` (predicted tokens) and ``windows``.
+    dict with ``ppl``, ``nll`` (mean CE in nats), ``tokens`` (predicted tokens), ``windows`` and
+    ``window_nll`` (each window's mean CE, for paired comparisons: every window predicts the same count).
     """
     n_windows = input_ids.numel() // seqlen
     if max_windows is not None:
@@ -30,11 +31,11 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     if n_windows == 0:
         raise ValueError(f"Corpus has {input_ids.numel()} tokens, fewer than one window of {seqlen}.")
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    window_nll = []
     for w in tqdm(range(n_windows), desc=desc, leave=False):
         ids = input_ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
-        nll_sum += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += seqlen - 1
-    nll = nll_sum / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_windows}
+        window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
+    nll = sum(window_nll) / n_windows
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": n_windows * (seqlen - 1), "windows": n_windows,
+            "window_nll": window_nll}

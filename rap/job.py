@@ -11,7 +11,10 @@
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
   ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``.
 - zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
-  ``acc_norm_avg``, ``zs_limit``, ``zs_seed`` (sampled document indices in ``zeroshot_samples.json``).
+  ``acc_norm_avg``, ``zs_limit``, ``zs_seed``.
+- ``per_sample.json`` beside it: ``{"ppl": {"window_nll": [...], "seqlen": n}, "zeroshot": {task: {"doc_id": [...],
+  "acc": [...], "acc_norm": [...]}}}``, each window's mean NLL and each document's 0/1 scores, for paired
+  comparisons between runs on the same documents (``rap.stats``, ``analysis.report``).
 - costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, ``params_total``, ``params_attention``,
   ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
   as ``<key>_formula`` from the config alone.
@@ -40,6 +43,7 @@ from .models import ModelSpec, check_rope_config, load_config, load_model, resol
 from .tracking import make_tracker
 
 
+FAILURE_FILE = "failure.json"  # written instead of metrics.json when a started job fails or is interrupted
 RATIO_KEYS = ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode", "flops_decode_attention",
               "latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms")
 
@@ -72,7 +76,9 @@ def is_baseline(cfg: DictConfig) -> bool:
 
 
 BASELINE_METHOD = {"name": "none", "tag": "none"}
-LOCATION_KEYS = ("out_dir", "sweep")  # where a result is written, not what it is: a moved result still counts
+# Where a result is written and how many threads computed it (recorded as env_threads), not what it is: a moved
+# result, or one rerun with another thread count, still counts as finished.
+LOCATION_KEYS = ("out_dir", "sweep", "threads")
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration")  # settings that cannot change an uncompressed result
 
 
@@ -160,8 +166,26 @@ def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dic
     }
 
 
-def run_job(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run one job into ``out_dir``; returns the metrics. Writes ``metrics.json`` only when everything succeeded."""
+def threads_per_job(threads, launcher: dict | None = None, cores: int | None = None) -> int | None:
+    """Torch threads for one job: ``threads`` when it is a number; with ``auto``, the cores shared by the jobs that
+    a parallel launcher runs at once (joblib's ``n_jobs``, submitit's ``cpus_per_task``), so that jobs x threads
+    never exceeds the cores. None leaves torch's default (one job at a time)."""
+    if threads not in (None, "auto"):
+        return max(1, int(threads))
+    target = (launcher or {}).get("_target_", "")
+    cores = cores or os.cpu_count() or 1
+    if "joblib" in target.lower():
+        n = launcher.get("n_jobs") or -1
+        n = cores + 1 + n if n < 0 else n  # joblib: -1 = all cores, -2 = all but one, ...
+        return max(1, cores // max(1, min(n, cores)))
+    if "submitit" in target.lower():
+        return int(launcher.get("cpus_per_task") or 1)
+    return None
+
+
+def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dict:
+    """Run one job into ``out_dir``; returns the metrics. Writes ``metrics.json`` only when everything succeeded.
+    ``launcher`` is Hydra's launcher config (it bounds the torch threads of parallel jobs)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)
@@ -176,8 +200,12 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     method = build_method(cfg)
     check_before_loading(cfg, method)
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(config))
 
+    threads = threads_per_job(cfg.get("threads", "auto"), launcher)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     t0 = time.time()
     times = {}
     spec = model_spec(cfg)
@@ -187,7 +215,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
                **describe_environment(device, resolve_dtype(spec.dtype, device))}
     tracker = make_tracker(cfg.tracking.backend, **({} if cfg.tracking.backend == "none" else dict(
         out_dir=out_dir, project=cfg.tracking.project, entity=cfg.tracking.get("entity"), mode=cfg.tracking.get("mode"),
-        group=cfg.sweep, name=cfg.run_name, config={**flat_config(config), **results})))
+        group=cfg.sweep, name=cfg.run_name, config={**flat_config(config), **results},
+        tags=[f"method:{results['method']}", f"model:{cfg.model.name}"]
+        + ([f"criterion:{cfg.criterion.name}"] if results["method"] == "rap" else []))))
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(config))
     try:
         t = time.time()
         model, tok = load_model(spec)
@@ -238,6 +269,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
                         "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
                         "ppl_split": "test"})
+        per_sample = {"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}}
         times["ppl"] = time.time() - t
 
         z = cfg.eval.zeroshot
@@ -248,7 +280,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
             with tempfile.TemporaryDirectory(prefix="rap_tasks_") as work:
                 zs = evaluate_zero_shot(model, tok, list(z.tasks), data_dir, limit=z.limit, seed=cfg.seed,
                                         batch_size=z.batch_size, work_dir=work)
-            write_atomic(out_dir / "zeroshot_samples.json", json.dumps(zs.pop("zs_samples"), indent=1))
+            per_sample["zeroshot"] = zs.pop("zs_per_doc")
             results.update(zs)
             results.update({"zs_limit": z.limit, "zs_seed": cfg.seed})
             times["zeroshot"] = time.time() - t
@@ -256,13 +288,32 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         results.update({f"time_{k}_s": v for k, v in times.items()})
         results["wall_time_s"] = time.time() - t0
         results["status"] = "complete"
+        write_atomic(out_dir / "per_sample.json", json.dumps(per_sample, separators=(",", ":")))
         write_atomic(out_dir / "metrics.json", json.dumps(results, indent=1, sort_keys=True))
+        (out_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's record
         tracker.log_summary(results)
+        tracker.log_tables(result_tables(results, model.config, plan))
         tracker.finish()
-    except BaseException:
+    except BaseException as e:
+        # No metrics.json: the folder never looks complete. The record says why, for analysis.collect.
+        write_atomic(out_dir / FAILURE_FILE, json.dumps({"error": type(e).__name__, "message": str(e)[:2000],
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         tracker.finish(exit_code=1)
         raise
     return results
+
+
+def result_tables(results: dict, model_config, plan: dict | None) -> dict:
+    """Per-task zero-shot results and per-layer kept widths (what the cache holds), as DataFrames."""
+    import pandas as pd
+
+    tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
+    per_task = pd.DataFrame([{"task": t, "acc": results.get(f"acc_{t}"), "acc_norm": results.get(f"acc_norm_{t}"),
+                              "acc_stderr": results.get(f"acc_stderr_{t}"), "n": results[f"n_{t}"]} for t in tasks])
+    shapes = analytic.attention_shapes(model_config, plan)
+    per_layer = pd.DataFrame([{"layer": i, "qk_dim": s.qk_dim, "v_dim": s.v_dim, "cache_elements_per_token": s.cache_elements}
+                              for i, s in enumerate(shapes)])
+    return {"per_task": per_task, "per_layer": per_layer}
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError, RapError
+
 
 class Tracker:
     """No-op tracker (``tracking=none``)."""
@@ -15,31 +17,54 @@ class Tracker:
     def log_summary(self, metrics: dict) -> None:
         pass
 
+    def log_tables(self, tables: dict) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
 
+def init_wandb_run(out_dir, project: str, name: str, group: str | None = None, config: dict | None = None,
+                   mode: str | None = None, entity: str | None = None, tags: list[str] | None = None,
+                   job_type: str | None = None):
+    """``wandb.init`` with every file under ``<out_dir>/wandb`` and a one-sentence error when it cannot start.
+    A user's ``WANDB_MODE`` wins over ``mode``; offline is the default."""
+    import wandb
+
+    wdir = Path(out_dir) / "wandb"
+    wdir.mkdir(parents=True, exist_ok=True)
+    # Runs go to <out_dir>/wandb; staging, cache and settings too, not the home dir.
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
+                     ("WANDB_DATA_DIR", "data")):
+        os.environ[var] = str(wdir / sub)
+    mode = os.environ.get("WANDB_MODE") or mode or "offline"
+    try:
+        return wandb.init(project=project, entity=entity, group=group, name=name, config=config, tags=tags,
+                          job_type=job_type, dir=str(out_dir), mode=mode, reinit="finish_previous")
+    except wandb.errors.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RapError(f"W&B could not start a {mode} run ({first}); run `wandb login`, or set "
+                       "tracking.mode=offline (or WANDB_MODE=offline), or tracking=none.") from None
+
+
 class WandbTracker(Tracker):
-    """One W&B run per job: flattened config, summary metrics, ``finish()`` at the end."""
+    """One W&B run per job: group = the experiment (sweep), tags = method, criterion and model, config = the
+    full flattened job config; the summary mirrors metrics.json and tables hold per-task and per-layer results."""
 
     def __init__(self, out_dir: Path, project: str, group: str, name: str, config: dict,
-                 mode: str | None = None, entity: str | None = None):
-        import wandb
-
-        wdir = Path(out_dir) / "wandb"
-        wdir.mkdir(parents=True, exist_ok=True)
-        # Runs go to <out_dir>/wandb; staging, cache and settings too, not the home dir.
-        # A user's WANDB_MODE wins over the configured mode.
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
-                         ("WANDB_DATA_DIR", "data")):
-            os.environ[var] = str(wdir / sub)
-        mode = os.environ.get("WANDB_MODE") or mode or "offline"
-        self.run = wandb.init(project=project, entity=entity, group=group, name=name, config=config,
-                              dir=str(out_dir), mode=mode, reinit="finish_previous")
+                 mode: str | None = None, entity: str | None = None, tags: list[str] | None = None):
+        self.run = init_wandb_run(out_dir, project=project, name=name, group=group, config=config, mode=mode,
+                                  entity=entity, tags=tags, job_type="job")
 
     def log_summary(self, metrics: dict) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
         self.run.summary.update(scalars)
+
+    def log_tables(self, tables: dict) -> None:
+        """``{name: pandas.DataFrame}`` as ``wandb.Table``s."""
+        import wandb
+
+        self.run.log({name: wandb.Table(dataframe=df) for name, df in tables.items() if df is not None and len(df)})
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
@@ -50,6 +75,57 @@ def make_tracker(backend: str, **kwargs) -> Tracker:
         return Tracker()
     if backend == "wandb":
         return WandbTracker(**kwargs)
-    from .errors import ConfigError
-
     raise ConfigError(f"Unknown tracking backend '{backend}'; use tracking=wandb or tracking=none.")
+
+
+def _log_records(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header (``:W&B``, magic, version),
+    then LevelDB log framing in 32 KiB blocks: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)."""
+    import struct
+
+    data, block, pos = Path(path).read_bytes(), 32768, 7
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run log")
+    records, partial = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        elif kind == 4:
+            records.append(partial + chunk)
+    return records
+
+
+def read_offline_run(run_dir: str | Path) -> dict:
+    """``{"config", "summary", "history_keys"}`` of an offline run folder (``offline-run-*``), decoded with
+    wandb's own record schema: what ``wandb sync`` would upload."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    config, summary, history_keys = {}, {}, set()
+    for raw in _log_records(log):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in rec.summary.update if i.key})
+        elif kind == "history":
+            keys = (i.key or (i.nested_key[0] if i.nested_key else "") for i in rec.history.item)
+            history_keys.update(k for k in keys if k and not k.startswith("_"))
+    config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items() if not k.startswith("_")}
+    return {"config": config, "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
+            "history_keys": history_keys}

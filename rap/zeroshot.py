@@ -114,7 +114,9 @@ def evaluate_zero_shot(model, tokenizer, tasks, data_dir, limit=None, seed=0, ba
     sample of that many docs per task, not lm-eval's first N. Keys: ``acc_<task>``, ``acc_norm_<task>``
     (tasks whose stock definition has it: not winogrande/boolq), ``acc_stderr_<task>``, ``n_<task>``,
     ``acc_avg`` (mean acc), ``acc_norm_avg`` (mean of acc_norm, taking acc for tasks without acc_norm, the
-    usual convention for a mixed average), and ``zs_samples`` = ``{task: [doc indices evaluated]}``.
+    usual convention for a mixed average), and ``zs_per_doc`` = ``{task: {"doc_id": [...], "acc": [...],
+    "acc_norm": [...]}}``: each evaluated document's index in the task file and its 0/1 scores, sorted by index,
+    so that two models evaluated on the same documents can be compared paired (``rap.stats``).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -141,7 +143,7 @@ def evaluate_zero_shot(model, tokenizer, tasks, data_dir, limit=None, seed=0, ba
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[loaded[names[t]] for t in tasks], task_manager=task_manager,
-            samples=samples or None, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+            samples=samples or None, log_samples=True, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed,
         )
     finally:
@@ -161,5 +163,14 @@ def evaluate_zero_shot(model, tokenizer, tasks, data_dir, limit=None, seed=0, ba
         norms.append(flat.get(f"acc_norm_{t}", flat[f"acc_{t}"]))
     flat["acc_avg"] = sum(accs) / len(accs)
     flat["acc_norm_avg"] = sum(norms) / len(norms)
-    flat["zs_samples"] = picked
+    flat["zs_per_doc"] = {t: per_doc_scores(out["samples"][names[t]]) for t in tasks}
     return flat
+
+
+def per_doc_scores(logged: list[dict]) -> dict:
+    """lm-eval's logged samples of one task -> ``{"doc_id": [...], "acc": [...], "acc_norm": [...]}`` by doc id."""
+    rows = sorted(logged, key=lambda r: r["doc_id"])
+    out = {"doc_id": [int(r["doc_id"]) for r in rows], "acc": [float(r["acc"]) for r in rows]}
+    if rows and "acc_norm" in rows[0]:
+        out["acc_norm"] = [float(r["acc_norm"]) for r in rows]
+    return out

@@ -20,6 +20,8 @@ def test_perplexity_matches_hand_computation():
             logp = torch.log_softmax(model(x[None]).logits[0], -1)
             nll += [-logp[t, x[t + 1]].item() for t in range(15)]
     assert math.isclose(out["ppl"], math.exp(sum(nll) / len(nll)), rel_tol=1e-5)
+    for w in range(5):  # each window's mean CE, the unit of paired comparisons
+        assert math.isclose(out["window_nll"][w], sum(nll[w * 15:(w + 1) * 15]) / 15, rel_tol=1e-5)
     assert perplexity(model, ids, seqlen=16, max_windows=2)["windows"] == 2
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,9 @@ def test_job_writes_results_and_skips_when_done(tmp_path, data_dir, monkeypatch)
     m = run_job(cfg, out)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m)) and saved["status"] == "complete"
-    assert (out / "config.yaml").exists() and (out / "zeroshot_samples.json").exists()
+    assert (out / "config.yaml").exists()
+    per_sample = json.loads((out / "per_sample.json").read_text())
+    assert len(per_sample["ppl"]["window_nll"]) == 2 and len(per_sample["zeroshot"]["piqa"]["acc"]) == 4
     assert saved["kv_bytes_per_token"] == saved["kv_bytes_per_token_formula"]
     assert saved["flops_decode"] == saved["flops_decode_formula"]
     assert saved["params_attention"] == saved["params_attention_formula"]
@@ -80,17 +83,31 @@ def test_failed_job_leaves_no_metrics(tmp_path):
     assert not (tmp_path / "job" / "metrics.json").exists()
 
 
-def test_wandb_offline_run_lives_in_job_dir(tmp_path, data_dir, monkeypatch):
-    trackers = []
-    make = job_module.make_tracker
-    monkeypatch.setattr(job_module, "make_tracker", lambda *a, **k: trackers.append(make(*a, **k)) or trackers[-1])
-    cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=wandb", f"out_dir={tmp_path}")
-    m = run_job(cfg, tmp_path / "job")
+def test_wandb_offline_run_mirrors_metrics_json(tmp_path, data_dir):
+    from rap.tracking import read_offline_run
+
+    cfg = compose("model=tiny-llama", "eval=smoke", "tracking=wandb", f"out_dir={tmp_path}", "sweep=exp1")
+    run_job(cfg, tmp_path / "job")
     runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
-    config = dict(trackers[0].run.config)  # the environment travels with the W&B config too
-    assert config["model.name"] == "tiny-llama" and config["method.name"] == "none"
-    assert {k: config[k] for k in m if k.startswith("env_")} == {k: v for k, v in m.items() if k.startswith("env_")}
+    assert len(runs) == 1
+    run = read_offline_run(runs[0])  # the run log, decoded with wandb's record schema
+    saved = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert run["summary"] == saved
+    assert run["config"]["model.name"] == "tiny-llama" and run["config"]["sweep"] == "exp1"
+    assert {k: run["config"][k] for k in saved if k.startswith("env_")} == {k: v for k, v in saved.items() if k.startswith("env_")}
+    assert {"per_task", "per_layer"} <= run["history_keys"]
+
+
+def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monkeypatch):
+    from rap.errors import RapError
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose("model=tiny-llama", "eval=smoke", "tracking=wandb", f"out_dir={tmp_path}")
+    with pytest.raises(RapError, match=r"wandb login.*tracking.mode=offline.*tracking=none"):
+        run_job(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists() and not (tmp_path / "job" / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -142,3 +159,46 @@ def test_sweep_over_methods_computes_the_baseline_once(tmp_path):
     assert r.stdout.count("[rap] skipping") == 1  # palu's ratio-0 job found rap's baseline
     base = json.loads(next((tmp_path / "s").glob("*_none_r0.0_*/metrics.json")).read_text())
     assert base["method"] == "none" and base["ratio"] == 0.0 and "kv_bytes_per_token_ratio" not in base
+
+
+def test_threads_per_job_never_oversubscribes():
+    from rap.job import threads_per_job
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert threads_per_job("auto", None, cores=8) is None
+    assert threads_per_job(3, {"_target_": joblib, "n_jobs": 4}, cores=8) == 3
+    for n_jobs, expected in ((2, 4), (4, 2), (-1, 1), (-2, 1), (16, 1), (3, 2)):
+        got = threads_per_job("auto", {"_target_": joblib, "n_jobs": n_jobs}, cores=8)
+        assert got == expected and got * min(8 + 1 + n_jobs if n_jobs < 0 else n_jobs, 8) <= 8
+    assert threads_per_job("auto", {"_target_": "x.submitit_launcher.LocalLauncher", "cpus_per_task": 2}, cores=8) == 2
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
+    cmd = [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", *extra, "model=tiny-llama", "eval=smoke",
+           "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "sweep=s", "calibration.n_samples=2",
+           "calibration.seqlen=32", "ratio=0,0.25"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = sorted((tmp_path / "s").glob("*/metrics.json"))
+    assert len(done) == 2
+    runs = [json.loads(p.read_text()) for p in done]
+    assert sorted(m["ratio"] for m in runs) == [0.0, 0.25]
+    threads = max(1, (os.cpu_count() or 1) // 2) if launcher == "joblib" else 1  # joblib: 2 jobs share the cores
+    assert all(m["env_threads"] == threads for m in runs)
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # rerun: both skipped
+    assert r2.returncode == 0 and [p.stat().st_mtime for p in done] == [p.stat().st_mtime for p in sorted((tmp_path / "s").glob("*/metrics.json"))]
+
+
+def test_main_table_preset_runs_its_grid(tmp_path):
+    """+experiment=main_table on a tiny model: one baseline and 4 methods x 2 ratios, in the preset's sweep folder."""
+    cmd = [sys.executable, "run.py", "-m", "+experiment=main_table", "model=tiny-llama", "eval=smoke",
+           "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "calibration.n_samples=2",
+           "calibration.seqlen=32", "eval.measure.baseline_latency=false", "ratio=0,0.25"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "main_table").glob("*/metrics.json")]
+    assert len(runs) == 5 and sum(m["method"] == "none" for m in runs) == 1
+    tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
+    assert any("vlowrank" in t for t in tags) and any("palu" in t for t in tags) and any("elitekv" in t for t in tags)

@@ -86,18 +86,21 @@ def test_evaluate_zero_shot_tiny(tmp_path):
     r = evaluate_zero_shot(model, tok, ["piqa", "winogrande"], DATA_DIR, limit=5, seed=0, work_dir=tmp_path / "a")
     for t in ("piqa", "winogrande"):
         assert 0.0 <= r[f"acc_{t}"] <= 1.0 and r[f"n_{t}"] == 5
-        assert len(r["zs_samples"][t]) == 5 and r["zs_samples"][t] == sorted(r["zs_samples"][t])
+        docs = r["zs_per_doc"][t]
+        assert len(docs["doc_id"]) == 5 and docs["doc_id"] == sorted(docs["doc_id"])
+        assert set(docs["acc"]) <= {0.0, 1.0} and sum(docs["acc"]) / 5 == pytest.approx(r[f"acc_{t}"])
         assert math.isfinite(r[f"acc_stderr_{t}"])
     assert 0.0 <= r["acc_norm_piqa"] <= 1.0 and "acc_norm_winogrande" not in r
     assert r["acc_avg"] == pytest.approx((r["acc_piqa"] + r["acc_winogrande"]) / 2)
     assert r["acc_norm_avg"] == pytest.approx((r["acc_norm_piqa"] + r["acc_winogrande"]) / 2)
-    assert r["zs_samples"]["piqa"] == sample_indices(1838, 5, 0)
+    assert r["zs_per_doc"]["piqa"]["doc_id"] == sample_indices(1838, 5, 0)
+    assert sum(r["zs_per_doc"]["piqa"]["acc_norm"]) / 5 == pytest.approx(r["acc_norm_piqa"])
 
     # Same seed -> same docs and same scores; another seed -> other docs.
     r2 = evaluate_zero_shot(model, tok, ["piqa"], DATA_DIR, limit=5, seed=0)
-    assert r2["zs_samples"]["piqa"] == r["zs_samples"]["piqa"] and r2["acc_piqa"] == r["acc_piqa"]
+    assert r2["zs_per_doc"]["piqa"] == r["zs_per_doc"]["piqa"] and r2["acc_piqa"] == r["acc_piqa"]
     r3 = evaluate_zero_shot(model, tok, ["piqa"], DATA_DIR, limit=5, seed=1)
-    assert r3["zs_samples"]["piqa"] != r["zs_samples"]["piqa"] and r3["n_piqa"] == 5
+    assert r3["zs_per_doc"]["piqa"]["doc_id"] != r["zs_per_doc"]["piqa"]["doc_id"] and r3["n_piqa"] == 5
 
 
 def test_sample_indices():

@@ -1,0 +1,116 @@
+"""Gather jobs into one tidy DataFrame: one row per finished job, config fields as ``cfg.<key>`` columns.
+
+    python -m analysis.collect outputs/main_table outputs/default        # local result folders (offline)
+    python -m analysis.collect --wandb entity/project [--group main_table]  # the same columns from W&B
+    python -m analysis.collect outputs/main_table --csv runs.csv
+
+Jobs that failed (``failure.json``) or never finished (``config.yaml`` without ``metrics.json``) are listed
+on stderr and returned by ``collect`` as a second table, never dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from rap.job import FAILURE_FILE, flat_config
+
+
+def _config(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return flat_config(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
+
+
+def _derive(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns every report uses: ``variant`` (the method's tag) and ``criterion`` (RAP's, else '-')."""
+    if df.empty:
+        return df
+    if "cfg.method.tag" in df:
+        df["variant"] = df["cfg.method.tag"]
+    if "cfg.criterion.name" in df and "method" in df:
+        df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
+    if "cfg.sweep" in df:
+        df["experiment"] = df["cfg.sweep"]
+    return df
+
+
+def collect_local(*roots: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(finished, problems)`` from the job folders under ``roots`` (any depth)."""
+    missing = [str(r) for r in roots if not Path(r).exists()]
+    if missing:
+        raise SystemExit(f"error: no such result folder: {', '.join(missing)}")
+    folders = sorted({p.parent for root in roots for name in ("metrics.json", "config.yaml")
+                      for p in Path(root).rglob(name) if ".hydra" not in p.parts})
+    rows, problems = [], []
+    for folder in folders:
+        cfg = {f"cfg.{k}": v for k, v in _config(folder / "config.yaml").items()}
+        if (folder / "metrics.json").exists():
+            row = json.loads((folder / "metrics.json").read_text())
+            row.update(cfg)
+            row["path"] = str(folder)
+            rows.append(row)
+        else:
+            failure = folder / FAILURE_FILE
+            info = json.loads(failure.read_text()) if failure.exists() else {}
+            problems.append({"path": str(folder), "status": "failed" if info else "unfinished",
+                             "error": info.get("error", ""), "message": info.get("message", ""), **cfg})
+    return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
+
+
+def collect_wandb(path: str, group: str | None = None, api=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(finished, problems)`` from a W&B project ``entity/project``, with the columns of ``collect_local``:
+    each run's summary is its metrics.json and its config the flattened job config (``cfg.`` prefixed)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    filters = {"group": group} if group else None
+    rows, problems = [], []
+    for run in api.runs(path, filters=filters):
+        cfg = {f"cfg.{k}": v for k, v in dict(run.config).items() if not k.startswith("env_")}
+        summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
+        if run.state == "finished" and summary.get("status") == "complete":
+            rows.append({**summary, **cfg, "path": f"wandb:{path}/{run.id}"})
+        else:
+            problems.append({"path": f"wandb:{path}/{run.id}", "status": run.state, "error": "", "message": "", **cfg})
+    return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
+
+
+def collect(*roots: str | Path, wandb_path: str | None = None, group: str | None = None, quiet: bool = False):
+    """Local roots and/or a W&B project; prints the failed and unfinished jobs to stderr unless ``quiet``."""
+    parts = [collect_local(*roots)] if roots else []
+    if wandb_path:
+        parts.append(collect_wandb(wandb_path, group))
+    if not parts:
+        raise SystemExit("error: give result folders, or --wandb entity/project")
+    finished = pd.concat([p[0] for p in parts], ignore_index=True)
+    problems = pd.concat([p[1] for p in parts], ignore_index=True)
+    if not quiet and not problems.empty:
+        print(f"warning: {len(problems)} job(s) without results:", file=sys.stderr)
+        for _, p in problems.iterrows():
+            print(f"  {p['status']:10s} {p['path']}  {p['error']} {p['message'][:200]}".rstrip(), file=sys.stderr)
+    return finished, problems
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("roots", nargs="*")
+    ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of (or besides) folders")
+    ap.add_argument("--group", help="with --wandb: only this group (experiment)")
+    ap.add_argument("--csv", help="write the table here")
+    a = ap.parse_args(argv)
+    df, _ = collect(*a.roots, wandb_path=a.wandb, group=a.group)
+    if df.empty:
+        raise SystemExit("error: no finished job found")
+    if a.csv:
+        df.to_csv(a.csv, index=False)
+    cols = [c for c in ("experiment", "model", "method", "variant", "ratio", "ppl_wikitext2", "acc_avg", "path") if c in df]
+    print(df[cols].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

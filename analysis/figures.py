@@ -1,0 +1,266 @@
+"""Regenerates every figure from finished runs, without running a model: PNG and PDF at paper size.
+
+    python -m analysis.figures outputs/main_table outputs/criteria_ablation outputs/default --out docs/figures
+    python -m analysis.figures outputs/... --out docs/figures --wandb      # also log them to a W&B run
+
+Figures (each drawn only when the runs hold what it needs):
+- ``ratio_curves``: perplexity and average accuracy against the KV reduction ratio, one line per method;
+- ``pareto``: perplexity against KV bytes per token, with the Pareto front;
+- ``criteria_ablation``: RAP's perplexity against ratio, one line per scoring criterion;
+- ``kept_frequency_r<ratio>``: which RoPE pairs each criterion keeps (layer x pair index), from saved plans;
+- ``latency_context``: decode latency against context with the ideal line, from a benchmark CSV (``--latency``).
+Error bars are the 95% paired bootstrap intervals against the baseline (``analysis.report``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.collect import collect  # noqa: E402
+from analysis.report import add_paired_intervals  # noqa: E402
+
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+                     "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 150, "savefig.bbox": "tight"})
+COLUMN_WIDTH, PAGE_WIDTH = 3.4, 7.0  # inches, a two-column paper
+DEFAULT_CRITERION = "key_energy"
+MARKERS = "osD^v<>px*"
+
+
+def _label(row) -> str:
+    """A short legend label: the method, and what sets this variant apart."""
+    tag = str(row.get("variant", row["method"]))
+    return {"none": "baseline"}.get(tag, tag)
+
+
+def _with_baseline(df: pd.DataFrame) -> pd.DataFrame:
+    """Intervals, plus the baseline's ppl/acc on each row, for error bars in absolute units."""
+    df = add_paired_intervals(df)
+    base = df.set_index("path")[["ppl_wikitext2", "acc_avg"]] if "acc_avg" in df else df.set_index("path")[["ppl_wikitext2"]]
+    for col in base:
+        df[f"base_{col}"] = [base[col].get(p, np.nan) if isinstance(p, str) else np.nan for p in df["baseline_path"]]
+    return df
+
+
+def _errorbars(group: pd.DataFrame, metric: str) -> np.ndarray | None:
+    """(2, n) distances from each point to its interval ends, or None when no point has an interval."""
+    if metric == "ppl_wikitext2":
+        low, high = group["base_ppl_wikitext2"] * group["ppl_ratio_low"], group["base_ppl_wikitext2"] * group["ppl_ratio_high"]
+    else:
+        low, high = group["base_acc_avg"] + group["acc_diff_low"], group["base_acc_avg"] + group["acc_diff_high"]
+    if low.isna().all():
+        return None
+    v = group[metric]
+    return np.vstack([(v - low).fillna(0).clip(lower=0), (high - v).fillna(0).clip(lower=0)])
+
+
+def _main_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Method comparisons use RAP's default criterion; the criteria have their own figure."""
+    keep = (df["method"] != "rap") | (df.get("criterion", DEFAULT_CRITERION) == DEFAULT_CRITERION)
+    return df[keep]
+
+
+def ratio_curves(df: pd.DataFrame):
+    df = _main_variants(_with_baseline(df))
+    base, comp = df[df["method"] == "none"], df[df["method"] != "none"]
+    if comp.empty:
+        return None
+    metrics = [("ppl_wikitext2", "WikiText-2 perplexity"), ("acc_avg", "zero-shot accuracy (avg)")]
+    metrics = [m for m in metrics if m[0] in df]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.4))
+    axes = np.atleast_1d(axes)
+    for k, (variant, group) in enumerate(comp.groupby("variant")):
+        group = group.sort_values("ratio")
+        for ax, (metric, _) in zip(axes, metrics):
+            b = base[metric].iloc[0] if not base.empty else None
+            x = ([0.0] if b is not None else []) + group["ratio"].tolist()
+            y = ([b] if b is not None else []) + group[metric].tolist()
+            ax.plot(x, y, marker=MARKERS[k % len(MARKERS)], ms=3, lw=1, label=_label(group.iloc[0]))
+            err = _errorbars(group, metric)
+            if err is not None:
+                ax.errorbar(group["ratio"], group[metric], yerr=err, fmt="none", capsize=2, lw=0.8,
+                            ecolor=ax.lines[-1].get_color())
+    for ax, (metric, label) in zip(axes, metrics):
+        ax.set_xlabel("KV-cache reduction ratio (fraction of dims removed)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False)
+    return fig
+
+
+def pareto(df: pd.DataFrame):
+    df = _main_variants(df)
+    if "kv_bytes_per_token" not in df or df["method"].eq("none").all():
+        return None
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+    for k, (variant, group) in enumerate(df.groupby("variant")):
+        ax.scatter(group["kv_bytes_per_token"] / 1024, group["ppl_wikitext2"], s=14, marker=MARKERS[k % len(MARKERS)],
+                   label=_label(group.iloc[0]))
+    pts = df.sort_values(["kv_bytes_per_token", "ppl_wikitext2"])[["kv_bytes_per_token", "ppl_wikitext2"]].to_numpy()
+    front, best = [], np.inf
+    for kv, ppl in pts:  # a point is on the front when nothing smaller has lower perplexity
+        if ppl < best:
+            front.append((kv, ppl))
+            best = ppl
+    front = np.array(front)
+    ax.step(front[:, 0] / 1024, front[:, 1], where="post", color="k", lw=0.8, ls="--", label="Pareto front")
+    ax.set_xlabel("KV cache per token (KiB)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return fig
+
+
+def criteria_ablation(df: pd.DataFrame):
+    df = _with_baseline(df)
+    rap = df[(df["method"] == "rap")]
+    if "cfg.method.v_path" in rap:
+        rap = rap[rap["cfg.method.v_path"].fillna("channels") == "channels"]
+    if rap.empty or rap["criterion"].nunique() < 2:
+        return None
+    base = df[df["method"] == "none"]
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+    for k, (criterion, group) in enumerate(rap.groupby("criterion")):
+        group = group.sort_values("ratio")
+        x = ([0.0] if not base.empty else []) + group["ratio"].tolist()
+        y = ([base["ppl_wikitext2"].iloc[0]] if not base.empty else []) + group["ppl_wikitext2"].tolist()
+        ax.plot(x, y, marker=MARKERS[k % len(MARKERS)], ms=3, lw=1, label=criterion)
+        err = _errorbars(group, "ppl_wikitext2")
+        if err is not None:
+            ax.errorbar(group["ratio"], group["ppl_wikitext2"], yerr=err, fmt="none", capsize=2, lw=0.8,
+                        ecolor=ax.lines[-1].get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("KV-cache reduction ratio")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, ncol=2)
+    return fig
+
+
+def kept_pairs(plan: dict) -> np.ndarray:
+    """(layers, d/2): the fraction of KV heads that keep each RoPE pair (a RoPE-blind channel counts half)."""
+    half = plan["head_dim"] // 2
+    out = np.zeros((len(plan["layers"]), half))
+    for i, lp in enumerate(plan["layers"]):
+        for channels in lp["k_channels"]:
+            for c in channels:
+                out[i, c % half] += 0.5 / len(lp["k_channels"])
+    return out
+
+
+def kept_frequency(df: pd.DataFrame) -> dict:
+    """One heatmap figure per ratio: a panel per criterion, layer x pair index (pair 0 rotates fastest)."""
+    rap = df[df["method"] == "rap"]
+    figs = {}
+    for ratio, group in rap.groupby("ratio"):
+        plans = {}
+        for _, r in group.sort_values("criterion").iterrows():
+            f = Path(str(r["path"])) / "plan.json"
+            if f.exists() and r["criterion"] not in plans:
+                plans[r["criterion"]] = kept_pairs(json.loads(f.read_text()))
+        if not plans:
+            continue
+        n = len(plans)
+        cols = min(n, 4)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows), squeeze=False, sharex=True, sharey=True)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        for ax, (criterion, grid) in zip(axes.flat, plans.items()):
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(criterion)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("layer")
+        for ax in axes[-1, :]:
+            ax.set_xlabel("RoPE pair index (high → low frequency)")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of KV heads keeping the pair")
+        figs[f"kept_frequency_r{ratio:g}"] = fig
+    return figs
+
+
+def latency_context(csv_path: str | Path):
+    """Decode latency against context from a benchmark CSV with columns variant, context, latency_ms (and ideal)."""
+    lat = pd.read_csv(csv_path)
+    need = {"variant", "context", "latency_ms"}
+    if not need <= set(lat.columns):
+        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))}")
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+    for k, (variant, group) in enumerate(lat.groupby("variant")):
+        group = group.groupby("context", as_index=False)["latency_ms"].median()
+        ax.plot(group["context"], group["latency_ms"], marker=MARKERS[k % len(MARKERS)], ms=3, lw=1, label=variant)
+    if "ideal_ms" in lat:
+        ideal = lat.groupby("context", as_index=False)["ideal_ms"].median()
+        ax.plot(ideal["context"], ideal["ideal_ms"], "k--", lw=0.8, label="ideal")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode attention latency (ms)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return fig
+
+
+def all_figures(df: pd.DataFrame, latency_csv=None) -> dict:
+    figs = {"ratio_curves": ratio_curves(df), "pareto": pareto(df), "criteria_ablation": criteria_ablation(df),
+            **kept_frequency(df)}
+    if latency_csv:
+        figs["latency_context"] = latency_context(latency_csv)
+    return {k: v for k, v in figs.items() if v is not None}
+
+
+def save(figs: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figs.items():
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"{name}.{ext}", dpi=200 if ext == "png" else None)
+            written.append(out / f"{name}.{ext}")
+        plt.close(fig)
+    return written
+
+
+def log_to_wandb(files: list[Path], table: pd.DataFrame, project: str, group: str | None) -> None:
+    """The figures and the report table, in a W&B run of their own (offline unless WANDB_MODE says otherwise)."""
+    from rap.tracking import init_wandb_run
+
+    run = init_wandb_run(Path(files[0]).parent, project=project, group=group, name="figures", job_type="analysis")
+    import wandb
+
+    run.log({p.stem: wandb.Image(str(p)) for p in files if p.suffix == ".png"})
+    run.log({"report": wandb.Table(dataframe=table.astype(str))})
+    run.finish()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("roots", nargs="+")
+    ap.add_argument("--out", required=True, help="folder for the PNG and PDF files")
+    ap.add_argument("--latency", help="benchmark CSV (variant, context, latency_ms[, ideal_ms]) for latency_context")
+    ap.add_argument("--wandb", action="store_true", help="also log the figures and the report table to W&B")
+    ap.add_argument("--project", default="rap")
+    ap.add_argument("--group", help="W&B group of the figures run (default: none)")
+    a = ap.parse_args(argv)
+    df, _ = collect(*a.roots)
+    if df.empty:
+        raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
+    files = save(all_figures(df, a.latency), a.out)
+    for f in files:
+        print(f)
+    if not files:
+        print("warning: the runs hold nothing to draw", file=sys.stderr)
+    if a.wandb and files:
+        from analysis.report import paper_table
+
+        log_to_wandb(files, paper_table(df), a.project, a.group)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What every experiment driver does: run its Hydra preset as one multirun, then the analysis that draws it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # drivers import analysis.*
+
+
+def run_single(overrides: list[str]) -> None:
+    """One job: ``python run.py <overrides>`` (skipped when finished)."""
+    cmd = [sys.executable, "run.py", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit("error: the job failed")
+
+
+def option(overrides: list[str], key: str, default: str) -> str:
+    """The value an override list gives ``key`` (``key=value``), else ``default``."""
+    for o in overrides:
+        if o.startswith(f"{key}="):
+            return o.split("=", 1)[1]
+    return default
+
+
+def run_preset(name: str, overrides: list[str]) -> Path:
+    """``python run.py -m +experiment=<name> <overrides>``; returns the sweep folder. Finished jobs are skipped."""
+    start = time.time()
+    cmd = [sys.executable, "run.py", "-m", f"+experiment={name}", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit(f"error: the {name} sweep failed; finished jobs are kept, rerun to resume")
+    print(f"[{name}] sweep wall time {time.time() - start:.0f} s", flush=True)
+    return REPO / option(overrides, "out_dir", "outputs") / option(overrides, "sweep", name)
+
+
+def analyse(roots: list[Path], report: Path | None = None, figures: Path | None = None, report_args=()) -> None:
+    """The paper table (Markdown, printed and written to ``report``) and the figures (into ``figures``)."""
+    roots = [str(r) for r in roots]
+    if report is not None:
+        cmd = [sys.executable, "-m", "analysis.report", *roots, "--out", str(report), *report_args]
+        subprocess.run(cmd, cwd=REPO, check=True)
+    if figures is not None:
+        subprocess.run([sys.executable, "-m", "analysis.figures", *roots, "--out", str(figures)], cwd=REPO, check=True)

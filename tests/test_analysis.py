@@ -1,0 +1,134 @@
+"""analysis.collect / report / figures on synthetic result folders (no model runs)."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from analysis import collect as collect_module
+from analysis import figures, report
+
+TASKS = ("piqa", "arc_easy")
+
+
+def make_run(root, name, method, ratio, ppl, acc_shift=0.0, criterion="key_energy", kv=100.0, nll_shift=0.0,
+             head_dim=8, layers=2, extra=None, seed=0):
+    """A finished job folder as run_job writes it, with per-document scores drawn around the baseline's."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"model": {"name": "m"}, "method": {"name": method, "tag": method if method != "rap" else f"rap-{criterion}"},
+           "criterion": {"name": criterion}, "ratio": ratio, "seed": 0, "sweep": root.name}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rng = np.random.default_rng(seed)
+    base_rng = np.random.default_rng(123)  # the same documents' baseline scores in every run
+    zs = {}
+    for t in TASKS:
+        base = (base_rng.random(200) < 0.5).astype(float)
+        flip = rng.random(200) < abs(acc_shift)
+        acc = np.where(flip, 1.0 if acc_shift > 0 else 0.0, base)
+        zs[t] = {"doc_id": list(range(200)), "acc": acc.tolist()}
+    window = 3.0 + base_rng.normal(0, 0.1, 6) + nll_shift + rng.normal(0, 0.001, 6)
+    (d / "per_sample.json").write_text(json.dumps({"ppl": {"window_nll": window.tolist(), "seqlen": 64}, "zeroshot": zs}))
+    m = {"model": "m", "method": method, "ratio": ratio, "eval_profile": "quick", "seed": 0, "status": "complete",
+         "ppl_wikitext2": ppl, "acc_avg": float(np.mean([np.mean(z["acc"]) for z in zs.values()])),
+         "kv_bytes_per_token": kv, "kv_bytes_per_token_ratio": kv / 100.0, "env_torch": "2.13.0", **(extra or {})}
+    m.update({f"acc_{t}": float(np.mean(z["acc"])) for t, z in zs.items()})
+    (d / "metrics.json").write_text(json.dumps(m))
+    if method == "rap":
+        kept = max(1, round((1 - ratio) * head_dim / 2))
+        pairs = list(range(kept)) if criterion == "key_energy" else list(range(head_dim // 2 - kept, head_dim // 2))
+        plan = {"method": "rap", "head_dim": head_dim,
+                "layers": [{"k_channels": [pairs + [p + head_dim // 2 for p in pairs]]} for _ in range(layers)]}
+        (d / "plan.json").write_text(json.dumps(plan))
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "main_table"
+    make_run(root, "base", "none", 0.0, 20.0, kv=100.0)
+    make_run(root, "rap2", "rap", 0.2, 24.0, acc_shift=-0.1, kv=80.0, nll_shift=0.18, seed=1)
+    make_run(root, "palu2", "palu", 0.2, 22.0, acc_shift=0.0, kv=80.0, nll_shift=0.1, seed=2)
+    make_run(root, "rap3", "rap", 0.3, 30.0, acc_shift=-0.2, kv=70.0, nll_shift=0.4, seed=3)
+    make_run(root, "rapw3", "rap", 0.3, 900.0, criterion="weight_norm", kv=70.0, nll_shift=3.8, seed=4)
+    (root / "crashed").mkdir()
+    (root / "crashed" / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "elitekv"}, "ratio": 0.2}))
+    (root / "crashed" / "failure.json").write_text(json.dumps({"error": "RuntimeError", "message": "out of memory"}))
+    (root / "running").mkdir()
+    (root / "running" / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "elitekv"}, "ratio": 0.3}))
+    return root
+
+
+def test_collect_lists_failed_and_unfinished_jobs(sweep, capsys):
+    df, problems = collect_module.collect(sweep)
+    assert len(df) == 5 and set(df["method"]) == {"none", "rap", "palu"}
+    assert dict(zip(problems["path"].map(lambda p: p.rsplit("/", 1)[-1]), problems["status"])) == {
+        "crashed": "failed", "running": "unfinished"}
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "unfinished" in err
+    assert set(df["criterion"]) == {"-", "key_energy", "weight_norm"} and set(df["experiment"]) == {"main_table"}
+
+
+def test_collect_from_wandb_has_the_local_columns(sweep):
+    class Run:
+        def __init__(self, rid, state, summary, config):
+            self.id, self.state, self.summary, self.config = rid, state, summary, config
+
+    class Api:
+        def runs(self, path, filters=None):
+            assert path == "me/rap" and filters == {"group": "main_table"}
+            local = collect_module.collect_local(sweep)[0]
+            out = []
+            for i, row in local.iterrows():
+                summary = {k: v for k, v in row.items() if not k.startswith("cfg.") and k not in ("path", "variant", "criterion", "experiment")}
+                config = {k[4:]: v for k, v in row.items() if k.startswith("cfg.")}
+                out.append(Run(f"r{i}", "finished", summary, config))
+            return out + [Run("x", "crashed", {}, {"method.name": "elitekv"})]
+
+    df, problems = collect_module.collect_wandb("me/rap", group="main_table", api=Api())
+    local = collect_module.collect_local(sweep)[0]
+    assert len(df) == len(local) and set(local.columns) - {"path"} <= set(df.columns)
+    assert list(problems["status"]) == ["crashed"]
+
+
+def test_paper_table_pairs_each_run_with_its_baseline(sweep):
+    df, _ = collect_module.collect(sweep, quiet=True)
+    t = report.paper_table(df)
+    assert list(t["method"])[0] == "none" and list(t["ratio"]) == sorted(t["ratio"])
+    rap2 = t[(t["method"] == "rap") & (t["ratio"] == 0.2)].iloc[0]
+    assert rap2["ppl_ratio"] == pytest.approx(np.exp(0.18), rel=1e-2) and rap2["ppl_ratio_significant"] == 1.0
+    assert rap2["acc_diff"] < 0 and rap2["acc_diff_low"] < rap2["acc_diff"] < rap2["acc_diff_high"]
+    palu2 = t[t["method"] == "palu"].iloc[0]
+    assert palu2["acc_diff"] == 0.0 and palu2["acc_diff_significant"] == 0.0
+    assert np.isnan(t[t["method"] == "none"].iloc[0]["ppl_ratio"])
+
+
+@pytest.mark.parametrize("fmt", ["md", "latex", "csv"])
+def test_report_formats_mark_best_and_significant(sweep, capsys, fmt):
+    report.main([str(sweep), "--format", fmt])
+    out = capsys.readouterr().out
+    if fmt == "csv":
+        assert out.splitlines()[0].startswith("model,method,variant,ratio,ppl_wikitext2,ppl_ratio,ppl_ratio_low")
+        return
+    bold = "**22.00**" if fmt == "md" else "\\textbf{22.00}"
+    assert bold in out  # palu has the best perplexity at ratio 0.2
+    assert "]*" in out  # a significant interval
+    lines = [line for line in out.splitlines() if "none" in line]
+    assert lines and out.index(lines[0]) < out.index("palu")  # the baseline row comes first
+
+
+def test_figures_are_written_without_running_a_model(sweep, tmp_path):
+    out = tmp_path / "figs"
+    figures.main([str(sweep), "--out", str(out)])
+    names = {p.name for p in out.iterdir()}
+    for fig in ("ratio_curves", "pareto", "criteria_ablation", "kept_frequency_r0.3"):
+        assert {f"{fig}.png", f"{fig}.pdf"} <= names
+    assert (out / "pareto.png").stat().st_size > 5000
+
+
+def test_kept_pairs_counts_fractions_of_heads():
+    plan = {"head_dim": 8, "layers": [{"k_channels": [[0, 1, 4, 5], [0, 2, 4, 6]]}, {"k_channels": [[3, 7], [3, 6]]}]}
+    grid = figures.kept_pairs(plan)
+    assert grid.shape == (2, 4)
+    assert grid[0].tolist() == [1.0, 0.5, 0.5, 0.0]
+    assert grid[1].tolist() == [0.0, 0.0, 0.25, 0.75]  # a RoPE-blind channel counts half a pair

@@ -1,0 +1,81 @@
+"""Paired bootstrap intervals: exact estimates, the same-run null, shrinking with more documents, alignment."""
+import math
+
+import numpy as np
+import pytest
+
+from rap.stats import detectable_difference, paired_accuracy_difference, paired_perplexity_ratio
+
+
+def runs(n, flip_up, flip_down, seed=0, tasks=("piqa", "arc_easy")):
+    """A base run and another that turns ``flip_up`` of its wrong docs right and ``flip_down`` of its right ones wrong."""
+    rng = np.random.default_rng(seed)
+    base, other = {}, {}
+    for t in tasks:
+        acc = (rng.random(n) < 0.5).astype(float)
+        new = acc.copy()
+        u = rng.random(n)
+        new[(acc == 0) & (u < flip_up)] = 1
+        new[(acc == 1) & (u < flip_down)] = 0
+        ids = sorted(rng.choice(10 * n, n, replace=False).tolist())
+        base[t] = {"doc_id": ids, "acc": acc.tolist()}
+        other[t] = {"doc_id": ids[::-1], "acc": new[::-1].tolist()}  # another order: aligned by id
+    return base, other
+
+
+def test_same_run_has_zero_difference_and_is_not_significant():
+    base, _ = runs(50, 0, 0)
+    iv = paired_accuracy_difference(base, base)
+    assert iv.estimate == iv.low == iv.high == 0.0 and not iv.significant
+
+
+def test_estimate_is_the_acc_avg_difference_and_the_interval_covers_it():
+    base, other = runs(200, 0.3, 0.05)
+    iv = paired_accuracy_difference(base, other)
+    mean = lambda run: np.mean([np.mean(run[t]["acc"]) for t in run])  # noqa: E731
+    assert iv.estimate == pytest.approx(mean(other) - mean(base))
+    assert iv.low < iv.estimate < iv.high and iv.significant and iv.low > 0
+
+
+def test_interval_narrows_with_more_documents():
+    widths = []
+    for n in (30, 120, 480):
+        iv = paired_accuracy_difference(*runs(n, 0.2, 0.2, seed=1))
+        widths.append(iv.high - iv.low)
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_paired_is_narrower_than_unpaired_spread():
+    base, other = runs(100, 0.1, 0.05)
+    iv = paired_accuracy_difference(base, other)
+    unpaired_se = math.sqrt(2 * 0.25 / 100 / 2)  # two independent samples of p=0.5, averaged over 2 tasks
+    assert (iv.high - iv.low) / 2 < 1.96 * unpaired_se
+
+
+def test_acc_norm_falls_back_to_acc_where_a_task_has_none():
+    base = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [0.0, 1.0]}, "boolq": {"doc_id": [3], "acc": [1.0]}}
+    other = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [1.0, 1.0]}, "boolq": {"doc_id": [3], "acc": [0.0]}}
+    assert paired_accuracy_difference(base, other, metric="acc_norm").estimate == pytest.approx((0.5 - 1.0) / 2)
+
+
+def test_different_documents_are_refused():
+    base, other = runs(20, 0.1, 0.1)
+    other["piqa"]["doc_id"][0] += 1_000_000
+    with pytest.raises(ValueError, match="different documents"):
+        paired_accuracy_difference(base, other)
+
+
+def test_perplexity_ratio():
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.2, 12)
+    iv = paired_perplexity_ratio(base, base + 0.1)  # every window 0.1 nats worse
+    assert iv.estimate == pytest.approx(math.exp(0.1)) and iv.low == pytest.approx(iv.high) and iv.significant
+    noisy = paired_perplexity_ratio(base, base + rng.normal(0, 0.05, 12))
+    assert noisy.low < 1.0 < noisy.high and not noisy.significant
+    with pytest.raises(ValueError, match="windows differ"):
+        paired_perplexity_ratio(base, base[:-1])
+
+
+def test_detectable_difference_falls_with_documents():
+    assert detectable_difference(0.2, 30, 7) > detectable_difference(0.2, 200, 7)
+    assert detectable_difference(0.2, 200, 7) == pytest.approx(1.96 * math.sqrt(0.2 / 1400))
