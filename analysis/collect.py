@@ -72,7 +72,8 @@ def collect_wandb(path: str, group: str | None = None, api=None) -> tuple[pd.Dat
     rows, problems = [], []
     for run in api.runs(path, filters=filters):
         cfg = {f"cfg.{k}": v for k, v in dict(run.config).items() if not k.startswith("env_")}
-        summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
+        raw = getattr(run.summary, "_json_dict", None) or dict(run.summary)
+        summary = {k: v for k, v in raw.items() if not k.startswith("_")}
         if run.state == "finished" and summary.get("status") == "complete":
             rows.append({**summary, **cfg, "path": f"wandb:{path}/{run.id}"})
         else:

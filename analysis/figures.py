@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.collect import collect  # noqa: E402
@@ -177,6 +178,8 @@ def kept_frequency(df: pd.DataFrame) -> dict:
         for ax, (criterion, grid) in zip(axes.flat, plans.items()):
             im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(criterion)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axes[:, 0]:
             ax.set_ylabel("layer")
         for ax in axes[-1, :]:

@@ -132,3 +132,14 @@ def test_kept_pairs_counts_fractions_of_heads():
     assert grid.shape == (2, 4)
     assert grid[0].tolist() == [1.0, 0.5, 0.5, 0.0]
     assert grid[1].tolist() == [0.0, 0.0, 0.25, 0.75]  # a RoPE-blind channel counts half a pair
+
+
+def test_figures_and_table_logged_to_an_offline_wandb_run(sweep, tmp_path, monkeypatch):
+    from rap.tracking import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "figs"
+    figures.main([str(sweep), "--out", str(out), "--wandb", "--group", "main_table"])
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run_dir)["history_keys"]
+    assert {"ratio_curves", "pareto", "criteria_ablation", "report"} <= logged
