@@ -108,6 +108,9 @@ def add_paired_intervals(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
 def paper_table(df: pd.DataFrame, tasks: bool = True, n_boot: int = 2000, extra: list[str] = ()) -> pd.DataFrame:
     """Numbers for the paper table: per model the baseline first, then each ratio's methods."""
     df = add_paired_intervals(df, n_boot)
+    for col in COST_COLUMNS:  # the baseline is the reference of every ratio column
+        if col in df:
+            df.loc[df["method"] == "none", col] = df.loc[df["method"] == "none", col].fillna(1.0)
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values([c for c in ("model", "ratio", "_order", "variant") if c in df]).reset_index(drop=True)
     task_cols = sorted(c for c in df if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
