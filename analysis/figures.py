@@ -210,11 +210,24 @@ def latency_context(csv_path: str | Path):
     return fig
 
 
-def all_figures(df: pd.DataFrame, latency_csv=None) -> dict:
-    figs = {"ratio_curves": ratio_curves(df), "pareto": pareto(df), "criteria_ablation": criteria_ablation(df),
-            **kept_frequency(df)}
-    if latency_csv:
-        figs["latency_context"] = latency_context(latency_csv)
+FIGURES = ("ratio_curves", "pareto", "criteria_ablation", "kept_frequency", "latency_context")
+
+
+def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell when several roots hold the same one (e.g. the baseline of two sweeps)."""
+    keys = [k for k in ("model", "variant", "criterion", "ratio", "eval_profile", "seed") if k in df]
+    return df.drop_duplicates(subset=keys).reset_index(drop=True)
+
+
+def all_figures(df: pd.DataFrame, latency_csv=None, only=FIGURES) -> dict:
+    df = dedupe(df)
+    draw = {"ratio_curves": lambda: {"ratio_curves": ratio_curves(df)}, "pareto": lambda: {"pareto": pareto(df)},
+            "criteria_ablation": lambda: {"criteria_ablation": criteria_ablation(df)},
+            "kept_frequency": lambda: kept_frequency(df),
+            "latency_context": lambda: {"latency_context": latency_context(latency_csv) if latency_csv else None}}
+    figs = {}
+    for name in only:
+        figs.update(draw[name]())
     return {k: v for k, v in figs.items() if v is not None}
 
 
@@ -247,6 +260,7 @@ def main(argv=None):
     ap.add_argument("roots", nargs="+")
     ap.add_argument("--out", required=True, help="folder for the PNG and PDF files")
     ap.add_argument("--latency", help="benchmark CSV (variant, context, latency_ms[, ideal_ms]) for latency_context")
+    ap.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="draw only these figures")
     ap.add_argument("--wandb", action="store_true", help="also log the figures and the report table to W&B")
     ap.add_argument("--project", default="rap")
     ap.add_argument("--group", help="W&B group of the figures run (default: none)")
@@ -254,7 +268,7 @@ def main(argv=None):
     df, _ = collect(*a.roots)
     if df.empty:
         raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
-    files = save(all_figures(df, a.latency), a.out)
+    files = save(all_figures(df, a.latency, a.only), a.out)
     for f in files:
         print(f)
     if not files:

@@ -37,11 +37,13 @@ def run_preset(name: str, overrides: list[str]) -> Path:
     return REPO / option(overrides, "out_dir", "outputs") / option(overrides, "sweep", name)
 
 
-def analyse(roots: list[Path], report: Path | None = None, figures: Path | None = None, report_args=()) -> None:
+def analyse(roots: list[Path], report: Path | None = None, figures: Path | None = None, report_args=(),
+            only: tuple[str, ...] = ()) -> None:
     """The paper table (Markdown, printed and written to ``report``) and the figures (into ``figures``)."""
     roots = [str(r) for r in roots]
     if report is not None:
         cmd = [sys.executable, "-m", "analysis.report", *roots, "--out", str(report), *report_args]
         subprocess.run(cmd, cwd=REPO, check=True)
     if figures is not None:
-        subprocess.run([sys.executable, "-m", "analysis.figures", *roots, "--out", str(figures)], cwd=REPO, check=True)
+        cmd = [sys.executable, "-m", "analysis.figures", *roots, "--out", str(figures)]
+        subprocess.run(cmd + (["--only", *only] if only else []), cwd=REPO, check=True)

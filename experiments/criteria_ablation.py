@@ -10,4 +10,5 @@ import sys
 from common import REPO, analyse, run_preset
 
 root = run_preset("criteria_ablation", sys.argv[1:])
-analyse([root], report=REPO / "docs" / "criteria_ablation.md", figures=REPO / "docs" / "figures")
+analyse([root], report=REPO / "docs" / "criteria_ablation.md", figures=REPO / "docs" / "figures",
+        only=("criteria_ablation", "kept_frequency"))
