@@ -200,6 +200,7 @@ def main(argv=None):
         text = table.to_csv(index=False) if a.format == "csv" else format_table(table, a.format)
     print(text)
     if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")
     if a.csv:
         df.to_csv(a.csv, index=False)

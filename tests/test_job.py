@@ -202,3 +202,11 @@ def test_main_table_preset_runs_its_grid(tmp_path):
     assert len(runs) == 5 and sum(m["method"] == "none" for m in runs) == 1
     tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
     assert any("vlowrank" in t for t in tags) and any("palu" in t for t in tags) and any("elitekv" in t for t in tags)
+
+
+@pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"), ("allocation_ablation", "rap"),
+                                            ("baseline_options", "palu"), ("elitekv_options", "elitekv")])
+def test_every_preset_composes_with_its_method_and_sweep(preset, method):
+    cfg = compose(f"+experiment={preset}", "ratio=0.2")
+    assert cfg.method.name == method and cfg.sweep == preset.replace("elitekv_options", "baseline_options")
+    assert method in cfg.run_name or method == "rap"
