@@ -116,7 +116,7 @@ def pareto(df: pd.DataFrame):
     ax.set_xlabel("KV cache per token (KiB)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper right")
     return fig
 
 

@@ -23,8 +23,9 @@ class Interval:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes the no-difference value."""
-        return self.low > self.null or self.high < self.null
+        """The interval excludes the no-difference value (an end that only rounding separates from it does not)."""
+        eps = 1e-9 * max(1.0, abs(self.null))
+        return self.low > self.null + eps or self.high < self.null - eps
 
 
 def _aligned(base: dict, other: dict, metric: str) -> np.ndarray:

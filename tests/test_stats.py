@@ -79,3 +79,10 @@ def test_perplexity_ratio():
 def test_detectable_difference_falls_with_documents():
     assert detectable_difference(0.2, 30, 7) > detectable_difference(0.2, 200, 7)
     assert detectable_difference(0.2, 200, 7) == pytest.approx(1.96 * math.sqrt(0.2 / 1400))
+
+
+def test_an_interval_touching_zero_up_to_rounding_is_not_significant():
+    from rap.stats import Interval
+
+    assert not Interval(0.04, 2e-18, 0.08).significant and Interval(0.04, 1e-6, 0.08).significant
+    assert not Interval(1.1, 1.0 - 1e-15, 1.2, null=1.0).significant
