@@ -25,12 +25,40 @@ def _config(path: Path) -> dict:
     return flat_config(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
 
 
+def _grouping(g) -> str:
+    g = int(g)
+    return "joint" if g <= 0 else "per head" if g == 1 else f"g={g}"
+
+
+def recipe(row) -> str:
+    """The variant as a reader names it, from the job config: e.g. "Palu (whiten, per head, fisher_uniform)",
+    "EliteKV + whitening (greedy)". Falls back to the method's tag."""
+    get = lambda k, default=None: row.get(f"cfg.method.{k}", default)  # noqa: E731
+    name = row.get("method")
+    if name == "none":
+        return "baseline"
+    if name == "rap":
+        extra = [x for x in (get("allocation") if get("allocation") != "uniform" else None,
+                             "low-rank V" if get("v_path") == "lowrank" else None) if x]
+        return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
+    if name == "palu":
+        return f"Palu ({get('decomposition')}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"
+    if name == "elitekv":
+        r = get("elite_pairs") or "r searched"
+        r = r if isinstance(r, str) else f"r={r}"
+        head = "EliteKV + whitening" if get("decomposition") == "whiten" else "EliteKV"
+        return f"{head} ({get('selection')}, {r})"
+    return str(get("tag", name))
+
+
 def _derive(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns every report uses: ``variant`` (the method's tag) and ``criterion`` (RAP's, else '-')."""
+    """Columns every report uses: ``variant`` (the recipe, e.g. "EliteKV + whitening (greedy, r searched)"),
+    ``tag`` (the method's tag, as in the run name) and ``criterion`` (RAP's, else '-')."""
     if df.empty:
         return df
     if "cfg.method.tag" in df:
-        df["variant"] = df["cfg.method.tag"]
+        df["tag"] = df["cfg.method.tag"]
+        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag") for _, r in df.iterrows()]
     if "cfg.criterion.name" in df and "method" in df:
         df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
     if "cfg.sweep" in df:

@@ -1,4 +1,4 @@
-"""The baselines' own options at RAP's budget: Palu-style (svd/whiten x per-head/group/joint x uniform/fisher)
+"""The baselines' own options at RAP's budget: Palu-style (svd/whiten x per-head/group/joint x uniform/fisher_uniform)
 and EliteKV-style (greedy/uniform/contribution elite pairs), with the uncompressed baseline for the ratios.
 
     python experiments/baseline_options.py [overrides]

@@ -4,6 +4,32 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
+
+
+# Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).
+STATISTICS = ("whiten", "fisher", "scores", "rope_elite")
+
+
+def calibration_for(calibration, statistic: str):
+    """The token batch one statistic reads. ``calibration`` is one (n, seqlen) batch for every statistic, or a dict
+    ``{statistic: batch}`` whose ``"default"`` entry serves the statistics without one of their own."""
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    return calibration.get(statistic, calibration.get("default"))
+
+
+def hold_out(calibration, n: int):
+    """Split off the last ``n`` sequences of the default batch for scoring: returns ``(fit, held_out)``, where
+    ``fit`` is ``calibration`` without them, so no statistic is fitted on the sequences that score it."""
+    default = calibration_for(calibration, "default")
+    if default is None or len(default) <= n:
+        size = 0 if default is None else len(default)
+        raise ConfigError(f"Holding out {n} calibration sequences for scoring needs more than {n}, and the batch has {size}; raise calibration.n_samples.")
+    if isinstance(calibration, torch.Tensor):
+        return default[:-n], default[-n:]
+    return {**calibration, "default": default[:-n]}, default[-n:]
+
 
 def _layers(model):
     return model.model.layers
@@ -78,12 +104,13 @@ def _heads_pre_rope(attn, args, kwargs):
 @torch.no_grad()
 def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[str, list[torch.Tensor]]:
     """Per layer: ``k`` (n_kv, d/2), the mean |pre-softmax logit change| when RoPE pair i of a KV head is dropped
-    (its exact contribution to q·k, over the group's query heads and causal query/key pairs); ``v`` (n_kv, d),
+    (its exact contribution to q·k, over the group's query heads and causal query/key pairs); ``k_signed``, the
+    same contribution summed with its sign (EliteKV's "contribution" score); ``v`` (n_kv, d),
     the mean |attention output| of value channel c times the norm of the W_o columns it feeds."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     L = len(_layers(model))
-    acc = {"k": [None] * L, "v": [None] * L}
+    acc = {"k": [None] * L, "k_signed": [None] * L, "v": [None] * L}
     handles = []
 
     def make_hook(i, attn):
@@ -100,12 +127,14 @@ def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[st
             half = d // 2
             prod = qs[..., None, :] * k[:, :, None, None, :, :]  # (b, nkv, rep, nq, s, d)
             pair = prod[..., :half] + prod[..., half:]
-            k_err = (pair.abs() * causal[None, None, None, :, :, None]).sum((0, 2, 3, 4)) / (b * rep * causal.sum())
+            weight = causal[None, None, None, :, :, None] / (b * rep * causal.sum())
+            k_err, k_signed = (pair.abs() * weight).sum((0, 2, 3, 4)), (pair * weight).sum((0, 2, 3, 4))
             logits = (qs @ k[:, :, None].transpose(-1, -2)) * attn.scaling + (causal - 1) * 1e9
             o = torch.softmax(logits, -1) @ v[:, :, None]  # (b, nkv, rep, nq, d)
             w_o = attn.o_proj.weight.float().view(attn.o_proj.weight.shape[0], nkv, rep, d).norm(dim=0)  # (nkv, rep, d)
             v_err = (o.abs().mean((0, 3)) * w_o).sum(1)
             acc["k"][i] = k_err if acc["k"][i] is None else acc["k"][i] + k_err
+            acc["k_signed"][i] = k_signed if acc["k_signed"][i] is None else acc["k_signed"][i] + k_signed
             acc["v"][i] = v_err if acc["v"][i] is None else acc["v"][i] + v_err
 
         return hook

@@ -23,4 +23,12 @@ def run_tag(method_tag: str, ratio) -> str:
     return f"{'none' if r == 0.0 else method_tag}_r{r}"
 
 
+def grouping(group_size) -> str:
+    """A Palu grouping as labels name it: ``joint`` for 0, ``head`` for 1, else ``g<size>`` (capped at the KV
+    heads when the model has fewer; the plan and the report label record the grouping that ran)."""
+    g = int(group_size)
+    return "joint" if g <= 0 else "head" if g == 1 else f"g{g}"
+
+
 OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
+OmegaConf.register_new_resolver("grouping", grouping, replace=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import analytic, metrics
+from .calibration import STATISTICS
 from .config import is_baseline_ratio
 from .data import calibration_batch, resolve_data_dir, wikitext2_test_text
 from .environment import describe_environment
@@ -92,12 +93,20 @@ def job_config(cfg: DictConfig) -> dict:
     return config
 
 
+def _set_only(x):
+    """``x`` without null entries at any depth: an option added later with a null default (off) leaves the identity
+    of results computed before it unchanged."""
+    if isinstance(x, dict):
+        return {k: _set_only(v) for k, v in x.items() if v is not None}
+    return x
+
+
 def identity(config: dict | None) -> dict | None:
     """The part of a config that decides a result: no location, and for the baseline no compression settings."""
     if config is None:
         return None
     drop = LOCATION_KEYS + (UNUSED_BY_BASELINE if config.get("method", {}).get("name") == "none" else ())
-    out = {k: v for k, v in config.items() if k not in drop}
+    out = {k: _set_only(v) for k, v in config.items() if k not in drop}
     if "ratio" in out:
         out["ratio"] = float(out["ratio"])
     return out
@@ -120,6 +129,17 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
                      dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed)
 
 
+def calibration_size(c: DictConfig, statistic: str) -> tuple[int, int]:
+    """``calibration.<statistic>`` as (n_samples, seqlen); a clear error for anything else."""
+    size = c.get(statistic)
+    try:
+        n, seqlen = (int(x) for x in size)
+        assert n > 0 and seqlen > 1
+    except (TypeError, ValueError, AssertionError):
+        raise ConfigError(f"calibration.{statistic}={size} is not [n_samples, seqlen] with positive sizes; e.g. calibration.{statistic}=[256,2048].") from None
+    return n, seqlen
+
+
 def build_method(cfg: DictConfig):
     """The configured method at ``cfg.ratio`` (None for the baseline); a bad option fails here, before loading."""
     if is_baseline(cfg):
@@ -136,6 +156,9 @@ def build_method(cfg: DictConfig):
 
 def check_before_loading(cfg: DictConfig, method) -> None:
     """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget."""
+    for stat in STATISTICS:
+        if cfg.calibration.get(stat) is not None:
+            calibration_size(cfg.calibration, stat)
     config = load_config(model_spec(cfg))
     check_rope_config(config)
     if method is not None:
@@ -151,7 +174,11 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
     calib = None
     if method.needs_calibration():
         c = cfg.calibration
-        calib = calibration_batch(tokenizer, data_dir, c.source, c.n_samples, c.seqlen, seed=cfg.seed)
+        calib = {"default": calibration_batch(tokenizer, data_dir, c.source, c.n_samples, c.seqlen, seed=cfg.seed)}
+        for stat in STATISTICS:
+            if c.get(stat) is not None:
+                n, seqlen = calibration_size(c, stat)
+                calib[stat] = calibration_batch(tokenizer, data_dir, c.source, n, seqlen, seed=cfg.seed)
     plan = method.make_plan(model, calib)
     return apply_plan(model, plan), plan
 

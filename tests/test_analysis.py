@@ -80,7 +80,7 @@ def test_collect_from_wandb_has_the_local_columns(sweep):
             local = collect_module.collect_local(sweep)[0]
             out = []
             for i, row in local.iterrows():
-                summary = {k: v for k, v in row.items() if not k.startswith("cfg.") and k not in ("path", "variant", "criterion", "experiment")}
+                summary = {k: v for k, v in row.items() if not k.startswith("cfg.") and k not in ("path", "variant", "tag", "criterion", "experiment")}
                 config = {k[4:]: v for k, v in row.items() if k.startswith("cfg.")}
                 out.append(Run(f"r{i}", "finished", summary, config))
             return out + [Run("x", "crashed", {}, {"method.name": "elitekv"})]

@@ -9,7 +9,8 @@ import torch
 from conftest import TINY
 from rap.compat import cache_kwargs, output_cache
 from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
-from rap.calibration import greedy_order
+from rap.calibration import attention_errors, calibration_for, greedy_order, hold_out
+from rap.methods.lowrank import fisher_uniform_ranks
 from rap.errors import ConfigError
 from rap.models import build_tiny
 
@@ -70,10 +71,10 @@ def test_palu_equals_its_low_rank_reconstruction(name, group_size):
 
 def test_cache_holds_exactly_the_latents():
     model, _ = build_tiny("tiny-llama")  # 2 KV heads, head_dim 16; ratio 0.3 keeps P=6 pairs, 11 V channels
-    palu = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=1)
+    palu = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=1, rank_allocation="uniform")
     layer = metrics.prefill(palu, X[:1]).layers[0]
     assert layer.keys.shape == (1, 2, 24, 12) and layer.values.shape == (1, 2, 24, 11)
-    joint = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=2)
+    joint = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=2, rank_allocation="uniform")
     layer = metrics.prefill(joint, X[:1]).layers[0]
     assert layer.keys.shape == (1, 1, 24, 24) and layer.values.shape == (1, 1, 24, 22)
     elite = compress(copy.deepcopy(model), "elitekv", 0.3, calibration=CALIB, elite_pairs=2)
@@ -123,7 +124,7 @@ def test_per_head_lowrank_v_costs_what_channel_pruning_costs(name):
     assert costs["joint"]["flops_decode_attention"] > costs["channels"]["flops_decode_attention"]
 
 
-@pytest.mark.parametrize("method, opts", [("palu", dict(rank_allocation="fisher", floor=2)), ("elitekv", dict()),
+@pytest.mark.parametrize("method, opts", [("palu", dict(floor=2)), ("elitekv", dict(search_sequences=1)),
                                           ("rap", dict(criterion="key_energy", v_path="lowrank"))])
 def test_plan_round_trip_and_generate(tmp_path, method, opts):
     model, tok = build_tiny("tiny-mistral")
@@ -137,19 +138,98 @@ def test_plan_round_trip_and_generate(tmp_path, method, opts):
     assert out.shape[1] == 10
 
 
-def test_fisher_ranks_keep_the_total():
+def test_fisher_uniform_ranks_on_hand_numbers():
+    """Palu's rule: floor of the proportional share, capped; the rest one by one, ascending fractional part."""
+    assert fisher_uniform_ranks([1, 2, 3, 4], 20, cap=100) == [2, 4, 6, 8]
+    assert fisher_uniform_ranks([1, 2, 3, 4], 20, cap=7) == [3, 4, 6, 7]  # 8 capped at 7; the spare rank goes to m0
+    assert fisher_uniform_ranks([1, 1, 1], 10, cap=10) == [4, 3, 3]
+    assert fisher_uniform_ranks([0, 0, 1], 9, cap=8, floor=1) == [1, 1, 7] and sum(fisher_uniform_ranks([5, 1], 40, 16)) == 32
+
+
+def direct_palu_scores(model, calib):
+    """Per module (k_proj, v_proj of each layer, in order): mean over its weights of sqrt(E[g²]), by plain autograd."""
+    sq = {}
+    for row in calib:
+        model.zero_grad()
+        model(row[None], labels=row[None]).loss.backward()
+        for i, layer in enumerate(model.model.layers):
+            for n in ("k", "v"):
+                g = getattr(layer.self_attn, f"{n}_proj").weight.grad.double().pow(2) / len(calib)
+                sq[(i, n)] = sq.get((i, n), 0) + g
+    model.zero_grad()
+    return [sq[(i, n)].sqrt().mean().item() for i in range(len(model.model.layers)) for n in ("k", "v")]
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_palu_fisher_uniform_shares_one_budget_by_sqrt_fisher(group_size):
     model, _ = build_tiny("tiny-llama", num_hidden_layers=4)
-    plan = get_plan(compress(model, "palu", 0.3, calibration=CALIB, rank_allocation="fisher", floor=4, group_size=1))
-    k, v = [lp["k_rank"] for lp in plan["layers"]], [lp["v_rank"] for lp in plan["layers"]]
-    assert sum(k) == 4 * 12 and sum(v) == 4 * 11 and min(k + v) >= 4 and max(k + v) <= 16
+    scores = direct_palu_scores(copy.deepcopy(model), CALIB)
+    plan = get_plan(compress(model, "palu", 0.3, calibration=CALIB, group_size=group_size))
+    assert plan["rank_allocation"] == "fisher_uniform"  # Palu's default
+    ranks = [r for lp in plan["layers"] for r in (lp["k_rank"], lp["v_rank"])]
+    g = plan["group_size"]
+    total, cap = 4 * g * (12 + 11), g * 16  # RAP's K (6 pairs) + V (11 channels) per KV head, per group
+    assert sum(ranks) == total and max(ranks) <= cap  # one shared K+V budget, exact
+    assert ranks == fisher_uniform_ranks(scores, total, cap)
+    # Not rap's former rule (separate K and V budgets, no square root).
+    assert sum(ranks[0::2]) != 4 * g * 12 or sum(ranks[1::2]) != 4 * g * 11 or ranks != fisher_uniform_ranks(
+        [s * s for s in scores], total, cap)
 
 
-def test_elitekv_search_picks_the_lowest_calibration_perplexity():
+def test_palu_round_to_rounds_every_rank():
+    model, _ = build_tiny("tiny-llama", num_hidden_layers=4)
+    plan = get_plan(compress(model, "palu", 0.3, calibration=CALIB, group_size=1, round_to=4))
+    assert all(r % 4 == 0 and 4 <= r <= 16 for lp in plan["layers"] for r in (lp["k_rank"], lp["v_rank"]))
+
+
+def test_elitekv_default_is_plain_svd_of_the_stacked_weights():
     model, _ = build_tiny("tiny-llama")
-    plan = get_plan(compress(model, "elitekv", 0.3, calibration=CALIB, search_fractions=[0.125, 0.25, 0.5]))
+    plan = get_plan(compress(copy.deepcopy(model), "elitekv", 0.3, calibration=CALIB, elite_pairs=2))
+    assert plan["decomposition"] == "svd"
+    d, nkv = plan["head_dim"], model.config.num_key_value_heads
+    for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"])):
+        a = layer.self_attn
+        nope = [[c for c in range(d) if c % (d // 2) not in set(e)] for e in lp["elite_pairs"]]
+        w = torch.cat([a.k_proj.weight[[g * d + c for g in range(nkv) for c in nope[g]]], a.v_proj.weight]).double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = lp["kv_dim"]
+        best = (u[:, :r] * s[:r]) @ vh[:r]  # the rank-r truncation, which is unique
+        got = plan["tensors"][f"up.{i}"].double() @ plan["tensors"][f"down.{i}"].double()
+        assert torch.allclose(got, best, atol=1e-4)
+
+
+def test_elitekv_search_scores_held_out_sequences(monkeypatch):
+    import rap.methods.elitekv as elitekv
+
+    seen = {}
+    real_order, real_ppl = elitekv.rope_elite_order, elitekv._calibration_ppl
+    monkeypatch.setattr(elitekv, "rope_elite_order", lambda m, b, **kw: seen.setdefault("fit", b) is None or real_order(m, b, **kw))
+    monkeypatch.setattr(elitekv, "_calibration_ppl", lambda m, p, b: seen.setdefault("score", b) is None or real_ppl(m, p, b))
+    model, _ = build_tiny("tiny-llama")
+    calib = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(3))
+    plan = get_plan(compress(model, "elitekv", 0.3, calibration=calib, search_sequences=2))
+    assert torch.equal(seen["fit"], calib[:4]) and torch.equal(seen["score"], calib[4:])
     search = {int(k): v for k, v in plan["search_ppl"].items()}
     assert set(search) == {1, 2, 4} and plan["elite_pairs"] == min(search, key=search.get)
     assert all(len(p) == plan["elite_pairs"] for lp in plan["layers"] for p in lp["elite_pairs"])
+    with pytest.raises(ConfigError, match="raise calibration.n_samples"):
+        compress(build_tiny("tiny-llama")[0], "elitekv", 0.3, calibration=calib[:2], search_sequences=2)
+
+
+def test_calibration_per_statistic():
+    default, whiten = CALIB, CALIB[:2]
+    both = {"default": default, "whiten": whiten}
+    assert calibration_for(both, "whiten") is whiten and calibration_for(both, "fisher") is default
+    assert calibration_for(default, "whiten") is default and calibration_for(None, "scores") is None
+    fit, held = hold_out(both, 1)
+    assert fit["whiten"] is whiten and torch.equal(fit["default"], default[:3]) and torch.equal(held, default[3:])
+
+
+def test_contribution_is_a_signed_sum():
+    model, _ = build_tiny("tiny-llama")
+    e = attention_errors(model, CALIB)
+    for k, signed in zip(e["k"], e["k_signed"]):
+        assert (signed.abs() <= k + 1e-6).all() and (signed < 0).any()
 
 
 def test_greedy_order_takes_the_largest_error_first():
@@ -161,6 +241,7 @@ def test_greedy_order_takes_the_largest_error_first():
     ("palu", dict(group_size=3), "does not divide"),
     ("palu", dict(decomposition="qr"), "Unknown decomposition"),
     ("palu", dict(rank_allocation="magic"), "Unknown rank_allocation"),
+    ("palu", dict(rank_allocation="fisher"), "use fisher_uniform"),
     ("elitekv", dict(selection="best"), "Unknown selection"),
     ("rap", dict(criterion="weight_norm", v_path="dense"), "Unknown v_path"),
     ("palu", dict(ratio=0.97), "leaves no RoPE pair"),
@@ -181,4 +262,4 @@ def test_elite_selection_options(selection):
         for pairs in lp["elite_pairs"]:
             assert len(pairs) == len(set(pairs)) == 3 and all(0 <= p < 8 for p in pairs)
             if selection == "uniform":
-                assert pairs == [0, 4, 7]  # evenly spaced over the 8 frequencies
+                assert pairs == [0, 3, 7]  # evenly spaced over the 8 frequencies, truncated (0, 3.5, 7)

@@ -68,7 +68,8 @@ def test_rap_job_reports_ratios_and_plan(tmp_path, data_dir):
 @pytest.mark.parametrize("method", ["palu", "elitekv"])
 def test_baseline_jobs_match_rap_budget(tmp_path, data_dir, method):
     cfg = tiny_cfg(tmp_path, f"method={method}", "ratio=0.25", "eval.zeroshot.tasks=[]",
-                   "calibration.n_samples=2", "calibration.seqlen=32")
+                   "calibration.n_samples=3", "calibration.seqlen=32", "calibration.whiten=[2,40]",
+                   *(["method.search_sequences=1"] if method == "elitekv" else []))
     m = run_job(cfg, tmp_path / method)
     plan = json.loads((tmp_path / method / "plan.json").read_text())
     assert plan["method"] == method and (tmp_path / method / "plan.safetensors").exists()
@@ -118,6 +119,8 @@ def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monk
     (["data.dir=/nonexistent/data"], "does not exist"),
     (["model=no-such-model"], "no-such-model"),
     (["no_such_key=1"], "no_such_key"),
+    (["ratio=0.2", "method=palu", "calibration.whiten=[0,2048]"], "calibration.whiten=[0, 2048] is not [n_samples, seqlen]"),
+    (["ratio=0.2", "method=palu", "method.rank_allocation=fisher"], "use fisher_uniform"),
 ])
 def test_cli_bad_input_fails_clearly(tmp_path, overrides, message):
     cmd = [sys.executable, "run.py", "model=tiny-llama", "tracking=none", "eval=smoke", f"out_dir={tmp_path}", *overrides]
@@ -136,6 +139,14 @@ def test_ratio_zero_is_the_baseline_for_every_method():
         assert compose("model=tiny-llama", f"method={method}", "ratio=0").run_name == base
     assert compose("model=tiny-llama").run_name == base  # the default method (rap) at the default ratio 0
     assert "_rap-key_energy-" in compose("model=tiny-llama", "ratio=0.2").run_name
+
+
+def test_unset_options_leave_the_identity_of_earlier_results():
+    """A result computed before an option with a null default existed is the same result."""
+    old = {"method": {"name": "rap"}, "calibration": {"source": "wiki", "n_samples": 32}, "ratio": 0.2}
+    new = {"method": {"name": "rap"}, "calibration": {"source": "wiki", "n_samples": 32, "whiten": None}, "ratio": 0.2}
+    assert job_module.identity(old) == job_module.identity(new)
+    assert job_module.identity(old) != job_module.identity({**new, "calibration": {**new["calibration"], "whiten": [2, 8]}})
 
 
 def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypatch):
@@ -194,14 +205,22 @@ def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
 def test_main_table_preset_runs_its_grid(tmp_path):
     """+experiment=main_table on a tiny model: one baseline and 4 methods x 2 ratios, in the preset's sweep folder."""
     cmd = [sys.executable, "run.py", "-m", "+experiment=main_table", "model=tiny-llama", "eval=smoke",
-           "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "calibration.n_samples=2",
+           "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "calibration.n_samples=5",
            "calibration.seqlen=32", "eval.measure.baseline_latency=false", "ratio=0,0.25"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "main_table").glob("*/metrics.json")]
-    assert len(runs) == 5 and sum(m["method"] == "none" for m in runs) == 1
+    assert len(runs) == 7 and sum(m["method"] == "none" for m in runs) == 1
     tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
-    assert any("vlowrank" in t for t in tags) and any("palu" in t for t in tags) and any("elitekv" in t for t in tags)
+    # Every variant's run name says its decomposition, grouping and allocation.
+    for part in ("vlowrank", "palu-whiten-head-fisher_uniform", "palu-whiten-joint-fisher_uniform", "elitekv-greedy-e0-svd",
+                 "elitekv-greedy-e0-whiten"):
+        assert any(part in t for t in tags), (part, tags)
+    from analysis.collect import collect_local
+
+    variants = set(collect_local(tmp_path / "main_table")[0]["variant"])
+    assert {"Palu (whiten, per head, fisher_uniform)", "Palu (whiten, joint, fisher_uniform)", "EliteKV (greedy, r searched)",
+            "EliteKV + whitening (greedy, r searched)", "RAP (key_energy)", "RAP (key_energy, low-rank V)", "baseline"} == variants
 
 
 @pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"), ("allocation_ablation", "rap"),

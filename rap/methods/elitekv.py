@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
-from ..calibration import attention_errors, attention_input_gram, rope_elite_order
+from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
 from ..errors import ConfigError
 from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
 from .base import Method
@@ -87,20 +87,24 @@ class EliteKV(Method):
         calibration perplexity (EliteKV's allocation step).
     selection : str
         ``greedy`` (RoPElite: the pair whose rotation most reduces the mean |logit error| against full RoPE,
-        round by round), ``uniform`` (evenly spaced frequencies) or ``contribution`` (largest mean |q·k| term).
+        round by round), ``uniform`` (evenly spaced frequencies, positions truncated as in the official code) or
+        ``contribution`` (largest signed sum of the rotated pair's q·k term over the group's query heads and
+        sampled (query, key) pairs, as the official code; it samples keys at or after the query, rap causal ones).
     decomposition : str
-        J-LRD factors: ``svd`` of the stacked weights, or ``whiten`` (as Palu).
+        J-LRD factors: ``svd`` of the stacked [W_k non-elite; W_v] (EliteKV's recipe, the default), or
+        ``whiten`` (as Palu; a different method, labelled "EliteKV + whitening").
     search_fractions : list
         Candidate r as fractions of d/2 when ``elite_pairs`` is 0.
     search_sequences : int
-        Calibration sequences that score each candidate.
+        Calibration sequences that score each candidate, held out: the last ones of the calibration batch,
+        which no statistic is fitted on.
     seed : int
         Sampling of the (query, key) pairs for ``greedy``.
     """
 
     elite_pairs: int = 0
     selection: str = "greedy"
-    decomposition: str = "whiten"
+    decomposition: str = "svd"
     search_fractions: list = field(default_factory=lambda: [0.125, 0.25, 0.5])
     search_sequences: int = 4
     seed: int = 0
@@ -132,12 +136,16 @@ class EliteKV(Method):
         if calibration is None and (self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs):
             raise ConfigError("EliteKV needs calibration data here; pass calibration=<token batch>.")
         candidates, budget = self._candidates(model.config)
-        order = self._order(model, calibration)
-        grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else None
+        held_out = None
+        if len(candidates) > 1:  # score the candidates on sequences that no statistic is fitted on
+            calibration, held_out = hold_out(calibration, self.search_sequences)
+        order = self._order(model, calibration_for(calibration, "rope_elite"))
+        whiten = calibration_for(calibration, "whiten")
+        grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else None
         plans = [self._plan(model, r, budget, order, grams) for r in candidates]
         search = {}
         if len(plans) > 1:
-            search = {p["elite_pairs"]: _calibration_ppl(model, p, calibration[: self.search_sequences]) for p in plans}
+            search = {p["elite_pairs"]: _calibration_ppl(model, p, held_out) for p in plans}
             plans = [min(plans, key=lambda p: search[p["elite_pairs"]])]
         plan = plans[0]
         plan["search_ppl"] = {str(k): v for k, v in search.items()}
@@ -150,7 +158,8 @@ class EliteKV(Method):
         if self.selection == "greedy":
             return rope_elite_order(model, calibration, seed=self.seed)
         if self.selection == "contribution":
-            return [[row.argsort(descending=True).tolist() for row in s] for s in attention_errors(model, calibration)["k"]]
+            signed = attention_errors(model, calibration)["k_signed"]
+            return [[row.argsort(descending=True).tolist() for row in s] for s in signed]
         return [[None] * nkv for _ in range(L)]  # uniform: spacing depends on r
 
     def _plan(self, model, r, budget, order, grams) -> dict:
@@ -158,7 +167,7 @@ class EliteKV(Method):
         d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
         half = d // 2
         kv_dim = min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size)
-        spaced = sorted({int(x) for x in torch.linspace(0, half - 1, r).round().tolist()})
+        spaced = torch.linspace(0, half - 1, r).long().tolist()  # truncated, as the official code
         out, tensors = [], {}
         for i, layer in enumerate(layers):
             a = layer.self_attn

@@ -2,6 +2,8 @@
 and the rank budget that matches RAP's KV cache."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigError
@@ -52,24 +54,26 @@ def group_factors(weight: torch.Tensor, head_dim: int, group_size: int, rank: in
     return torch.cat(downs), torch.stack(ups)
 
 
-def proportional_counts(importance: list[float], total: int, floor: int, cap: int) -> list[int]:
-    """Integers in [floor, cap] summing to ``total`` (clipped to what fits), in proportion to ``importance``:
-    water-filling over the layers not yet at their cap, then largest remainders."""
-    n = len(importance)
-    counts = [min(floor, cap)] * n
-    left = min(total, cap * n) - sum(counts)
-    imp = [max(float(x), 0.0) + 1e-12 for x in importance]
-    while left > 0:
-        active = [i for i in range(n) if counts[i] < cap]
-        share = {i: left * imp[i] / sum(imp[j] for j in active) for i in active}
-        given = 0
-        for i in active:
-            add = min(int(share[i]), cap - counts[i])
-            counts[i] += add
-            given += add
-        left -= given
-        if given == 0:  # all shares below one: hand out single units by the largest share
-            for i in sorted(active, key=lambda i: -share[i])[:left]:
-                counts[i] += 1
+def fisher_uniform_ranks(scores: list[float], total: int, cap: int, floor: int = 1) -> list[int]:
+    """Palu's ``fisher_uniform`` rank search: module m gets floor(total · s_m / Σ s), capped at ``cap`` (and at
+    least ``floor``); what is left of ``total`` is then handed out one rank at a time, in rounds over the modules
+    below their cap, in the order of Palu's code (ascending fractional part of the proportional share).
+    ``scores`` are per module (mean sqrt(E[g²]) of its weights); ranks are per latent group of the module."""
+    s = [max(float(x), 0.0) for x in scores]
+    total = min(total, cap * len(s))
+    share = [total * x / sum(s) for x in s] if sum(s) > 0 else [total / len(s)] * len(s)
+    ranks = [min(cap, max(floor, math.floor(x))) for x in share]
+    order = sorted(range(len(s)), key=lambda m: share[m] - ranks[m])
+    left = total - sum(ranks)
+    while left > 0 and any(ranks[m] < cap for m in order):
+        for m in order:
+            if left == 0:
+                break
+            if ranks[m] < cap:
+                ranks[m] += 1
                 left -= 1
-    return counts
+    while left < 0:  # floors took more than the total: take back from the largest ranks above the floor
+        m = max((m for m in order if ranks[m] > floor), key=lambda m: ranks[m])
+        ranks[m] -= 1
+        left += 1
+    return ranks

@@ -11,11 +11,11 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
-from ..calibration import attention_input_gram, weight_gradients
+from ..calibration import attention_input_gram, calibration_for, weight_gradients
 from ..errors import ConfigError
 from .attention import CompressedAttention, _linear, latent_o_proj
 from .base import Method
-from .lowrank import group_factors, group_size_for, proportional_counts
+from .lowrank import fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
 
 
@@ -81,60 +81,76 @@ class Palu(Method):
     Parameters
     ----------
     ratio : float
-        Fraction of KV-cache bytes removed, as for RAP: the K latents hold g · 2P and the V latents g · n_v
-        dims per group of g KV heads, with P and n_v RAP's kept pairs and V channels.
+        Fraction of KV-cache bytes removed, as for RAP: the K and V latents of a layer hold as many elements per
+        token as RAP's n_kv · (2P + n_v), with P and n_v RAP's kept pairs and V channels.
     decomposition : str
-        ``svd`` of the weights, or ``whiten`` (SVD-LLM: SVD of W·S with S the Cholesky factor of the
-        calibration XᵀX; diagonal jitter if not positive-definite).
+        ``whiten`` (Palu's default, SVD-LLM: SVD of W·S with S the Cholesky factor of the calibration XᵀX; diagonal
+        jitter if not positive-definite), or ``svd`` of the weights.
     group_size : int
-        KV heads per latent: 1 is per head, 4 the default (capped at the head count), 0 joint over all heads.
+        KV heads per latent: 1 is per head (Palu's M-LRD), 4 the default (G-LRD; capped at the head count, so
+        joint on models with at most 4 KV heads), 0 joint over all heads (J-LRD).
     rank_allocation : str
-        ``uniform`` or ``fisher``: ranks per layer in proportion to the Fisher information of each k_proj
-        (v_proj), same total for K and for V separately, at least ``floor``.
+        ``fisher_uniform`` (Palu's default): each k_proj and v_proj module is scored by the mean over its weights of
+        sqrt(E[g²]), and one budget shared by all K and V modules is split in proportion to the scores, each
+        rank capped at the group's full width. ``uniform``: RAP's budget in every module.
+    round_to : int
+        Round every rank to a multiple of this (Palu rounds to 32). 1 (the default) keeps the KV bytes exactly
+        equal to RAP's; larger values change the total by up to round_to/2 per module.
     floor : int
-        Minimum rank per layer with ``fisher``.
+        Minimum rank per module.
     """
 
     decomposition: str = "whiten"
     group_size: int = 4
-    rank_allocation: str = "uniform"
-    floor: int = 8
+    rank_allocation: str = "fisher_uniform"
+    round_to: int = 1
+    floor: int = 1
     name = "palu"
 
     def needs_calibration(self) -> bool:
-        return self.decomposition == "whiten" or self.rank_allocation == "fisher"
+        return self.decomposition == "whiten" or self.rank_allocation == "fisher_uniform"
 
     def validate(self, config) -> None:
         if self.decomposition not in ("svd", "whiten"):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
-        if self.rank_allocation not in ("uniform", "fisher"):
-            raise ConfigError(f"Unknown rank_allocation '{self.rank_allocation}'; use uniform or fisher.")
+        if self.rank_allocation == "fisher":
+            raise ConfigError("rank_allocation=fisher (separate K and V budgets, no square root) was replaced by Palu's own rule; use fisher_uniform.")
+        if self.rank_allocation not in ("uniform", "fisher_uniform"):
+            raise ConfigError(f"Unknown rank_allocation '{self.rank_allocation}'; use fisher_uniform or uniform.")
+        if self.round_to < 1 or self.floor < 1:
+            raise ConfigError(f"round_to={self.round_to} and floor={self.floor} must be at least 1.")
         group_size_for(config.num_key_value_heads, self.group_size)
         super().validate(config)
 
     def make_plan(self, model, calibration=None) -> dict:
         self.validate(model.config)
         if self.needs_calibration() and calibration is None:
-            raise ConfigError("Palu with whiten or fisher needs calibration data; pass calibration=<token batch>.")
+            raise ConfigError("Palu with whiten or fisher_uniform needs calibration data; pass calibration=<token batch>.")
         cfg, layers = model.config, model.model.layers
         d, L = layers[0].self_attn.head_dim, len(layers)
         n_pairs, n_v = kv_budget(self.ratio, d)
         g = group_size_for(cfg.num_key_value_heads, self.group_size)
         cap = min(g * d, cfg.hidden_size)
         k_ranks, v_ranks = [min(g * 2 * n_pairs, cap)] * L, [min(g * n_v, cap)] * L
-        if self.rank_allocation == "fisher":
-            grads = weight_gradients(model, calibration)
-            k_ranks = proportional_counts([f.sum().item() for f in grads["fisher_k"]], sum(k_ranks), self.floor, cap)
-            v_ranks = proportional_counts([f.sum().item() for f in grads["fisher_v"]], sum(v_ranks), self.floor, cap)
-        grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else [None] * L
+        if self.rank_allocation == "fisher_uniform":
+            grads = weight_gradients(model, calibration_for(calibration, "fisher"))
+            scores = [f.sqrt().mean().item() for i in range(L) for f in (grads["fisher_k"][i], grads["fisher_v"][i])]
+            ranks = fisher_uniform_ranks(scores, sum(k_ranks) + sum(v_ranks), cap, self.floor)
+            k_ranks, v_ranks = ranks[0::2], ranks[1::2]
+        if self.round_to > 1:
+            k_ranks, v_ranks = ([min(cap, max(self.round_to, round(r / self.round_to) * self.round_to)) for r in rs]
+                                for rs in (k_ranks, v_ranks))
+        whiten = calibration_for(calibration, "whiten")
+        grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else [None] * L
         tensors = {}
         for i, layer in enumerate(layers):
             a = layer.self_attn
             for n, rank in (("k", k_ranks[i]), ("v", v_ranks[i])):
                 down, up = group_factors(getattr(a, f"{n}_proj").weight, d, g, rank, grams[i])
                 tensors.update({f"{n}_down.{i}": down, f"{n}_up.{i}": up})
+            grams[i] = None  # consumed: free this layer's Gram
         return {"method": "palu", "ratio": self.ratio, "decomposition": self.decomposition, "group_size": g,
-                "rank_allocation": self.rank_allocation, "head_dim": d,
+                "rank_allocation": self.rank_allocation, "round_to": self.round_to, "head_dim": d,
                 "layers": [{"k_rank": k, "v_rank": v} for k, v in zip(k_ranks, v_ranks)], "tensors": tensors}
 
     @staticmethod

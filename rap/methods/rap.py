@@ -9,7 +9,7 @@ import torch
 
 from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
-from ..calibration import attention_input_gram, attention_output_gram
+from ..calibration import attention_input_gram, attention_output_gram, calibration_for
 from ..errors import ConfigError
 from .attention import PrunedAttention
 from .base import Method
@@ -88,7 +88,7 @@ class RAP(Method):
         attn = model.model.layers[0].self_attn
         d = attn.head_dim
         n_pairs, n_v = kv_budget(self.ratio, d, self.round_to, self.prune_k, self.prune_v)
-        s = criteria.score(self.criterion, model, calibration, seed=self.seed)
+        s = criteria.score(self.criterion, model, calibration_for(calibration, "scores"), seed=self.seed)
         k_counts = allocate(s["k"], n_pairs, self.allocation, self.floor)
         v_counts = allocate(s["v"], n_v, self.allocation, self.floor)
         layers = []
@@ -107,7 +107,8 @@ class RAP(Method):
             g = group_size_for(model.config.num_key_value_heads, self.group_size)
             if self.decomposition == "whiten" and calibration is None:
                 raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use svd.")
-            grams = attention_input_gram(model, calibration) if self.decomposition == "whiten" else [None] * len(layers)
+            whiten = calibration_for(calibration, "whiten")
+            grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else [None] * len(layers)
             plan.update(group_size=g, decomposition=self.decomposition, tensors={})
             for i, (layer, lp) in enumerate(zip(model.model.layers, layers)):
                 rank = min(g * len(lp["v_channels"][0]), layer.self_attn.v_proj.weight.shape[1])  # RAP's V budget
@@ -118,7 +119,7 @@ class RAP(Method):
             if calibration is None:
                 raise ConfigError("v_refit needs calibration data; pass calibration=<token batch>.")
             rep = model.model.layers[0].self_attn.num_key_value_groups
-            grams = attention_output_gram(model, calibration)
+            grams = attention_output_gram(model, calibration_for(calibration, "default"))
             plan["tensors"] = {f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
                                                            for h, g in enumerate(grams[i])])
                                for i, lp in enumerate(layers)}
