@@ -8,7 +8,8 @@ Figures (each drawn only when the runs hold what it needs):
 - ``pareto``: perplexity against KV bytes per token, with the Pareto front;
 - ``criteria_ablation``: RAP's perplexity against ratio, one line per scoring criterion;
 - ``kept_frequency_r<ratio>``: which RoPE pairs each criterion keeps (layer x pair index), from saved plans;
-- ``latency_context``: decode latency against context with the ideal line, from a benchmark CSV (``--latency``).
+- ``latency_decode``, ``latency_prefill``: attention latency against context (with the ideal line) and against
+  sequence length, per layer shape, from the CSV of ``python -m rap.bench`` (``--latency``).
 Error bars are the 95% paired bootstrap intervals against the baseline (``analysis.report``).
 """
 from __future__ import annotations
@@ -189,28 +190,55 @@ def kept_frequency(df: pd.DataFrame) -> dict:
     return figs
 
 
-def latency_context(csv_path: str | Path):
-    """Decode latency against context from a benchmark CSV with columns variant, context, latency_ms (and ideal)."""
+def _bench(csv_path: str | Path, mode: str) -> pd.DataFrame:
     lat = pd.read_csv(csv_path)
-    need = {"variant", "context", "latency_ms"}
+    need = {"shape", "mode", "length", "batch", "cache", "variant", "method", "ratio", "round_to", "status", "median_ms"}
     if not need <= set(lat.columns):
-        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))}")
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
-    for k, (variant, group) in enumerate(lat.groupby("variant")):
-        group = group.groupby("context", as_index=False)["latency_ms"].median()
-        ax.plot(group["context"], group["latency_ms"], marker=MARKERS[k % len(MARKERS)], ms=3, lw=1, label=variant)
-    if "ideal_ms" in lat:
-        ideal = lat.groupby("context", as_index=False)["ideal_ms"].median()
-        ax.plot(ideal["context"], ideal["ideal_ms"], "k--", lw=0.8, label="ideal")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode attention latency (ms)")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))} (write it with python -m rap.bench)")
+    return lat[(lat["status"] == "ok") & (lat["mode"] == mode)]
+
+
+def _latency_panels(lat: pd.DataFrame, ratio: float, ylabel: str, xlabel: str, ideal: bool):
+    """One panel per layer shape: stock, rap-full and each method at ``ratio`` (round_to 1) against length;
+    ``ideal``: rap-full's time scaled by the kept KV fraction."""
+    shapes = list(dict.fromkeys(lat["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(min(PAGE_WIDTH, COLUMN_WIDTH * len(shapes)), 2.4), squeeze=False)
+    keep = (lat["variant"].isin(["stock", "rap-full"])) | ((lat["ratio"] == ratio) & (lat["round_to"] == 1))
+    for ax, shape in zip(axes[0], shapes):
+        sub = lat[keep & (lat["shape"] == shape)]
+        for k, (variant, group) in enumerate(sub.groupby("variant", sort=False)):
+            group = group.sort_values("length")
+            ax.plot(group["length"], group["median_ms"], marker=MARKERS[k % len(MARKERS)], ms=3, lw=1, label=variant)
+        full = sub[sub["variant"] == "rap-full"].sort_values("length")
+        rap = sub[(sub["method"] == "rap") & (sub["ratio"] == ratio)].sort_values("length")
+        if ideal and len(full) and len(rap):
+            ax.plot(full["length"], full["median_ms"].to_numpy() * rap["ideal_ratio"].median(), "k--", lw=0.8,
+                    label=f"ideal ({rap['ideal_ratio'].median():.2f} x rap-full)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(shape)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(frameon=False, fontsize=6)
     return fig
 
 
-FIGURES = ("ratio_curves", "pareto", "criteria_ablation", "kept_frequency", "latency_context")
+def latency_decode(csv_path: str | Path, ratio: float = 0.3, batch: int = 1, cache: str = "dynamic"):
+    """Decode attention latency per step against context, with the ideal line, from ``python -m rap.bench``."""
+    lat = _bench(csv_path, "decode")
+    lat = lat[(lat["batch"] == batch) & (lat["cache"] == cache)]
+    return _latency_panels(lat, ratio, f"decode attention (ms/step, batch {batch})", "context (tokens)", ideal=True) if len(lat) else None
+
+
+def latency_prefill(csv_path: str | Path, ratio: float = 0.3, cache: str = "dynamic"):
+    """Prefill attention latency against sequence length, from ``python -m rap.bench``."""
+    lat = _bench(csv_path, "prefill")
+    lat = lat[lat["cache"] == cache]
+    return _latency_panels(lat, ratio, "prefill attention (ms)", "sequence length (tokens)", ideal=False) if len(lat) else None
+
+
+FIGURES = ("ratio_curves", "pareto", "criteria_ablation", "kept_frequency", "latency_decode", "latency_prefill")
 
 
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:
@@ -224,7 +252,8 @@ def all_figures(df: pd.DataFrame, latency_csv=None, only=FIGURES) -> dict:
     draw = {"ratio_curves": lambda: {"ratio_curves": ratio_curves(df)}, "pareto": lambda: {"pareto": pareto(df)},
             "criteria_ablation": lambda: {"criteria_ablation": criteria_ablation(df)},
             "kept_frequency": lambda: kept_frequency(df),
-            "latency_context": lambda: {"latency_context": latency_context(latency_csv) if latency_csv else None}}
+            "latency_decode": lambda: {"latency_decode": latency_decode(latency_csv) if latency_csv else None},
+            "latency_prefill": lambda: {"latency_prefill": latency_prefill(latency_csv) if latency_csv else None}}
     figs = {}
     for name in only:
         figs.update(draw[name]())
@@ -257,14 +286,22 @@ def log_to_wandb(files: list[Path], table: pd.DataFrame, project: str, group: st
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("roots", nargs="+")
+    ap.add_argument("roots", nargs="*", help="result folders (none: only the latency figures of --latency)")
     ap.add_argument("--out", required=True, help="folder for the PNG and PDF files")
-    ap.add_argument("--latency", help="benchmark CSV (variant, context, latency_ms[, ideal_ms]) for latency_context")
+    ap.add_argument("--latency", help="CSV of python -m rap.bench, for latency_decode and latency_prefill")
     ap.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="draw only these figures")
     ap.add_argument("--wandb", action="store_true", help="also log the figures and the report table to W&B")
     ap.add_argument("--project", default="rap")
     ap.add_argument("--group", help="W&B group of the figures run (default: none)")
     a = ap.parse_args(argv)
+    if not a.roots:  # the benchmark's figures alone
+        if not a.latency:
+            raise SystemExit("error: give result folders, or --latency <bench CSV>")
+        latency = [f for f in a.only if f.startswith("latency_")]
+        figs = {"latency_decode": latency_decode, "latency_prefill": latency_prefill}
+        for f in save({n: fig for n in latency if (fig := figs[n](a.latency)) is not None}, a.out):
+            print(f)
+        return
     df, _ = collect(*a.roots)
     if df.empty:
         raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")

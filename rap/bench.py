@@ -1,0 +1,362 @@
+"""Latency and memory benchmark at real layer shapes, as ratios measured within one run.
+
+One attention layer with random weights of a real model's shapes (SmolLM2-135M, Llama-3-8B, Mistral-7B,
+Qwen2.5-7B), compressed through the public API (``rap.compress``), so the code timed is the code evaluated.
+Variants, all timed in the same process in interleaved rounds (A B C ... A B C ...) after a warm-up:
+
+- ``stock``: the model's own transformers attention;
+- ``rap-full``: rap's attention path at full width (RAP at ratio 0), the reference of every ratio;
+- RAP, Palu-style and EliteKV-style at each ratio and ``round_to`` (EliteKV has no rounding option).
+
+Decode steps run against a cache filled with ``context`` random tokens of the variant's own cached tensors
+(the timing does not depend on their values), append one token and crop back, so every step sees exactly
+``context`` cached tokens; ``dynamic`` is transformers' DynamicCache, ``static`` a preallocated StaticCache.
+Prefill runs ``seqlen`` tokens into a fresh cache. Per variant a row gives the median over rounds of its
+per-round ratio to ``rap-full`` (and to ``stock``) with the interquartile range, plus what decides the
+ratio: the kept widths and their alignment, the SDPA kernel, the measured KV bytes and the ideal ratio.
+
+    python -m rap.bench layer --shapes llama3-8b --modes decode --contexts 4096 8192 --batches 1 4 --out bench.csv
+    python -m rap.bench model --contexts 512 2048 8192 --out model.csv          # SmolLM2 decode tokens/s
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .compat import CACHE_ARG
+from .metrics import SDPA_FLOP_MAPPING, _Timer, cache_tensors, kv_bytes
+
+# name: (tiny architecture to build from, its config at the real shape, layers of the real model)
+SHAPES = {
+    "tiny": ("tiny-llama", {}, 2),
+    "smollm2-135m": ("tiny-llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                        rope_theta=1e5), 30),
+    "llama3-8b": ("tiny-llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     rope_theta=5e5), 32),
+    "mistral-7b": ("tiny-mistral", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                        rope_theta=1e6), 32),
+    "qwen2.5-7b": ("tiny-qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                                      rope_theta=1e6), 28),
+}
+BUDGETS = {"24GiB": 24 * 2**30, "80GB": 80 * 10**9}
+
+
+def method_options(method: str, head_dim: int, round_to: int) -> dict:
+    """Data-free settings with the method's real shapes: what pairs or ranks are kept does not change the timing."""
+    return {"rap": dict(criterion="weight_norm", round_to=round_to),
+            "palu": dict(decomposition="svd", rank_allocation="uniform", round_to=round_to),
+            "elitekv": dict(selection="uniform", decomposition="svd", elite_pairs=max(1, head_dim // 8))}[method]
+
+
+def one_layer_model(shape: str, dtype=torch.float32, device="cpu"):
+    """A one-layer model of ``shape`` with random weights (tiny MLP and vocabulary: only the attention is timed)."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import tiny_config
+
+    if shape not in SHAPES:
+        raise SystemExit(f"error: unknown shape '{shape}'; choose one of {', '.join(SHAPES)}")
+    arch, overrides, _ = SHAPES[shape]
+    cfg = tiny_config(arch, **{**overrides, "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 259,
+                               "max_position_embeddings": 1 << 16})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+@dataclass
+class Variant:
+    name: str
+    method: str
+    ratio: float
+    round_to: int
+    modules: list  # the attention module of each layer
+
+
+def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
+    """``stock``, ``rap-full`` and every compressed variant, each as its own attention modules. The model keeps its
+    original modules: each variant is compressed in place and its modules swapped out again (no model copy)."""
+    from .analytic import head_dim
+    from .methods import compress
+
+    layers = model.model.layers
+    stock = [layer.self_attn for layer in layers]
+
+    def compressed(method, ratio, **opts):
+        compress(model, method, ratio, **opts)
+        out = [layer.self_attn for layer in layers]
+        for layer, m in zip(layers, stock):
+            layer.self_attn = m
+        del model.rap_plan
+        return out
+
+    d = head_dim(model.config)
+    out = [Variant("stock", "stock", 0.0, 1, stock),
+           Variant("rap-full", "rap", 0.0, 1, compressed("rap", 0.0, **method_options("rap", d, 1)))]
+    for ratio in ratios:
+        for rt in round_tos:
+            for m in methods:
+                if m == "elitekv" and rt != 1:
+                    continue
+                name = f"{m}-r{ratio}" + (f"-round{rt}" if rt != 1 else "")
+                out.append(Variant(name, m, ratio, rt, compressed(m, ratio, **method_options(m, d, rt))))
+    return out
+
+
+def use(model, variant: Variant):
+    for layer, m in zip(model.model.layers, variant.modules):
+        layer.self_attn = m
+
+
+def _cache(kind: str, model, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    return DynamicCache() if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def cached_shapes(model, batch: int) -> list[tuple[tuple, tuple]]:
+    """Per layer, the (key, value) shapes the current attention caches for ``batch`` sequences of one token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.zeros(batch, 1, dtype=torch.long, device=model.device), **{CACHE_ARG: cache})
+    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
+
+
+def filled_cache(kind: str, model, batch: int, context: int, shapes):
+    """A cache holding ``context`` random tokens of the current variant's cached tensors (+1 slot when static)."""
+    cache = _cache(kind, model, context + 1)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    for i, (k, v) in enumerate(shapes):
+        rand = lambda s: torch.randn(s[0], s[1], context, s[3], generator=g).to(model.device, dtype)  # noqa: E731
+        cache.update(rand(k), rand(v), i)
+    return cache
+
+
+def decode_op(model, batch: int, context: int, kind: str):
+    """One decode step at exactly ``context`` cached tokens: (the op, the KV bytes it reads per token per layer)."""
+    cache = filled_cache(kind, model, batch, context, cached_shapes(model, batch))
+    held = kv_bytes(cache)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    pos = torch.full((batch, 1), context, device=model.device)
+
+    def step():
+        model(ids, position_ids=pos, use_cache=True, **{CACHE_ARG: cache})
+        cache.crop(-1)
+
+    n_tensors = len(cache_tensors(cache))
+    return step, held / (context + (1 if kind == "static" else 0)) / batch / (n_tensors // 2)
+
+
+def prefill_op(model, batch: int, seqlen: int, kind: str):
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+
+    def step():
+        model(ids, use_cache=True, **{CACHE_ARG: _cache(kind, model, seqlen)})
+
+    cache = _cache(kind, model, seqlen)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{CACHE_ARG: cache})
+    n_tensors = len(cache_tensors(cache))
+    return step, kv_bytes(cache) / seqlen / batch / (n_tensors // 2)
+
+
+def kernel_used(model, op) -> str:
+    """The attention kernel one call of ``op`` dispatches (SDPA kernels by name; ``matmul`` for rap's decode path)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
+    with torch.no_grad(), counter:
+        op()
+    ops = {str(o) for o in counter.get_flop_counts().get("Global", {})}
+    sdpa = sorted(o.replace("aten.", "") for o in ops if "scaled_dot_product" in o)
+    return ",".join(sdpa) or "matmul"
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def memory_mb(device) -> float:
+    """Peak GPU memory since the last reset, or the process's resident memory on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int) -> dict:
+    """Interleaved rounds over the variants (``ops``: name -> (op, KV bytes per token per layer)): per variant, its
+    attention time in ms per call in each round, the kernel it ran and the memory after its warm-up."""
+    from .metrics import attention_timer
+
+    timer = _Timer(model.device)
+    times = {v.name: [] for v in variants}
+    extra = {}
+    with torch.no_grad():
+        for v in variants:
+            use(model, v)
+            op = ops[v.name][0]
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(warmup):
+                op()
+            extra[v.name] = {"kernel": kernel_used(model, op), "memory_mb": memory_mb(model.device)}
+        for r in range(rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
+            for v in order:
+                use(model, v)
+                op = ops[v.name][0]
+                with attention_timer(model, timer) as spans:
+                    for _ in range(inner):
+                        op()
+                times[v.name].append(sum(timer.elapsed_ms(a, b) for a, b in spans) / inner)
+    use(model, variants[0])
+    return {name: {"times": t, "kv_bytes_per_token_layer": ops[name][1], **extra[name]} for name, t in times.items()}
+
+
+def widths(model) -> tuple[int, int]:
+    """(key, value) widths per head of the current variant's cached tensors."""
+    (k, v), = cached_shapes(model, 1)[:1]
+    return k[3], v[3]
+
+
+def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, ratios, round_tos, rounds: int,
+               warmup: int, device="cpu", dtype=torch.float32, log=print) -> list[dict]:
+    """The grid for one layer shape: one row per variant x mode x length x batch x cache kind."""
+    model = one_layer_model(shape, dtype, device)
+    variants = build_variants(model, methods, ratios, round_tos)
+    dims = {}
+    for v in variants:
+        use(model, v)
+        dims[v.name] = widths(model)
+    use(model, variants[0])
+    common = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": str(model.device),
+              "device_name": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup}
+    rows = []
+    cells = [("prefill", n, b, c) for n in lengths for b in (1,) for c in caches if "prefill" in modes]
+    cells += [("decode", n, b, c) for n in contexts for b in batches for c in caches if "decode" in modes]
+    for mode, n, b, kind in cells:
+        make = (lambda: decode_op(model, b, n, kind)) if mode == "decode" else (lambda: prefill_op(model, b, n, kind))
+        usable, ops = [], {}
+        for v in variants:  # a variant whose cache the kind cannot hold is reported, not dropped
+            use(model, v)
+            try:
+                with torch.no_grad():
+                    ops[v.name] = make()
+                usable.append(v)
+            except Exception as e:  # noqa: BLE001
+                rows.append({**common, "mode": mode, "length": n, "batch": b, "cache": kind, "variant": v.name,
+                             "method": v.method, "ratio": v.ratio, "round_to": v.round_to,
+                             "status": f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+        use(model, variants[0])
+        inner = 1 if mode == "prefill" else 4
+        res = time_cell(model, usable, ops, rounds, warmup, inner)
+        del ops
+        full, stock = res["rap-full"], res.get("stock")
+        for v in usable:
+            r = res[v.name]
+            to_full = [a / f for a, f in zip(r["times"], full["times"])]
+            to_stock = [a / s for a, s in zip(r["times"], stock["times"])] if stock else [float("nan")]
+            q1, med, q3 = quartiles(to_full)
+            k_w, v_w = dims[v.name]
+            rows.append({**common, "mode": mode, "length": n, "batch": b, "cache": kind, "variant": v.name,
+                         "method": v.method, "ratio": v.ratio, "round_to": v.round_to, "status": "ok",
+                         "median_ms": statistics.median(r["times"]), "ratio_to_full": med, "ratio_to_full_q1": q1,
+                         "ratio_to_full_q3": q3, "ratio_to_stock": statistics.median(to_stock),
+                         "ideal_ratio": r["kv_bytes_per_token_layer"] / full["kv_bytes_per_token_layer"],
+                         "kv_bytes_per_token_layer": r["kv_bytes_per_token_layer"], "k_width": k_w, "v_width": v_w,
+                         "aligned8": k_w % 8 == 0 and v_w % 8 == 0, "kernel": r["kernel"], "memory_mb": r["memory_mb"]})
+        log(f"[bench] {shape} {mode} {n} b{b} {kind}: " + ", ".join(
+            f"{x['variant']} {x['ratio_to_full']:.3f}" for x in rows if x.get("status") == "ok" and x["mode"] == mode
+            and x["length"] == n and x["batch"] == b and x["cache"] == kind))
+    return rows
+
+
+def headroom(rows: list[dict]) -> list[dict]:
+    """Tokens of KV cache that fit in each memory budget (the cache alone, weights excluded), per shape and
+    variant, from the measured KV bytes per token of one layer times the real model's layer count."""
+    out, seen = [], set()
+    for r in rows:
+        key = (r["shape"], r["variant"])
+        if r.get("status") != "ok" or key in seen:
+            continue
+        seen.add(key)
+        per_token = r["kv_bytes_per_token_layer"] * SHAPES[r["shape"]][2]
+        out.append({"shape": r["shape"], "variant": r["variant"], "method": r["method"], "ratio": r["ratio"],
+                    "dtype": r["dtype"], "kv_bytes_per_token": per_token,
+                    **{f"tokens_{name}": int(budget // per_token) for name, budget in BUDGETS.items()}})
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", choices=["layer"], help="layer: one attention layer at real shapes")
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3-8b", "mistral-7b", "qwen2.5-7b"])
+    ap.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096], help="prefill tokens")
+    ap.add_argument("--contexts", nargs="+", type=int,
+                    default=[512, 1024, 2048, 4096, 8192] + ([16384, 32768] if cuda else []), help="decode contexts")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--caches", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
+    ap.add_argument("--methods", nargs="+", default=["rap", "palu", "elitekv"], choices=["rap", "palu", "elitekv"])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="outputs/bench/layer.csv")
+    ap.add_argument("--wandb", metavar="PROJECT", help="also log the rows as a W&B table (offline unless WANDB_MODE)")
+    a = ap.parse_args(argv)
+    if a.rounds < 1 or any(x < 1 for x in a.lengths + a.contexts + a.batches):
+        raise SystemExit("error: rounds, lengths, contexts and batches must be positive")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = []
+    out = Path(a.out)
+    for shape in a.shapes:
+        rows += layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
+                           a.rounds, a.warmup, a.device, getattr(torch, a.dtype))
+        write_csv(rows, out)  # after every shape: a stopped run keeps what it finished
+    room = headroom(rows)
+    write_csv(room, out.with_name(out.stem + "_headroom.csv"))
+    print(f"[bench] wrote {out} ({len(rows)} rows) and {out.stem}_headroom.csv")
+    if a.wandb:
+        from .tracking import init_wandb_run
+
+        import wandb
+
+        run = init_wandb_run(out.parent, project=a.wandb, group="bench", name=out.stem, job_type="bench")
+        run.log({"bench": wandb.Table(data=[[r.get(k) for k in rows[0]] for r in rows], columns=list(rows[0])),
+                 "headroom": wandb.Table(data=[list(r.values()) for r in room], columns=list(room[0]))})
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()

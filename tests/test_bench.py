@@ -1,0 +1,55 @@
+"""The latency benchmark on a tiny layer shape: structure and ordering of its rows only (no timing thresholds)."""
+import csv
+
+from rap import bench
+
+
+def test_layer_grid_rows_structure_and_ordering(tmp_path):
+    rows = bench.layer_rows("tiny", ["prefill", "decode"], [16], [32], [1, 2], ["dynamic", "static"],
+                            ["rap", "palu", "elitekv"], [0.25, 0.5], [1], rounds=2, warmup=1)
+    # stock, rap-full and 3 methods x 2 ratios; cells: prefill x 2 caches + decode x 2 batches x 2 caches
+    assert len(rows) == 8 * 6
+    assert len({(r["variant"], r["mode"], r["batch"], r["cache"]) for r in rows}) == 8 * 6
+    # EliteKV's cache (keys per KV head, one shared latent) does not fit a StaticCache: reported, not dropped.
+    assert {r["status"].split(":")[0] for r in rows if r["method"] == "elitekv" and r["cache"] == "static"} == {"unsupported"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 8 * 6 - 2 * 3
+    for r in ok:
+        assert r["ratio_to_full_q1"] <= r["ratio_to_full"] <= r["ratio_to_full_q3"] and r["median_ms"] > 0
+        if r["variant"] == "rap-full":
+            assert r["ratio_to_full"] == 1.0 and r["ideal_ratio"] == 1.0
+        if r["variant"] == "stock":
+            assert r["ratio_to_stock"] == 1.0 and r["ideal_ratio"] == 1.0
+    ideal = {(r["method"], r["ratio"]): r["ideal_ratio"] for r in ok if r["mode"] == "decode" and r["cache"] == "dynamic"}
+    # Equal KV budgets at each ratio (head_dim 16: 6 pairs + 12 V channels, then 4 pairs + 8 V channels).
+    assert ideal[("rap", 0.25)] == ideal[("palu", 0.25)] == ideal[("elitekv", 0.25)] == 0.75
+    assert ideal[("rap", 0.5)] == ideal[("palu", 0.5)] == 0.5
+    rap = next(r for r in ok if r["variant"] == "rap-r0.25")
+    assert (rap["k_width"], rap["v_width"], rap["aligned8"]) == (12, 12, False)
+    assert any(r["kernel"] == "matmul" for r in ok if r["variant"] == "rap-r0.25" and r["mode"] == "decode")
+    room = {r["variant"]: r for r in bench.headroom(rows)}
+    assert room["rap-r0.5"]["tokens_24GiB"] > room["rap-r0.25"]["tokens_24GiB"] > room["rap-full"]["tokens_24GiB"]
+    assert room["rap-full"]["kv_bytes_per_token"] == 2 * 2 * 16 * 4 * 2  # K and V x 2 KV heads x 16 x fp32 x 2 layers
+    bench.write_csv(rows, tmp_path / "b.csv")
+    with open(tmp_path / "b.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_bench_cli_rejects_bad_grid(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="must be positive"):
+        bench.main(["layer", "--shapes", "tiny", "--contexts", "0"])
+    with pytest.raises(SystemExit, match="unknown shape"):
+        bench.main(["layer", "--shapes", "gpt5", "--modes", "decode", "--contexts", "8", "--batches", "1", "--rounds", "1",
+                    "--out", "/nonexistent/x.csv"])
+
+
+def test_bench_csv_feeds_the_latency_figures(tmp_path):
+    from analysis import figures
+
+    rows = bench.layer_rows("tiny", ["prefill", "decode"], [8, 16], [16, 32], [1], ["dynamic"], ["rap", "palu"], [0.3], [1],
+                            rounds=1, warmup=0)
+    bench.write_csv(rows, tmp_path / "b.csv")
+    figures.main(["--latency", str(tmp_path / "b.csv"), "--out", str(tmp_path / "fig")])
+    assert {p.name for p in (tmp_path / "fig").glob("*.png")} == {"latency_decode.png", "latency_prefill.png"}
