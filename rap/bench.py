@@ -196,9 +196,10 @@ def memory_mb(device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int) -> dict:
+def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, scope: str = "attention") -> dict:
     """Interleaved rounds over the variants (``ops``: name -> (op, KV bytes per token per layer)): per variant, its
-    attention time in ms per call in each round, the kernel it ran and the memory after its warm-up."""
+    time in ms per call in each round (the attention modules alone, or the whole ``model`` forward), the kernel
+    it ran and the memory after its warm-up."""
     from .metrics import attention_timer
 
     timer = _Timer(model.device)
@@ -218,6 +219,12 @@ def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int) 
             for v in order:
                 use(model, v)
                 op = ops[v.name][0]
+                if scope == "model":
+                    start = timer.mark()
+                    for _ in range(inner):
+                        op()
+                    times[v.name].append(timer.elapsed_ms(start, timer.mark()) / inner)
+                    continue
                 with attention_timer(model, timer) as spans:
                     for _ in range(inner):
                         op()
@@ -285,6 +292,44 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
     return rows
 
 
+def model_rows(contexts, batches, methods, ratios, rounds: int, warmup: int, device="cpu", log=print) -> list[dict]:
+    """SmolLM2-135M (the embedded model, all 30 layers) decode tokens per second at each context, per variant."""
+    from omegaconf import OmegaConf
+
+    from .job import model_spec
+    from .models import load_model
+
+    cfg = OmegaConf.create({"model": OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/smollm2-135m.yaml"),
+                            "device": device, "seed": 0})
+    model, _ = load_model(model_spec(cfg))
+    variants = build_variants(model, methods, ratios, [1])
+    common = {"shape": "smollm2-135m (whole model)", "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "device": str(model.device), "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup}
+    rows = []
+    for n in contexts:
+        for b in batches:
+            ops = {}
+            for v in variants:
+                use(model, v)
+                with torch.no_grad():
+                    ops[v.name] = decode_op(model, b, n, "dynamic")
+            use(model, variants[0])
+            res = time_cell(model, variants, ops, rounds, warmup, inner=2, scope="model")
+            del ops
+            for v in variants:
+                r, full = res[v.name], res["rap-full"]
+                q1, med, q3 = quartiles([a / f for a, f in zip(r["times"], full["times"])])
+                step = statistics.median(r["times"])
+                rows.append({**common, "mode": "decode", "length": n, "batch": b, "cache": "dynamic", "variant": v.name,
+                             "method": v.method, "ratio": v.ratio, "status": "ok", "median_ms": step,
+                             "tokens_per_s": b * 1000 / step, "ratio_to_full": med, "ratio_to_full_q1": q1,
+                             "ratio_to_full_q3": q3, "ideal_ratio": r["kv_bytes_per_token_layer"] / full["kv_bytes_per_token_layer"],
+                             "kv_bytes_per_token_layer": r["kv_bytes_per_token_layer"]})
+            log(f"[bench] whole model decode {n} b{b}: " + ", ".join(
+                f"{x['variant']} {x['tokens_per_s']:.1f} tok/s" for x in rows if x["length"] == n and x["batch"] == b))
+    return rows
+
+
 def headroom(rows: list[dict]) -> list[dict]:
     """Tokens of KV cache that fit in each memory budget (the cache alone, weights excluded), per shape and
     variant, from the measured KV bytes per token of one layer times the real model's layer count."""
@@ -315,7 +360,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grid", choices=["layer"], help="layer: one attention layer at real shapes")
+    ap.add_argument("grid", choices=["layer", "model"],
+                    help="layer: one attention layer at real shapes; model: SmolLM2 decode tokens/s (whole model)")
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3-8b", "mistral-7b", "qwen2.5-7b"])
     ap.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096], help="prefill tokens")
@@ -340,6 +386,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     rows = []
     out = Path(a.out)
+    if a.grid == "model":
+        rows = model_rows(a.contexts, a.batches, a.methods, a.ratios, a.rounds, a.warmup, a.device)
+        write_csv(rows, out)
+        print(f"[bench] wrote {out} ({len(rows)} rows)")
+        return
     for shape in a.shapes:
         rows += layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
                            a.rounds, a.warmup, a.device, getattr(torch, a.dtype))
