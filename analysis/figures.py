@@ -180,11 +180,10 @@ def kept_frequency(df: pd.DataFrame) -> dict:
             im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(criterion)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         for ax in axes[:, 0]:
             ax.set_ylabel("layer")
-        for ax in axes[-1, :]:
-            ax.set_xlabel("RoPE pair index (high → low frequency)")
+        fig.supxlabel("RoPE pair index (high → low frequency)", y=-0.02)
         fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of KV heads keeping the pair")
         figs[f"kept_frequency_r{ratio:g}"] = fig
     return figs
