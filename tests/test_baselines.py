@@ -81,7 +81,7 @@ def test_cache_holds_exactly_the_latents():
     layer = metrics.prefill(elite, X[:1]).layers[0]
     kv_dim = 2 * (12 + 11) - 2 * 4
     assert get_plan(elite)["kv_dim"] == kv_dim
-    assert layer.keys.shape == (1, 2, 24, 4) and layer.values.shape == (1, 1, 24, kv_dim)
+    assert layer.keys.shape == (1, 1, 24, kv_dim) and layer.values.shape == (1, 1, 24, 2 * 4)  # latent; packed elite keys
 
 
 def test_equal_budget_and_costs_at_ratio_03():

@@ -59,6 +59,22 @@ def test_cache_holds_method_widths_and_cached_decode_equals_full_forward(name, m
     assert torch.allclose(torch.stack(steps, 1), full[:, PREFILL - 1:], atol=1e-4)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_static_cache_decode_equals_full_forward(method):
+    """A preallocated StaticCache (longer than the text: unfilled slots are masked) gives the same logits."""
+    from transformers import StaticCache
+
+    model = compressed("tiny-llama", method)
+    cache = StaticCache(config=model.config, max_cache_len=X.shape[1] + 3)
+    with torch.no_grad():
+        full = model(X, use_cache=False).logits
+        out = model(X[:, :PREFILL], use_cache=True, **cache_kwargs(cache))
+        steps = [out.logits[:, -1]]
+        for t in range(PREFILL, X.shape[1]):
+            steps.append(model(X[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, PREFILL - 1:], atol=1e-4)
+
+
 @pytest.fixture
 def captured_deprecations(caplog):
     """Deprecation warnings (Python warnings and transformers' log-once messages) raised in the block."""

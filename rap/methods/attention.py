@@ -150,9 +150,10 @@ class CompressedAttention(nn.Module):
         """From the new tokens: queries (b, heads, s, w) and what the cache stores for keys and values."""
         raise NotImplementedError
 
-    def expand(self, q, k, v):
-        """From the cached tensors (all tokens) to the keys and values the kernel attends over. Keys and values
-        may have fewer heads than the KV heads (a shared latent): they are repeated to the KV head count."""
+    def expand(self, q, k, v, past: int = 0):
+        """From the cached tensors (all cache slots) to the keys and values the kernel attends over; ``past`` is the
+        number of tokens cached before the new ones (the slot of the first query). Keys and values may have fewer
+        heads than the KV heads (a shared latent): they are repeated to the KV head count."""
         return q, k, v
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
@@ -161,9 +162,11 @@ class CompressedAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         q, k, v = self.project(hidden_states, position_embeddings)
+        past = 0
         if cache is not None:
+            past = int(cache.get_seq_length(self.layer_idx))
             k, v = cache.update(k, v, self.layer_idx)
-        q, k, v = self.expand(q, k, v)
+        q, k, v = self.expand(q, k, v, past)
         if q.shape[2] == 1:  # decode: true widths, no copy of the cache
             out = decode_attention(q, k, v, attention_mask, self.scaling)
             return self.o_proj(out.reshape(*input_shape, -1)), None

@@ -27,7 +27,8 @@ def pair_channels(pairs: list[int], head_dim: int) -> list[int]:
 
 
 class EliteAttention(CompressedAttention):
-    """Cache per token: rotated elite keys (n_kv · 2r) and the joint latent c (kv_dim), nothing else.
+    """Cache per token: the joint latent c (kv_dim, in the cache's key slot) and the rotated elite keys of every KV
+    head (n_kv · 2r, packed into one head in the value slot), nothing else.
 
     Score of query head h with a cached token: q_elite·k_elite (RoPE'd, own frequencies) + (B_kᵀ q_nope)·c,
     where B_k are the up-projection rows of h's KV head; the K-nope bias is dropped (it adds the same amount
@@ -67,9 +68,14 @@ class EliteAttention(CompressedAttention):
         q_lat = (q_n.reshape(b, self.n_kv, rep, s, self.n_n) @ self.q_absorb[None, :, None]).view(b, -1, s, self.kv_dim)
         k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), tables)
         c = self.kv_proj(x).view(*shape, 1, self.kv_dim).transpose(1, 2)
-        return torch.cat([q_e, q_lat], -1), k_e, c
+        # Cached as two single-head tensors, the latent in the key slot and every KV head's elite keys side by side
+        # in the value slot: a StaticCache gives values as many heads as keys, which (n_kv, 1) would break.
+        packed = k_e.transpose(1, 2).reshape(b, s, 1, self.n_kv * self.n_e).transpose(1, 2)
+        return torch.cat([q_e, q_lat], -1), c, packed
 
-    def expand(self, q, k_e, c):
+    def expand(self, q, c, packed, past: int = 0):
+        b, _, t, _ = packed.shape
+        k_e = packed.reshape(b, t, self.n_kv, self.n_e).transpose(1, 2)  # a view of the cache
         return q, torch.cat([k_e, c.expand(-1, self.n_kv, -1, -1)], -1), c
 
 

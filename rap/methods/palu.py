@@ -60,17 +60,18 @@ class LowRankAttention(CompressedAttention):
         c_v = self.v_proj(x).view(*shape, self.v_heads, self.r_v).transpose(1, 2)
         return q, c_k, c_v  # RoPE waits for the rebuilt keys (expand)
 
-    def expand(self, q, c_k, c_v):
+    def expand(self, q, c_k, c_v, past: int = 0):
         b, _, n, _ = c_k.shape
         d = self.head_dim
         k = c_k @ self.k_up  # the rebuild: (b, G, n, g·d), every cached token, every step
         k = k.view(b, self.k_heads, n, -1, d).transpose(2, 3).reshape(b, self.n_kv, n, d)
         if self.k_bias is not None:
             k = k + self.k_bias.view(1, self.n_kv, 1, d)
-        # RoPE at positions counted within the cache: scores depend only on query-key offsets, which this keeps
-        # (also under left padding, where every row's positions are shifted alike).
-        cos, sin = self._cos_sin(n, q.dtype)
-        qc, qs = cos[n - q.shape[2]:], sin[n - q.shape[2]:]
+        # RoPE at cache slots (slot i holds the i-th cached token; a static cache has unfilled, masked slots after
+        # them): scores depend only on query-key offsets, which this keeps, also under left padding.
+        cos, sin = self._cos_sin(max(n, past + q.shape[2]), q.dtype)
+        qc, qs = cos[past:past + q.shape[2]], sin[past:past + q.shape[2]]
+        cos, sin = cos[:n], sin[:n]
         return q * qc + rotate_half(q) * qs, k * cos + rotate_half(k) * sin, c_v
 
 
