@@ -92,9 +92,11 @@ def ratio_curves(df: pd.DataFrame):
                             ecolor=ax.lines[-1].get_color())
     for ax, (metric, label) in zip(axes, metrics):
         ax.set_xlabel("KV-cache reduction ratio (fraction of dims removed)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label + (" (log)" if metric == "ppl_wikitext2" else ""))
+        if metric == "ppl_wikitext2":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(frameon=False)
+    axes[-1].legend(frameon=False, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -115,9 +117,10 @@ def pareto(df: pd.DataFrame):
     front = np.array(front)
     ax.step(front[:, 0] / 1024, front[:, 1], where="post", color="k", lw=0.8, ls="--", label="Pareto front")
     ax.set_xlabel("KV cache per token (KiB)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, loc="upper right")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
