@@ -240,7 +240,7 @@ def widths(model) -> tuple[int, int]:
 
 
 def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, ratios, round_tos, rounds: int,
-               warmup: int, device="cpu", dtype=torch.float32, log=print) -> list[dict]:
+               warmup: int, device="cpu", dtype=torch.float32, log=print, decode_steps: int = 4) -> list[dict]:
     """The grid for one layer shape: one row per variant x mode x length x batch x cache kind."""
     model = one_layer_model(shape, dtype, device)
     variants = build_variants(model, methods, ratios, round_tos)
@@ -251,7 +251,7 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
     use(model, variants[0])
     common = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": str(model.device),
               "device_name": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup}
+              "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup, "decode_steps": decode_steps}
     rows = []
     cells = [("prefill", n, b, c) for n in lengths for b in (1,) for c in caches if "prefill" in modes]
     cells += [("decode", n, b, c) for n in contexts for b in batches for c in caches if "decode" in modes]
@@ -269,7 +269,7 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
                              "method": v.method, "ratio": v.ratio, "round_to": v.round_to,
                              "status": f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
         use(model, variants[0])
-        inner = 1 if mode == "prefill" else 4
+        inner = 1 if mode == "prefill" else decode_steps
         res = time_cell(model, usable, ops, rounds, warmup, inner)
         del ops
         full, stock = res["rap-full"], res.get("stock")
@@ -374,6 +374,7 @@ def main(argv=None):
     ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per variant per round (their mean is timed)")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -393,7 +394,7 @@ def main(argv=None):
         return
     for shape in a.shapes:
         rows += layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
-                           a.rounds, a.warmup, a.device, getattr(torch, a.dtype))
+                           a.rounds, a.warmup, a.device, getattr(torch, a.dtype), decode_steps=a.decode_steps)
         write_csv(rows, out)  # after every shape: a stopped run keeps what it finished
     room = headroom(rows)
     write_csv(room, out.with_name(out.stem + "_headroom.csv"))
