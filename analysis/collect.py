@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rap.config import grouping
 from rap.job import FAILURE_FILE, flat_config
 
 
@@ -26,8 +27,8 @@ def _config(path: Path) -> dict:
 
 
 def _grouping(g) -> str:
-    g = int(g)
-    return "joint" if g <= 0 else "per head" if g == 1 else f"g={g}"
+    """The run name's grouping (``rap.config.grouping``) in words: joint, per head, g=4."""
+    return {"head": "per head", "joint": "joint"}.get(grouping(g), f"g={int(g)}")
 
 
 def recipe(row) -> str:

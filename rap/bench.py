@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .compat import CACHE_ARG
-from .metrics import SDPA_FLOP_MAPPING, _Timer, cache_tensors, kv_bytes
+from .metrics import SDPA_FLOP_MAPPING, _Timer, kv_bytes
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -150,8 +150,7 @@ def decode_op(model, batch: int, context: int, kind: str):
         model(ids, position_ids=pos, use_cache=True, **{CACHE_ARG: cache})
         cache.crop(-1)
 
-    n_tensors = len(cache_tensors(cache))
-    return step, held / (context + (1 if kind == "static" else 0)) / batch / (n_tensors // 2)
+    return step, held / (context + (1 if kind == "static" else 0)) / batch / len(cache.layers)
 
 
 def prefill_op(model, batch: int, seqlen: int, kind: str):
@@ -164,8 +163,7 @@ def prefill_op(model, batch: int, seqlen: int, kind: str):
     cache = _cache(kind, model, seqlen)
     with torch.no_grad():
         model(ids, use_cache=True, **{CACHE_ARG: cache})
-    n_tensors = len(cache_tensors(cache))
-    return step, kv_bytes(cache) / seqlen / batch / (n_tensors // 2)
+    return step, kv_bytes(cache) / seqlen / batch / len(cache.layers)
 
 
 def kernel_used(model, op) -> str:
@@ -235,7 +233,7 @@ def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, 
 
 def widths(model) -> tuple[int, int]:
     """(key, value) widths per head of the current variant's cached tensors."""
-    (k, v), = cached_shapes(model, 1)[:1]
+    k, v = cached_shapes(model, 1)[0]
     return k[3], v[3]
 
 

@@ -78,8 +78,10 @@ def calibration_documents(data_dir: Path | None, source: str = "wiki") -> list[s
     return [d.strip() for d in docs if len(d.strip()) > 200]
 
 
-def calibration_batch(tokenizer, data_dir: Path | None, source: str, n_samples: int, seqlen: int, seed: int = 0):
-    """``n_samples`` random windows of ``seqlen`` tokens from the calibration text, as a (n, seqlen) LongTensor.
+def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: dict, seed: int = 0) -> dict:
+    """For each ``name: (n_samples, seqlen)`` of ``sizes``, that many random windows of the calibration text as a
+    (n, seqlen) LongTensor. The text is read and tokenized once; each size draws its windows from the same seeded
+    state, so a size gets the same windows whichever other sizes are asked for.
 
     Documents are concatenated (seeded shuffle) so every window is full length.
     """
@@ -89,7 +91,16 @@ def calibration_batch(tokenizer, data_dir: Path | None, source: str, n_samples: 
     rng = random.Random(seed)
     rng.shuffle(docs)
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
-    if ids.numel() < n_samples * seqlen:
-        raise DataError(f"Calibration source '{source}' has {ids.numel()} tokens, fewer than {n_samples}x{seqlen}; lower calibration.n_samples or seqlen.")
-    starts = rng.sample(range(0, ids.numel() - seqlen), n_samples)
-    return torch.stack([ids[s:s + seqlen] for s in sorted(starts)])
+    state, out = rng.getstate(), {}
+    for name, (n_samples, seqlen) in sizes.items():
+        if ids.numel() < n_samples * seqlen:
+            raise DataError(f"Calibration source '{source}' has {ids.numel()} tokens, fewer than {n_samples}x{seqlen}; lower calibration.n_samples or seqlen.")
+        rng.setstate(state)
+        starts = rng.sample(range(0, ids.numel() - seqlen), n_samples)
+        out[name] = torch.stack([ids[s:s + seqlen] for s in sorted(starts)])
+    return out
+
+
+def calibration_batch(tokenizer, data_dir: Path | None, source: str, n_samples: int, seqlen: int, seed: int = 0):
+    """``n_samples`` random windows of ``seqlen`` tokens from the calibration text (see ``calibration_batches``)."""
+    return calibration_batches(tokenizer, data_dir, source, {"default": (n_samples, seqlen)}, seed)["default"]

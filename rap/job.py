@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import analytic, metrics
 from .calibration import STATISTICS
 from .config import is_baseline_ratio
-from .data import calibration_batch, resolve_data_dir, wikitext2_test_text
+from .data import calibration_batches, resolve_data_dir, wikitext2_test_text
 from .environment import describe_environment
 from .errors import ConfigError
 from .evaluation import perplexity
@@ -174,11 +174,9 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
     calib = None
     if method.needs_calibration():
         c = cfg.calibration
-        calib = {"default": calibration_batch(tokenizer, data_dir, c.source, c.n_samples, c.seqlen, seed=cfg.seed)}
-        for stat in STATISTICS:
-            if c.get(stat) is not None:
-                n, seqlen = calibration_size(c, stat)
-                calib[stat] = calibration_batch(tokenizer, data_dir, c.source, n, seqlen, seed=cfg.seed)
+        sizes = {"default": (c.n_samples, c.seqlen)}
+        sizes.update({stat: calibration_size(c, stat) for stat in STATISTICS if c.get(stat) is not None})
+        calib = calibration_batches(tokenizer, data_dir, c.source, sizes, seed=cfg.seed)
     plan = method.make_plan(model, calib)
     return apply_plan(model, plan), plan
 

@@ -150,6 +150,8 @@ class CompressedAttention(nn.Module):
         """From the new tokens: queries (b, heads, s, w) and what the cache stores for keys and values."""
         raise NotImplementedError
 
+    uses_cache_slots = False  # True: ``expand`` reads ``past`` (read from the cache only then: a GPU sync per layer)
+
     def expand(self, q, k, v, past: int = 0):
         """From the cached tensors (all cache slots) to the keys and values the kernel attends over; ``past`` is the
         number of tokens cached before the new ones (the slot of the first query). Keys and values may have fewer
@@ -164,7 +166,8 @@ class CompressedAttention(nn.Module):
         q, k, v = self.project(hidden_states, position_embeddings)
         past = 0
         if cache is not None:
-            past = int(cache.get_seq_length(self.layer_idx))
+            if self.uses_cache_slots:
+                past = int(cache.get_seq_length(self.layer_idx))
             k, v = cache.update(k, v, self.layer_idx)
         q, k, v = self.expand(q, k, v, past)
         if q.shape[2] == 1:  # decode: true widths, no copy of the cache

@@ -60,6 +60,8 @@ class LowRankAttention(CompressedAttention):
         c_v = self.v_proj(x).view(*shape, self.v_heads, self.r_v).transpose(1, 2)
         return q, c_k, c_v  # RoPE waits for the rebuilt keys (expand)
 
+    uses_cache_slots = True  # RoPE at cache slots: the queries' slots start at ``past``
+
     def expand(self, q, c_k, c_v, past: int = 0):
         b, _, n, _ = c_k.shape
         d = self.head_dim
