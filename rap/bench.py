@@ -237,9 +237,28 @@ def widths(model) -> tuple[int, int]:
     return k[3], v[3]
 
 
+CELL = ("shape", "mode", "length", "batch", "cache")  # one timed cell: every variant in interleaved rounds
+SETTINGS = ("dtype", "device", "threads", "rounds", "warmup", "decode_steps")  # what a resumed grid must share
+
+
+def grid_cells(modes, lengths, contexts, batches, caches, prefill_caches) -> list[tuple]:
+    cells = [("prefill", n, 1, c) for n in lengths for c in prefill_caches if "prefill" in modes]
+    return cells + [("decode", n, b, c) for n in contexts for b in batches for c in caches if "decode" in modes]
+
+
+def cell_key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in CELL)
+
+
 def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, ratios, round_tos, rounds: int,
-               warmup: int, device="cpu", dtype=torch.float32, log=print, decode_steps: int = 4) -> list[dict]:
-    """The grid for one layer shape: one row per variant x mode x length x batch x cache kind."""
+               warmup: int, device="cpu", dtype=torch.float32, log=print, decode_steps: int = 4,
+               prefill_caches=("dynamic",), done=frozenset(), emit=None) -> list[dict]:
+    """The grid for one layer shape: one row per variant x mode x length x batch x cache kind. Cells whose
+    ``cell_key`` is in ``done`` are skipped; ``emit`` receives each finished cell's rows."""
+    cells = [c for c in grid_cells(modes, lengths, contexts, batches, caches, prefill_caches)
+             if cell_key(dict(zip(CELL, (shape, *c)))) not in done]
+    if not cells:
+        return []
     model = one_layer_model(shape, dtype, device)
     variants = build_variants(model, methods, ratios, round_tos)
     dims = {}
@@ -251,9 +270,8 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
               "device_name": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup, "decode_steps": decode_steps}
     rows = []
-    cells = [("prefill", n, b, c) for n in lengths for b in (1,) for c in caches if "prefill" in modes]
-    cells += [("decode", n, b, c) for n in contexts for b in batches for c in caches if "decode" in modes]
     for mode, n, b, kind in cells:
+        start = len(rows)
         make = (lambda: decode_op(model, b, n, kind)) if mode == "decode" else (lambda: prefill_op(model, b, n, kind))
         usable, ops = [], {}
         for v in variants:  # a variant whose cache the kind cannot hold is reported, not dropped
@@ -287,6 +305,8 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
         log(f"[bench] {shape} {mode} {n} b{b} {kind}: " + ", ".join(
             f"{x['variant']} {x['ratio_to_full']:.3f}" for x in rows if x.get("status") == "ok" and x["mode"] == mode
             and x["length"] == n and x["batch"] == b and x["cache"] == kind))
+        if emit is not None:
+            emit(rows[start:])
     return rows
 
 
@@ -337,7 +357,7 @@ def headroom(rows: list[dict]) -> list[dict]:
         if r.get("status") != "ok" or key in seen:
             continue
         seen.add(key)
-        per_token = r["kv_bytes_per_token_layer"] * SHAPES[r["shape"]][2]
+        per_token = float(r["kv_bytes_per_token_layer"]) * SHAPES[r["shape"]][2]
         out.append({"shape": r["shape"], "variant": r["variant"], "method": r["method"], "ratio": r["ratio"],
                     "dtype": r["dtype"], "kv_bytes_per_token": per_token,
                     **{f"tokens_{name}": int(budget // per_token) for name, budget in BUDGETS.items()}})
@@ -355,6 +375,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier (possibly interrupted) run, as written (strings), or none."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -366,7 +394,10 @@ def main(argv=None):
     ap.add_argument("--contexts", nargs="+", type=int,
                     default=[512, 1024, 2048, 4096, 8192] + ([16384, 32768] if cuda else []), help="decode contexts")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
-    ap.add_argument("--caches", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
+    ap.add_argument("--caches", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
+                    help="decode cache kinds")
+    ap.add_argument("--prefill-caches", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
+                    help="prefill cache kinds (prefill writes its cache once)")
     ap.add_argument("--methods", nargs="+", default=["rap", "palu", "elitekv"], choices=["rap", "palu", "elitekv"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8])
@@ -376,7 +407,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default="outputs/bench/layer.csv")
+    ap.add_argument("--out", default="outputs/bench/layer.csv",
+                    help="CSV, written after every cell; an existing one is resumed (its finished cells are skipped)")
     ap.add_argument("--wandb", metavar="PROJECT", help="also log the rows as a W&B table (offline unless WANDB_MODE)")
     a = ap.parse_args(argv)
     if a.rounds < 1 or any(x < 1 for x in a.lengths + a.contexts + a.batches):
@@ -390,10 +422,26 @@ def main(argv=None):
         write_csv(rows, out)
         print(f"[bench] wrote {out} ({len(rows)} rows)")
         return
+    rows = read_rows(out)
+    settings = {"dtype": a.dtype, "device": a.device, "threads": torch.get_num_threads(), "rounds": a.rounds,
+                "warmup": a.warmup, "decode_steps": a.decode_steps}
+    same = lambda k, x: str(x).split(":")[0] == str(settings[k]).split(":")[0]  # noqa: E731  (cuda:0 is cuda)
+    clash = sorted({k for r in rows for k in SETTINGS if not same(k, r.get(k))})
+    if clash:
+        raise SystemExit(f"error: {out} holds a grid measured with other settings ({', '.join(clash)}); "
+                         f"pass another --out or remove it")
+    done = {cell_key(r) for r in rows}
+    if done:
+        print(f"[bench] resuming {out}: {len(done)} cells already measured are skipped")
+
+    def emit(cell_rows):
+        rows.extend(cell_rows)
+        write_csv(rows, out)  # after every cell: a stopped run keeps what it finished
+
     for shape in a.shapes:
-        rows += layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
-                           a.rounds, a.warmup, a.device, getattr(torch, a.dtype), decode_steps=a.decode_steps)
-        write_csv(rows, out)  # after every shape: a stopped run keeps what it finished
+        layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
+                   a.rounds, a.warmup, a.device, getattr(torch, a.dtype), decode_steps=a.decode_steps,
+                   prefill_caches=a.prefill_caches, done=done, emit=emit)
     room = headroom(rows)
     write_csv(room, out.with_name(out.stem + "_headroom.csv"))
     print(f"[bench] wrote {out} ({len(rows)} rows) and {out.stem}_headroom.csv")

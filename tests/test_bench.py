@@ -6,7 +6,8 @@ from rap import bench
 
 def test_layer_grid_rows_structure_and_ordering(tmp_path):
     rows = bench.layer_rows("tiny", ["prefill", "decode"], [16], [32], [1, 2], ["dynamic", "static"],
-                            ["rap", "palu", "elitekv"], [0.25, 0.5], [1], rounds=2, warmup=1)
+                            ["rap", "palu", "elitekv"], [0.25, 0.5], [1], rounds=2, warmup=1,
+                            prefill_caches=["dynamic", "static"])
     # stock, rap-full and 3 methods x 2 ratios; cells: prefill x 2 caches + decode x 2 batches x 2 caches
     assert len(rows) == 8 * 6
     assert len({(r["variant"], r["mode"], r["batch"], r["cache"]) for r in rows}) == 8 * 6
@@ -52,3 +53,25 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
     bench.write_csv(rows, tmp_path / "b.csv")
     figures.main(["--latency", str(tmp_path / "b.csv"), "--out", str(tmp_path / "fig")])
     assert {p.name for p in (tmp_path / "fig").glob("*.png")} == {"latency_decode.png", "latency_prefill.png"}
+
+
+def test_bench_cli_resumes_finished_cells_and_refuses_other_settings(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "b.csv"
+    args = ["layer", "--shapes", "tiny", "--modes", "decode", "--contexts", "8", "16", "--batches", "1",
+            "--caches", "dynamic", "--methods", "rap", "--ratios", "0.5", "--round-to", "1", "--rounds", "1",
+            "--warmup", "0", "--decode-steps", "1", "--threads", "1", "--out", str(out)]
+    bench.main(args[:7] + args[8:])  # context 8 only, as if the run had stopped there
+    first = out.read_text()
+    assert len(bench.read_rows(out)) == 3  # stock, rap-full, rap-r0.5
+    bench.main(args)
+    assert "resuming" in capsys.readouterr().out
+    rows = bench.read_rows(out)
+    assert out.read_text().startswith(first)  # the finished cell's rows are kept as they were, not re-measured
+    assert [r["length"] for r in rows] == ["8"] * 3 + ["16"] * 3
+    assert (tmp_path / "b_headroom.csv").exists()
+    other = args.copy()
+    other[other.index("--rounds") + 1] = "3"
+    with pytest.raises(SystemExit, match=r"other settings \(rounds\)"):
+        bench.main(other)

@@ -31,10 +31,12 @@ def linear_rows(lin: nn.Linear, rows: list[int]) -> nn.Linear:
 
 def kernel_widths(qk: int, v: int) -> tuple[int, int]:
     """The widths the prefill SDPA kernel runs at. Its fused CPU/GPU kernels need equal q/k and v widths, otherwise
-    torch falls back to the math kernel (3-4x slower on CPU). Zero-padding the narrower side changes no score and
-    no output, so it is done when it adds at most 1/8 of the wider width; beyond that the math kernel is cheaper."""
+    torch falls back to the math kernel, which materialises every score. Zero-padding the narrower side changes no
+    score and no output, and is cheaper even at large gaps: at 32 heads x 4096 tokens on 2 CPU threads, q/k at 128
+    padded to a value latent of 360 runs the flash kernel in 1.6 s against the math kernel's 4.8 s (at 256 tokens
+    the two are within 10%)."""
     w = max(qk, v)
-    return (w, w) if 8 * (w - min(qk, v)) <= w else (qk, v)
+    return w, w
 
 
 def rope_partners(kept: list[int], head_dim: int) -> tuple[list[int], list[float]]:
