@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .compat import CACHE_ARG
+from .cache import cached_widths
 from .metrics import SDPA_FLOP_MAPPING, _Timer, kv_bytes
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
@@ -118,16 +119,6 @@ def _cache(kind: str, model, max_len: int):
     return DynamicCache() if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
 
 
-def cached_shapes(model, batch: int) -> list[tuple[tuple, tuple]]:
-    """Per layer, the (key, value) shapes the current attention caches for ``batch`` sequences of one token."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with torch.no_grad():
-        model(torch.zeros(batch, 1, dtype=torch.long, device=model.device), **{CACHE_ARG: cache})
-    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
-
-
 def filled_cache(kind: str, model, batch: int, context: int, shapes):
     """A cache holding ``context`` random tokens of the current variant's cached tensors (+1 slot when static)."""
     cache = _cache(kind, model, context + 1)
@@ -141,7 +132,7 @@ def filled_cache(kind: str, model, batch: int, context: int, shapes):
 
 def decode_op(model, batch: int, context: int, kind: str):
     """One decode step at exactly ``context`` cached tokens: (the op, the KV bytes it reads per token per layer)."""
-    cache = filled_cache(kind, model, batch, context, cached_shapes(model, batch))
+    cache = filled_cache(kind, model, batch, context, cached_widths(model, batch))
     held = kv_bytes(cache)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     pos = torch.full((batch, 1), context, device=model.device)
@@ -233,7 +224,7 @@ def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, 
 
 def widths(model) -> tuple[int, int]:
     """(key, value) widths per head of the current variant's cached tensors."""
-    k, v = cached_shapes(model, 1)[0]
+    k, v = cached_widths(model, 1)[0]
     return k[3], v[3]
 
 

@@ -8,9 +8,25 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache=None) -> torch.Tensor:
+    """Logits of one window (1, n): one forward without a cache, or, with ``chunk``, fed through the cache ``chunk``
+    tokens at a time, each chunk attending to what the cache holds of the earlier ones (``make_cache()`` gives a
+    fresh cache; default DynamicCache). Equal for any method that changes only weights; a quantized cache makes
+    every later chunk read dequantized keys and values."""
+    if chunk is None:
+        return model(ids, use_cache=False).logits
+    from transformers import DynamicCache
+
+    from .compat import cache_kwargs
+
+    cache = make_cache() if make_cache is not None else DynamicCache()
+    out = [model(ids[:, i:i + chunk], use_cache=True, **cache_kwargs(cache)).logits for i in range(0, ids.shape[1], chunk)]
+    return torch.cat(out, 1)
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               desc: str = "perplexity") -> dict:
+               desc: str = "perplexity", chunk: int | None = None, make_cache=None) -> dict:
     """Token-level perplexity over non-overlapping windows of ``seqlen`` tokens.
 
     Parameters
@@ -19,6 +35,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     input_ids : 1-D LongTensor, the whole tokenized corpus.
     seqlen : window length; the tail shorter than a window is dropped, as in the GPTQ protocol.
     max_windows : evaluate only the first N windows (quick profile); ``None`` for all.
+    chunk, make_cache : cache-in-the-loop perplexity (``window_logits``); ``None``: one forward per window.
 
     Returns
     -------
@@ -34,7 +51,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     window_nll = []
     for w in tqdm(range(n_windows), desc=desc, leave=False):
         ids = input_ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        logits = window_logits(model, ids, chunk, make_cache)[0, :-1].float()
         window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
     nll = sum(window_nll) / n_windows
     return {"ppl": math.exp(nll), "nll": nll, "tokens": n_windows * (seqlen - 1), "windows": n_windows,

@@ -9,13 +9,16 @@
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
-  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``.
+  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``).
+- long context (``eval=long``, ``rap.long``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
+  ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
 - zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
   ``acc_norm_avg``, ``zs_limit``, ``zs_seed``.
 - ``per_sample.json`` beside it: ``{"ppl": {"window_nll": [...], "seqlen": n}, "zeroshot": {task: {"doc_id": [...],
   "acc": [...], "acc_norm": [...]}}}``, each window's mean NLL and each document's 0/1 scores, for paired
   comparisons between runs on the same documents (``rap.stats``, ``analysis.report``).
-- costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, ``params_total``, ``params_attention``,
+- costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, its parts ``kv_bytes_full`` / ``_packed`` /
+  ``_scales`` and ``kv_cache`` (``fp`` or the quantized cache's label), ``params_total``, ``params_attention``,
   ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
   as ``<key>_formula`` from the config alone.
 - compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
@@ -34,6 +37,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import analytic, metrics
+from .cache import cache_spec, cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
 from .calibration import STATISTICS
 from .config import is_baseline_ratio
 from .data import calibration_batches, resolve_data_dir, wikitext2_test_text
@@ -106,6 +110,8 @@ def identity(config: dict | None) -> dict | None:
     if config is None:
         return None
     drop = LOCATION_KEYS + (UNUSED_BY_BASELINE if config.get("method", {}).get("name") == "none" else ())
+    if (config.get("cache") or {}).get("name", "dynamic") == "dynamic":
+        drop += ("cache",)  # the full-precision cache is what every result before the cache group used
     out = {k: _set_only(v) for k, v in config.items() if k not in drop}
     if "ratio" in out:
         out["ratio"] = float(out["ratio"])
@@ -155,7 +161,14 @@ def build_method(cfg: DictConfig):
 
 
 def check_before_loading(cfg: DictConfig, method) -> None:
-    """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget."""
+    """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget,
+    the cache options."""
+    cache_spec(cfg.get("cache"))
+    ppl_mode(cfg)
+    if cfg.eval.get("long") is not None:
+        from .long import check_tasks
+
+        check_tasks(cfg.eval.long.tasks)
     for stat in STATISTICS:
         if cfg.calibration.get(stat) is not None:
             calibration_size(cfg.calibration, stat)
@@ -179,6 +192,16 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
         calib = calibration_batches(tokenizer, data_dir, c.source, sizes, seed=cfg.seed)
     plan = method.make_plan(model, calib)
     return apply_plan(model, plan), plan
+
+
+def ppl_mode(cfg: DictConfig) -> str:
+    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache (a one-forward perplexity never reads it)."""
+    mode = cfg.eval.ppl.get("mode")
+    if mode is None:
+        return "cached" if cache_spec(cfg.get("cache")).kind == "quantized" else "forward"
+    if mode not in ("forward", "cached"):
+        raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
+    return mode
 
 
 def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
@@ -267,17 +290,23 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
             save_plan(model, out_dir / "plan.json")
 
         t = time.time()
-        results.update(metrics.measure_costs(model, m.context_len))
+        spec = cache_spec(cfg.get("cache"))
+        check_group_size(spec, model)
+        results.update(metrics.measure_costs(model, m.context_len, spec))
         bytes_per_element = next(model.parameters()).element_size()
         results.update(formula_costs(model.config, plan, m.context_len, bytes_per_element))
+        if spec.kind == "quantized":
+            held = quantized_cache_bytes(cached_widths(model), spec, *measured_split(spec, m.context_len), bytes_per_element)
+            results["kv_bytes_per_token_formula"] = held["total"] / m.context_len
+            results.update({f"kv_bytes_{k}_formula": held[k] for k in ("full", "packed", "scales")})
         times["measure"] = time.time() - t
 
         t = time.time()
         results.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
                                                warmup=m.latency_warmup, decode_steps=m.decode_steps))
         times["latency"] = time.time() - t
-        if plan is not None:
-            # Cost baselines are exact in closed form (tests assert measured == formula); latency must be measured.
+        if plan is not None or spec.kind == "quantized":
+            # Cost baselines (the uncompressed model, full-precision cache) are exact in closed form (tests assert measured == formula); latency must be measured.
             dense = formula_costs(model.config, None, m.context_len, bytes_per_element)
             for k in RATIO_KEYS:
                 base.setdefault(k, dense.get(f"{k}_formula"))
@@ -290,10 +319,13 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
         t = time.time()
         p = cfg.eval.ppl
         ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
-        ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows)
+        mode = ppl_mode(cfg)
+        chunk = (p.get("chunk") or 256) if mode == "cached" else None
+        ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
+                         make_cache=lambda: make_cache(spec, model))
         results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
                         "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
-                        "ppl_split": "test"})
+                        "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {})})
         per_sample = {"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}}
         times["ppl"] = time.time() - t
 
@@ -309,6 +341,20 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
             results.update(zs)
             results.update({"zs_limit": z.limit, "zs_seed": cfg.seed})
             times["zeroshot"] = time.time() - t
+
+        lc = cfg.eval.get("long")
+        if lc is not None and lc.tasks:
+            from .long import evaluate_long, long_lengths
+
+            t = time.time()
+            lengths = long_lengths(lc.get("lengths"), model)
+            with tempfile.TemporaryDirectory(prefix="rap_long_") as work:
+                lr = evaluate_long(model, tok, list(lc.tasks), lengths, lc.limit, seed=cfg.seed,
+                                   make_cache=lambda: make_cache(spec, model), work_dir=work)
+            per_sample["long"] = lr.pop("ruler_per_doc")
+            results.update(lr)
+            results.update({"ruler_limit": lc.limit, "ruler_lengths": lengths})
+            times["long"] = time.time() - t
 
         results.update({f"time_{k}_s": v for k, v in times.items()})
         results["wall_time_s"] = time.time() - t0

@@ -40,17 +40,6 @@ def random_ids(model, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(model_device(model))
 
 
-def cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor a transformers cache holds, layer by layer."""
-    out = []
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-    return out
-
-
 @torch.no_grad()
 def prefill(model, ids):
     return output_cache(model(ids, use_cache=True))
@@ -62,18 +51,34 @@ def count_params(model) -> dict:
 
 
 def kv_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+    """Bytes of every tensor the cache holds (``rap.cache.cache_bytes``' total)."""
+    from .cache import cache_bytes
+
+    return cache_bytes(cache)["total"]
 
 
 @torch.no_grad()
-def measure_costs(model, context_len: int) -> dict:
-    """One real prefill of ``context_len`` tokens (batch 1), then one decode step under ``FlopCounterMode``.
+def measure_costs(model, context_len: int, cache_spec=None) -> dict:
+    """A cache holding ``context_len`` real tokens, then one decode step under ``FlopCounterMode``.
 
-    Returns the bytes the cache holds after the prefill, the FLOPs of the decode step (whole model and
-    ``self_attn`` modules alone), the SDPA kernel that ran, and the parameter counts.
+    With the default full-precision cache the tokens are one prefill. With a quantized cache (``rap.cache``) the
+    last ``residual_length // 2`` of them are decoded one at a time, so the cache holds what it holds on average
+    during generation: the quantized tokens and half a residual window at full precision.
+
+    Returns the bytes the cache holds (``kv_bytes``, and its parts ``kv_bytes_full``, ``kv_bytes_packed`` and
+    ``kv_bytes_scales``), the FLOPs of the decode step (whole model and ``self_attn`` modules alone), the SDPA
+    kernel that ran, and the parameter counts.
     """
-    cache = prefill(model, random_ids(model, context_len))
-    held = kv_bytes(cache)
+    from .cache import CacheSpec, cache_bytes, make_cache, measured_split
+
+    spec = cache_spec or CacheSpec()
+    n_prefill, _ = measured_split(spec, context_len)
+    ids = random_ids(model, context_len)
+    cache = make_cache(spec, model)
+    model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache))
+    for t in range(n_prefill, context_len):
+        model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
+    held = cache_bytes(cache)
     counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
     with counter:
         model(random_ids(model, 1, seed=1), use_cache=True, **cache_kwargs(cache))
@@ -81,7 +86,8 @@ def measure_costs(model, context_len: int) -> dict:
     attn = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith("self_attn"))
     kernels = sorted({str(op) for op in per_module["Global"] if "scaled_dot_product" in str(op)})
     return {
-        "context_len": context_len, "kv_bytes": held, "kv_bytes_per_token": held / context_len,
+        "context_len": context_len, "kv_bytes": held["total"], "kv_bytes_per_token": held["total"] / context_len,
+        **{f"kv_bytes_{k}": held[k] for k in ("full", "packed", "scales")}, "kv_cache": spec.label,
         "flops_decode": counter.get_total_flops(), "flops_decode_attention": attn, "sdpa_kernel": ",".join(kernels),
         **count_params(model),
     }

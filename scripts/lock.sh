@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refreshes requirements.lock: every dependency of rap (with the dev and launchers extras), transitive ones included, at an
+# Refreshes requirements.lock: every dependency of rap (with the dev, launchers, quant and long extras), transitive ones included, at an
 # exact version, resolved by uv for the tested platform (CPython 3.11, Linux x86_64).
 #
 #   bash scripts/lock.sh                          # newest versions allowed by pyproject.toml
@@ -19,7 +19,7 @@ tool=$(mktemp -d)
 trap 'rm -rf "$tool"' EXIT
 python3 -m venv "$tool"
 "$tool/bin/python" -m pip install -q "uv==$UV_VERSION"
-"$tool/bin/uv" pip compile pyproject.toml --extra dev --extra launchers \
+"$tool/bin/uv" pip compile pyproject.toml --extra dev --extra launchers --extra quant --extra long \
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --find-links "$TORCH_CPU_WHEELS" --no-emit-package torch \
     --custom-compile-command "bash scripts/lock.sh" \

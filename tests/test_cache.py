@@ -112,3 +112,17 @@ def test_compressed_layer_reads_the_cache_under_either_name():
             attn(h, pos, None, **{name: cache})
         widths.append((cache.layers[0].keys.shape, cache.layers[0].values.shape))
     assert widths[0] == widths[1] and widths[0][0][2] == 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_greedy_generation_equals_full_forward_at_every_step(method):
+    """generate() through the compressed cache picks, at every step, the argmax of a full forward without cache."""
+    model = compressed("tiny-llama", method)
+    prompt = X[:1, :12]
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ids = prompt
+        for _ in range(8):
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(gen, ids)

@@ -121,6 +121,9 @@ def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monk
     (["no_such_key=1"], "no_such_key"),
     (["ratio=0.2", "method=palu", "calibration.whiten=[0,2048]"], "calibration.whiten=[0, 2048] is not [n_samples, seqlen]"),
     (["ratio=0.2", "method=palu", "method.rank_allocation=fisher"], "use fisher_uniform"),
+    (["cache=quantized", "cache.nbits=3"], "cache.nbits=3 is not available with cache.backend=hqq"),
+    (["cache=quantized", "+cache.group=4"], "Unknown cache option(s) ['group']"),
+    (["ratio=0.3", "cache=quantized", "cache.q_group_size=4", "eval.zeroshot.tasks=[]"], "does not divide the cached width"),
 ])
 def test_cli_bad_input_fails_clearly(tmp_path, overrides, message):
     cmd = [sys.executable, "run.py", "model=tiny-llama", "tracking=none", "eval=smoke", f"out_dir={tmp_path}", *overrides]
