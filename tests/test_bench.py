@@ -53,6 +53,12 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
     bench.write_csv(rows, tmp_path / "b.csv")
     figures.main(["--latency", str(tmp_path / "b.csv"), "--out", str(tmp_path / "fig")])
     assert {p.name for p in (tmp_path / "fig").glob("*.png")} == {"latency_decode.png", "latency_prefill.png"}
+    from analysis.bench_table import bench_table
+
+    table = bench_table(tmp_path / "b.csv", ratio=0.3)
+    assert len(table) == 4 and {"rap", "palu", "ideal", "rap-full / stock"} <= set(table.columns)  # one row per cell
+    rap = next(r for r in rows if r["variant"] == "rap-r0.3" and r["mode"] == "decode" and r["length"] == 32)
+    assert table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0].startswith(f"{rap['ratio_to_full']:.3f} [")
 
 
 def test_bench_cli_resumes_finished_cells_and_refuses_other_settings(tmp_path, capsys):
