@@ -226,7 +226,8 @@ def quantized_cache_bytes(shapes, spec: CacheSpec, prefill: int, steps: int, ele
     """``cache_bytes`` in closed form. ``shapes``: per layer the (key, value) shapes of one token (``cached_widths``),
     batch first. Packed integers take nbits per element (HQQ stores 8-bit values as bytes, 4 bits two per byte, 2 bits
     four per byte; quanto the same); each group of ``q_group_size`` channels of one token has one scale and one
-    zero-point of ``scale_size`` bytes (the cache's dtype for HQQ; quanto's scales are the cache dtype too)."""
+    zero-point of ``scale_size`` bytes (the cache's dtype for HQQ; quanto's scales are the cache dtype too). Both
+    pack along the group axis: HQQ's groups are padded to whole byte rows, quanto rounds only its last row up."""
     scale_size = element_size if scale_size is None else scale_size
     if spec.kind == "dynamic":
         n = prefill + steps
@@ -239,9 +240,9 @@ def quantized_cache_bytes(shapes, spec: CacheSpec, prefill: int, steps: int, ele
             full += b * h * tr * w * element_size
             if tq == 0:
                 continue
-            groups = b * h * tq * w // spec.q_group_size
-            if spec.backend == "hqq":  # padded to whole byte rows (GroupPaddedHQQLayer)
-                groups += -groups % pack_rows(spec.nbits)
-            packed += groups * spec.q_group_size * spec.nbits // 8
+            groups, rows = b * h * tq * w // spec.q_group_size, pack_rows(spec.nbits)
+            if spec.backend == "hqq":  # groups padded to whole byte rows (GroupPaddedHQQLayer), scales included
+                groups += -groups % rows
+            packed += -(-groups // rows) * spec.q_group_size  # quanto rounds its last byte row up
             scales += 2 * groups * scale_size
     return {"total": full + packed + scales, "full": full, "packed": packed, "scales": scales}

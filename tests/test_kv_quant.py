@@ -50,6 +50,25 @@ def test_quantized_cache_bytes_equal_closed_form(method):
             assert (held["full"] > 0) == (quantized_tokens(23, 9, spec.residual_length)[1] > 0)
 
 
+@pytest.mark.parametrize("spec", SPECS[1:] + [CacheSpec("quantized", "quanto", 4, 4, 8), CacheSpec("quantized", "quanto", 2, 8, 8)],
+                         ids=lambda s: s.label)
+def test_odd_group_counts_are_held_and_counted(spec):
+    """Three KV heads and an odd prompt give an odd group count: HQQ's padding and quanto's rounded-up last byte row
+    are real bytes, and the closed form counts them (optimum-quanto compiles its C++ extension on first use)."""
+    from rap.models import build_tiny
+
+    model, _ = build_tiny("tiny-llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
+    ids = torch.randint(0, 256, (1, 23 + 9), generator=torch.Generator().manual_seed(4))
+    cache = make_cache(spec, model)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = [model(ids[:, :23], **cache_kwargs(cache)).logits]
+        out += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(23, 32)]
+    assert cache_bytes(cache) == quantized_cache_bytes(cached_widths(model), spec, 23, 9, element_size=4)
+    assert torch.allclose(out[0], full[:, :23], atol=1e-4)  # the prompt's own pass reads nothing quantized
+    assert torch.isfinite(torch.cat(out, 1)).all()
+
+
 def test_quantized_cache_costs_perplexity_in_order_of_bits():
     """Cached perplexity reads the quantized cache: 8 bits stay within a hair of full precision, 2 bits do not."""
     model = compressed("tiny-llama", "rap")
