@@ -227,7 +227,8 @@ def test_main_table_preset_runs_its_grid(tmp_path):
 
 
 @pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"), ("allocation_ablation", "rap"),
-                                            ("baseline_options", "palu"), ("elitekv_options", "elitekv")])
+                                            ("baseline_options", "palu"), ("elitekv_options", "elitekv"),
+                                            ("kv_quant", "rap")])
 def test_every_preset_composes_with_its_method_and_sweep(preset, method):
     cfg = compose(f"+experiment={preset}", "ratio=0.2")
     assert cfg.method.name == method and cfg.sweep == preset.replace("elitekv_options", "baseline_options")
