@@ -97,11 +97,12 @@ def cached_widths(model, batch: int = 1) -> list[tuple[tuple, tuple]]:
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
 
 
-def check_group_size(spec: CacheSpec, model) -> None:
-    """A group must not straddle two tokens: one clear sentence when ``q_group_size`` does not divide a width."""
+def check_group_size(spec: CacheSpec, model, shapes=None) -> None:
+    """A group must not straddle two tokens: one clear sentence when ``q_group_size`` does not divide a width.
+    ``shapes``: ``cached_widths(model)`` when the caller has it already."""
     if spec.kind != "quantized":
         return
-    widths = sorted({s[-1] for k, v in cached_widths(model) for s in (k, v)})
+    widths = sorted({s[-1] for k, v in (shapes or cached_widths(model)) for s in (k, v)})
     bad = [w for w in widths if w % spec.q_group_size]
     if bad:
         g = math.gcd(*widths)

@@ -291,12 +291,13 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
 
         t = time.time()
         spec = cache_spec(cfg.get("cache"))
-        check_group_size(spec, model)
+        shapes = cached_widths(model) if spec.kind == "quantized" else None
+        check_group_size(spec, model, shapes)
         results.update(metrics.measure_costs(model, m.context_len, spec))
         bytes_per_element = next(model.parameters()).element_size()
         results.update(formula_costs(model.config, plan, m.context_len, bytes_per_element))
         if spec.kind == "quantized":
-            held = quantized_cache_bytes(cached_widths(model), spec, *measured_split(spec, m.context_len), bytes_per_element)
+            held = quantized_cache_bytes(shapes, spec, *measured_split(spec, m.context_len), bytes_per_element)
             results["kv_bytes_per_token_formula"] = held["total"] / m.context_len
             results.update({f"kv_bytes_{k}_formula": held[k] for k in ("full", "packed", "scales")})
         times["measure"] = time.time() - t
@@ -306,7 +307,8 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
                                                warmup=m.latency_warmup, decode_steps=m.decode_steps))
         times["latency"] = time.time() - t
         if plan is not None or spec.kind == "quantized":
-            # Cost baselines (the uncompressed model, full-precision cache) are exact in closed form (tests assert measured == formula); latency must be measured.
+            # Cost baselines (uncompressed, full-precision cache) are exact in closed form (tests assert measured ==
+            # formula); latency must be measured.
             dense = formula_costs(model.config, None, m.context_len, bytes_per_element)
             for k in RATIO_KEYS:
                 base.setdefault(k, dense.get(f"{k}_formula"))
@@ -348,9 +350,8 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
 
             t = time.time()
             lengths = long_lengths(lc.get("lengths"), model)
-            with tempfile.TemporaryDirectory(prefix="rap_long_") as work:
-                lr = evaluate_long(model, tok, list(lc.tasks), lengths, lc.limit, seed=cfg.seed,
-                                   make_cache=lambda: make_cache(spec, model), work_dir=work)
+            lr = evaluate_long(model, tok, list(lc.tasks), lengths, lc.limit, seed=cfg.seed,
+                               make_cache=lambda: make_cache(spec, model))
             per_sample["long"] = lr.pop("ruler_per_doc")
             results.update(lr)
             results.update({"ruler_limit": lc.limit, "ruler_lengths": lengths})

@@ -14,7 +14,6 @@ paired comparisons.
 """
 from __future__ import annotations
 
-import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +67,7 @@ def long_lengths(lengths, model) -> list[int]:
     lengths = sorted(int(n) for n in lengths)
     if lengths[-1] > limit or lengths[0] < 1:
         raise ConfigError(f"eval.long.lengths={lengths} must lie within the model's context of {limit} tokens.")
-    return [n for n in lengths if n <= limit]
+    return lengths
 
 
 def cached_generation_lm(model, tokenizer, make_cache, max_length: int, batch_size: int = 1):
@@ -87,16 +86,17 @@ def cached_generation_lm(model, tokenizer, make_cache, max_length: int, batch_si
     return CachedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def evaluate_long(model, tokenizer, tasks, lengths, limit: int | None, seed: int = 0, make_cache=None,
-                  work_dir=None) -> dict:
+def evaluate_long(model, tokenizer, tasks, lengths, limit: int | None, seed: int = 0, make_cache=None) -> dict:
     """RULER ``tasks`` at each of ``lengths`` (prompt tokens) on ``limit`` seeded documents per task and length.
     Returns the flat keys of the module docstring and ``ruler_per_doc`` = ``{task: {"doc_id", "length", "score"}}``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from .zeroshot import sample_indices
+
     tasks, lengths = check_tasks(tasks), sorted(int(n) for n in lengths)
     with tempfile.TemporaryDirectory(prefix="rap_ruler_") as tmp:
-        tok_dir = Path(work_dir or tmp) / "tokenizer"
+        tok_dir = Path(tmp) / "tokenizer"
         tokenizer.save_pretrained(tok_dir)
         with no_nltk_download():
             manager = TaskManager(metadata={"tokenizer": str(tok_dir), "max_seq_lengths": lengths})
@@ -106,9 +106,8 @@ def evaluate_long(model, tokenizer, tasks, lengths, limit: int | None, seed: int
                 by_length = {}
                 for i, doc in enumerate(loaded[t].eval_docs):
                     by_length.setdefault(int(doc["max_length"]), []).append(i)
-                rng = random.Random(seed)
-                samples[t] = sorted(i for n in lengths for i in
-                                    (by_length[n] if limit is None or limit >= len(by_length[n]) else rng.sample(by_length[n], limit)))
+                samples[t] = sorted(by_length[n][j] for n in lengths
+                                    for j in sample_indices(len(by_length[n]), limit, seed))
             gen = max(int(loaded[t].config.generation_kwargs.get("max_gen_toks", 128)) for t in tasks)
             lm = cached_generation_lm(model, tokenizer, make_cache, max_length=max(lengths) + gen)
             out = lm_eval.simple_evaluate(model=lm, tasks=[loaded[t] for t in tasks], task_manager=manager,
