@@ -5,6 +5,7 @@
     python -m analysis.report outputs/a outputs/b --columns variant ratio ppl_wikitext2   # raw columns instead
     python -m analysis.report outputs/baselines --latency latency.csv   # quiet_* columns from experiments/latency.py
     python -m analysis.report outputs/default --env                  # with the environment columns (env_*)
+    python -m analysis.report outputs/kv_quant --cache                # methods x quantized caches: bytes by part
 
 Each compressed run is paired with the uncompressed run of the same model, eval profile and seed (the same
 documents and windows): ``ppl x`` is its perplexity ratio and ``Δacc`` its average-accuracy difference, each
@@ -74,20 +75,35 @@ def _per_sample(path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def _by_length(long: dict) -> dict:
+    """``per_sample.json["long"]`` ({task: doc_id, length, score}) as one task per task and length, the shape
+    ``paired_accuracy_difference`` takes: the mean over (task, length) cells, as ``ruler_avg``."""
+    out = {}
+    for task, d in long.items():
+        for doc, length, score in zip(d["doc_id"], d["length"], d["score"]):
+            cell = out.setdefault(f"{task}_{length}", {"doc_id": [], "score": []})
+            cell["doc_id"].append(doc)
+            cell["score"].append(score)
+    return out
+
+
 def add_paired_intervals(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     """``ppl_ratio``/``acc_diff`` (with ``_low``, ``_high``, ``_significant``) of each run against its baseline."""
     df = df.copy()
     keys = [k for k in PAIR_KEYS if k in df]
-    names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff") for s in ("", "_low", "_high", "_significant")]
+    names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff", "long_diff") for s in ("", "_low", "_high", "_significant")]
     for n in names:
         df[n] = math.nan
     df["baseline_path"] = None
     bases = df[df["method"] == "none"]
+    if "kv_cache" in bases:  # a full-precision cache is the reference of every quantized one
+        bases = bases.sort_values("kv_cache", key=lambda c: c != "fp", kind="stable")
     for i, row in df.iterrows():
-        if row["method"] == "none":
+        quantized = isinstance(row.get("kv_cache"), str) and row["kv_cache"] != "fp"
+        if row["method"] == "none" and not quantized:
             continue
         match = bases[(bases[keys] == row[keys]).all(axis=1)] if keys else bases
-        if match.empty:
+        if match.empty or match.iloc[0]["path"] == row["path"]:
             continue
         base = match.iloc[0]
         df.at[i, "baseline_path"] = base["path"]
@@ -99,6 +115,9 @@ def add_paired_intervals(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
             out["ppl_ratio"] = paired_perplexity_ratio(a["ppl"]["window_nll"], b["ppl"]["window_nll"], n_boot=n_boot)
         if a["zeroshot"] and b["zeroshot"]:
             out["acc_diff"] = paired_accuracy_difference(a["zeroshot"], b["zeroshot"], n_boot=n_boot)
+        if a.get("long") and b.get("long"):
+            out["long_diff"] = paired_accuracy_difference(_by_length(a["long"]), _by_length(b["long"]), "score",
+                                                          n_boot=n_boot)
         for name, iv in out.items():
             df.at[i, name], df.at[i, f"{name}_low"], df.at[i, f"{name}_high"] = iv.estimate, iv.low, iv.high
             df.at[i, f"{name}_significant"] = float(iv.significant)
@@ -165,6 +184,34 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     return frame.to_markdown(index=False, disable_numparse=True)
 
 
+def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """Methods composed with KV-cache quantization (``+experiment=kv_quant``): per run, the KV bytes per token the
+    cache really held, split into full-precision values (residual tokens), packed integers and scales with
+    zero-points, against the closed form; the cached perplexity and the long-context scores, each with its paired
+    95% interval against the uncompressed model with a full-precision cache."""
+    df = add_paired_intervals(df, n_boot)
+    df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
+    df = df.sort_values(["model", "_order", "ratio", "kv_bytes_per_token"], ascending=[True, True, True, False])
+    tokens = df["kv_bytes"] / df["kv_bytes_per_token"]
+    fp = df[(df["method"] == "none") & (df["kv_cache"] == "fp")]["kv_bytes_per_token"]
+    rows = []
+    for i, r in df.iterrows():
+        out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f"), "cache": r["kv_cache"],
+               "KV B/token": f"{r['kv_bytes_per_token']:,.0f}",
+               "of fp baseline": _fmt(r["kv_bytes_per_token"] / fp.iloc[0]) if len(fp) else "",
+               **{f"{part} B/token": f"{r[f'kv_bytes_{part}'] / tokens[i]:,.0f}" for part in ("full", "packed", "scales")},
+               "closed form": f"{r['kv_bytes_per_token_formula']:,.0f}", "ppl": _fmt(r["ppl_wikitext2"], ".3f"),
+               "ppl mode": r.get("ppl_mode", "")}
+        for name, col in (("ppl x [95% CI]", "ppl_ratio"), ("Δ long [95% CI]", "long_diff")):
+            out[name] = "" if pd.isna(r[col]) else (
+                f"{_fmt(r[col])} [{_fmt(r[col + '_low'])}, {_fmt(r[col + '_high'])}]" + ("*" if r[col + "_significant"] == 1 else ""))
+        for c in sorted(c for c in df if c.startswith("ruler_") and c != "ruler_limit" and isinstance(r[c], float)
+                        and not pd.isna(r[c])):
+            out[c.replace("ruler_", "")] = _fmt(r[c])
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
 HEADERS = {"ppl_wikitext2": "ppl", "ppl_ratio": "ppl x [95% CI]", "acc_avg": "acc", "acc_diff": "Δacc [95% CI]",
            **COST_COLUMNS}
 
@@ -179,6 +226,7 @@ def main(argv=None):
     ap.add_argument("--latency", help="CSV written by experiments/latency.py, joined as quiet_* columns")
     ap.add_argument("--columns", nargs="+", help="raw columns instead of the paper table")
     ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
+    ap.add_argument("--cache", action="store_true", help="the KV-cache quantization table (+experiment=kv_quant)")
     a = ap.parse_args(argv)
     df, _ = collect(*a.roots)
     if df.empty:
@@ -192,7 +240,10 @@ def main(argv=None):
         print(f"warning: these runs come from different environments ({', '.join(differ)}); "
               "the columns are shown, compare with care", file=sys.stderr)
     extra = [c for c in (ENV_COLUMNS if a.env else []) + differ]
-    if a.columns or a.env or a.latency:
+    if a.cache:
+        table = cache_table(df)
+        text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, disable_numparse=True)
+    elif a.columns or a.env or a.latency:
         table = summary(df, list(a.columns or COLUMNS) + [c for c in extra if c not in (a.columns or COLUMNS)])
         text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, floatfmt=".4g")
     else:

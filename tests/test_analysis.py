@@ -103,6 +103,36 @@ def test_paper_table_pairs_each_run_with_its_baseline(sweep):
     assert np.isnan(t[t["method"] == "none"].iloc[0]["ppl_ratio"])
 
 
+def test_cache_table_pairs_quantized_runs_with_the_full_precision_baseline(tmp_path):
+    root = tmp_path / "kv_quant"
+
+    def run(name, method, cache, nll_shift, kv, parts, seed, misses=0):
+        tokens = 10
+        extra = {"kv_cache": cache, "kv_bytes": kv * tokens, "kv_bytes_per_token_formula": kv, "ppl_mode": "cached",
+                 **{f"kv_bytes_{p}": b * tokens for p, b in zip(("full", "packed", "scales"), parts)},
+                 "ruler_niah_single_1_2048": 1 - misses / 20}
+        d = make_run(root, name, method, 0.0 if method == "none" else 0.3, 20 * np.exp(nll_shift), kv=kv,
+                     nll_shift=nll_shift, extra=extra, seed=seed)
+        per = json.loads((d / "per_sample.json").read_text())
+        per["long"] = {"niah_single_1": {"doc_id": list(range(20)), "length": [2048] * 20,
+                                         "score": [0.0] * misses + [1.0] * (20 - misses)}}
+        (d / "per_sample.json").write_text(json.dumps(per))
+
+    run("base_int4", "none", "hqq-int4-g16", 0.02, 20, (4, 10, 6), 1)  # listed before the fp baseline on purpose
+    run("base", "none", "fp", 0.0, 100, (100, 0, 0), 0)
+    run("rap_int4", "rap", "hqq-int4-g16", 0.3, 14, (3, 7, 4), 2, misses=8)
+    df, _ = collect_module.collect(root, quiet=True)
+    t = report.cache_table(df).set_index("cache")
+    assert list(t.loc[["fp", "hqq-int4-g16"], "method"].values.ravel()) == ["none", "none", "rap"]
+    quant_base = t[(t["method"] == "none")].loc["hqq-int4-g16"]
+    assert quant_base["of fp baseline"] == "0.200" and quant_base["packed B/token"] == "10"
+    assert quant_base["ppl x [95% CI]"].startswith("1.020")  # against fp, not itself
+    rap = t[t["method"] == "rap"].iloc[0]
+    assert rap["ppl x [95% CI]"].startswith("1.350") and rap["ppl x [95% CI]"].endswith("*")
+    assert rap["Δ long [95% CI]"].startswith("-0.400") and rap["niah_single_1_2048"] == "0.600"
+    assert t[t["method"] == "none"].loc["fp", "ppl x [95% CI]"] == ""
+
+
 @pytest.mark.parametrize("fmt", ["md", "latex", "csv"])
 def test_report_formats_mark_best_and_significant(sweep, capsys, fmt):
     report.main([str(sweep), "--format", fmt])
