@@ -122,10 +122,10 @@ def _cache(kind: str, model, max_len: int):
 def filled_cache(kind: str, model, batch: int, context: int, shapes):
     """A cache holding ``context`` random tokens of the current variant's cached tensors (+1 slot when static)."""
     cache = _cache(kind, model, context + 1)
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=model.device).manual_seed(0)  # drawn where it is used: 32k-token caches on GPU
     dtype = next(model.parameters()).dtype
     for i, (k, v) in enumerate(shapes):
-        rand = lambda s: torch.randn(s[0], s[1], context, s[3], generator=g).to(model.device, dtype)  # noqa: E731
+        rand = lambda s: torch.randn(s[0], s[1], context, s[3], generator=g, device=model.device, dtype=dtype)  # noqa: E731
         cache.update(rand(k), rand(v), i)
     return cache
 

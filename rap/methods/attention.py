@@ -107,6 +107,13 @@ def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     Returns (b, 1, nh, m)."""
     b, nh, _, n = q.shape
     hk, hv, t = k.shape[1], v.shape[1], k.shape[2]
+    if q.is_cuda and hk == hv and n == v.shape[-1] and (mask is None or n % 8 == 0):
+        # Measured on an H100 in bf16 (Llama-3-8B heads, README "On a GPU"): the fused GQA kernels (cuDNN, flash)
+        # read the cache in place and run 1.4-3x faster than the matmul path below. With a mask (a static cache)
+        # only cuDNN takes widths that are multiples of 8; at other widths SDPA falls back to its math kernel,
+        # which copies the cache per query head (3-12x slower), so the matmul path runs there.
+        m = None if mask is None else mask[..., -1:, :t]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling, enable_gqa=True).transpose(1, 2)
     scores = (q.reshape(b, hk, nh // hk, n) @ k.transpose(-1, -2)).reshape(b, nh, t) * scaling
     if mask is not None:
         mask = mask[..., -1, :t].reshape(mask.shape[0], 1, t)
