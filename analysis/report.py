@@ -6,6 +6,7 @@
     python -m analysis.report outputs/baselines --latency latency.csv   # quiet_* columns from experiments/latency.py
     python -m analysis.report outputs/default --env                  # with the environment columns (env_*)
     python -m analysis.report outputs/kv_quant --cache                # methods x quantized caches: bytes by part
+    python -m analysis.report outputs/long_context --long             # RULER: each task x length, paired Δ
 
 Each compressed run is paired with the uncompressed run of the same model, eval profile and seed (the same
 documents and windows): ``ppl x`` is its perplexity ratio and ``Δacc`` its average-accuracy difference, each
@@ -21,6 +22,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.collect import collect, collect_local
@@ -212,6 +214,39 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """RULER scores (``eval=long``) per run: each task at each length, and per length the average over tasks with
+    its paired 95% interval against the uncompressed run (same documents), so a reader sees where a method loses."""
+    df = df[df.get("eval_profile", pd.Series("long", index=df.index)) == "long"].copy()
+    df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
+    df = df.sort_values(["model", "_order", "ratio"])
+    runs = {i: _per_sample(r["path"]) for i, r in df.iterrows()}
+    rows = []
+    for i, r in df.iterrows():
+        if not (runs[i] or {}).get("long"):
+            continue
+        cells = _by_length(runs[i]["long"])
+        same = (df["method"] == "none") & (df["model"] == r["model"])
+        if "kv_cache" in df:  # quantization is part of what is compared only where the baseline has it too
+            same &= df["kv_cache"] == r["kv_cache"]
+        base = df[same]
+        base_cells = _by_length(runs[base.index[0]]["long"]) if len(base) and runs[base.index[0]] else None
+        out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f")}
+        lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
+        for n in lengths:
+            at = sorted(k for k in cells if k.endswith(f"_{n}"))
+            out[f"avg@{n}"] = _fmt(float(np.mean([np.mean(cells[k]["score"]) for k in at])))
+            if base_cells is not None and r["method"] != "none":
+                iv = paired_accuracy_difference(base_cells, cells, "score", tasks=at, n_boot=n_boot)
+                out[f"Δ@{n} [95% CI]"] = (f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+                                          + ("*" if iv.significant else ""))
+        for k in sorted(cells, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
+            task, n = k.rsplit("_", 1)
+            out[f"{task}@{n}"] = _fmt(float(np.mean(cells[k]["score"])), ".2f")
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
 HEADERS = {"ppl_wikitext2": "ppl", "ppl_ratio": "ppl x [95% CI]", "acc_avg": "acc", "acc_diff": "Δacc [95% CI]",
            **COST_COLUMNS}
 
@@ -227,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--columns", nargs="+", help="raw columns instead of the paper table")
     ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
     ap.add_argument("--cache", action="store_true", help="the KV-cache quantization table (+experiment=kv_quant)")
+    ap.add_argument("--long", action="store_true", help="the RULER table (eval=long): task x length, paired Δ")
     a = ap.parse_args(argv)
     df, _ = collect(*a.roots)
     if df.empty:
@@ -240,8 +276,8 @@ def main(argv=None):
         print(f"warning: these runs come from different environments ({', '.join(differ)}); "
               "the columns are shown, compare with care", file=sys.stderr)
     extra = [c for c in (ENV_COLUMNS if a.env else []) + differ]
-    if a.cache:
-        table = cache_table(df)
+    if a.cache or a.long:
+        table = cache_table(df) if a.cache else long_table(df)
         text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, disable_numparse=True)
     elif a.columns or a.env or a.latency:
         table = summary(df, list(a.columns or COLUMNS) + [c for c in extra if c not in (a.columns or COLUMNS)])

@@ -103,6 +103,35 @@ def test_paper_table_pairs_each_run_with_its_baseline(sweep):
     assert np.isnan(t[t["method"] == "none"].iloc[0]["ppl_ratio"])
 
 
+def add_long(run_dir, scores: dict):
+    """RULER per-document scores ({(task, length): [score per document]}) into a run's per_sample.json."""
+    per = json.loads((run_dir / "per_sample.json").read_text())
+    long = per.setdefault("long", {})
+    for (task, length), sc in scores.items():
+        cell = long.setdefault(task, {"doc_id": [], "length": [], "score": []})
+        cell["doc_id"] += list(range(len(sc)))
+        cell["length"] += [length] * len(sc)
+        cell["score"] += sc
+    (run_dir / "per_sample.json").write_text(json.dumps(per))
+
+
+def test_long_table_pairs_each_task_and_length_with_the_baseline(tmp_path):
+    root = tmp_path / "long_context"
+    ones, some = [1.0] * 10, [1.0] * 6 + [0.0] * 4
+    for name, method, ratio, scores in (
+            ("base", "none", 0.0, {("niah", 1024): ones, ("niah", 4096): ones, ("vt", 1024): ones, ("vt", 4096): some}),
+            ("rap", "rap", 0.3, {("niah", 1024): ones, ("niah", 4096): [0.0] * 10, ("vt", 1024): ones,
+                                 ("vt", 4096): some})):
+        d = make_run(root, name, method, ratio, 20.0, extra={"eval_profile": "long"})
+        add_long(d, scores)
+    df, _ = collect_module.collect(root, quiet=True)
+    t = report.long_table(df).set_index("method")
+    assert t.loc["none", "avg@4096"] == "0.800" and t.loc["rap", "avg@4096"] == "0.300"
+    assert t.loc["rap", "niah@4096"] == "0.00" and t.loc["rap", "vt@4096"] == "0.60"
+    assert t.loc["rap", "Δ@4096 [95% CI]"].startswith("-0.500") and t.loc["rap", "Δ@4096 [95% CI]"].endswith("*")
+    assert t.loc["rap", "Δ@1024 [95% CI]"] == "+0.000 [+0.000, +0.000]"
+
+
 def test_cache_table_pairs_quantized_runs_with_the_full_precision_baseline(tmp_path):
     root = tmp_path / "kv_quant"
 
@@ -113,10 +142,7 @@ def test_cache_table_pairs_quantized_runs_with_the_full_precision_baseline(tmp_p
                  "ruler_niah_single_1_2048": 1 - misses / 20}
         d = make_run(root, name, method, 0.0 if method == "none" else 0.3, 20 * np.exp(nll_shift), kv=kv,
                      nll_shift=nll_shift, extra=extra, seed=seed)
-        per = json.loads((d / "per_sample.json").read_text())
-        per["long"] = {"niah_single_1": {"doc_id": list(range(20)), "length": [2048] * 20,
-                                         "score": [0.0] * misses + [1.0] * (20 - misses)}}
-        (d / "per_sample.json").write_text(json.dumps(per))
+        add_long(d, {("niah_single_1", 2048): [0.0] * misses + [1.0] * (20 - misses)})
 
     run("base_int4", "none", "hqq-int4-g16", 0.02, 20, (4, 10, 6), 1)  # listed before the fp baseline on purpose
     run("base", "none", "fp", 0.0, 100, (100, 0, 0), 0)
