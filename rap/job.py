@@ -291,7 +291,11 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
 
         t = time.time()
         spec = cache_spec(cfg.get("cache"))
-        shapes = cached_widths(model) if spec.kind == "quantized" else None
+        shapes = cached_widths(model)
+        if model.device.type == "cuda" and any(w[3] % 8 for kv in shapes for w in kv):
+            # docs/bench/gpu_h100.md: unaligned widths reach no cuDNN kernel and run slower than full width
+            print(f"[rap] warning: cached widths {sorted({w[3] for kv in shapes for w in kv})} are not all multiples "
+                  "of 8; on a GPU set method.round_to=8, else the compressed attention can be slower than the original")
         check_group_size(spec, model, shapes)
         results.update(metrics.measure_costs(model, m.context_len, spec))
         bytes_per_element = next(model.parameters()).element_size()
