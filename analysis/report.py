@@ -244,7 +244,11 @@ def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
             task, n = k.rsplit("_", 1)
             out[f"{task}@{n}"] = _fmt(float(np.mean(cells[k]["score"])), ".2f")
         rows.append(out)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    per_length = sorted((c for c in frame if c.startswith(("avg@", "Δ@"))),
+                        key=lambda c: (int(c.split("@")[1].split()[0]), c.startswith("Δ")))
+    rest = [c for c in frame if c not in per_length and c not in ("model", "method", "ratio")]
+    return frame[["model", "method", "ratio", *per_length, *rest]].fillna("")
 
 
 HEADERS = {"ppl_wikitext2": "ppl", "ppl_ratio": "ppl x [95% CI]", "acc_avg": "acc", "acc_diff": "Δacc [95% CI]",
