@@ -17,6 +17,7 @@ device, dtype, threads) are flagged on stderr and the differing env_* columns ad
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -72,9 +73,15 @@ def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
     return df[cols].sort_values(keys).reset_index(drop=True)
 
 
-def _per_sample(path) -> dict | None:
-    f = Path(str(path)) / "per_sample.json"
+@functools.lru_cache(maxsize=None)
+def _read_per_sample(path: str) -> dict | None:
+    f = Path(path) / "per_sample.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def _per_sample(path) -> dict | None:
+    """A run's ``per_sample.json`` (read once per report; callers do not modify it)."""
+    return _read_per_sample(str(path))
 
 
 def _by_length(long: dict) -> dict:
@@ -149,6 +156,13 @@ def _fmt(x, spec=".3f") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _interval(est, low, high, significant, spec=".3f") -> str:
+    """``est [low, high]``, ``*`` where the interval excludes no change; blank without an estimate."""
+    if est is None or (isinstance(est, float) and math.isnan(est)):
+        return ""
+    return f"{_fmt(est, spec)} [{_fmt(low, spec)}, {_fmt(high, spec)}]" + ("*" if significant else "")
+
+
 def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     """Markdown or LaTeX: intervals as ``est [low, high]``, ``*`` where significant, the best per ratio in bold."""
     bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
@@ -168,12 +182,8 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
         out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""), "ratio": _fmt(r["ratio"], ".2f")}
         for col in value_cols:
             if col in ("ppl_ratio", "acc_diff"):
-                if pd.isna(r.get(col)):
-                    s = ""
-                else:
-                    spec = ".3f" if col == "ppl_ratio" else "+.3f"
-                    s = f"{_fmt(r[col], spec)} [{_fmt(r[col + '_low'], spec)}, {_fmt(r[col + '_high'], spec)}]"
-                    s += "*" if r[col + "_significant"] == 1.0 else ""
+                s = _interval(r.get(col), r.get(col + "_low"), r.get(col + "_high"), r.get(col + "_significant") == 1.0,
+                              ".3f" if col == "ppl_ratio" else "+.3f")
             else:
                 s = _fmt(r[col], ".2f" if col == "ppl_wikitext2" else ".3f")
             out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if best.get((i, col)) and s else s
@@ -205,8 +215,7 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
                "closed form": f"{r['kv_bytes_per_token_formula']:,.0f}", "ppl": _fmt(r["ppl_wikitext2"], ".3f"),
                "ppl mode": r.get("ppl_mode", "")}
         for name, col in (("ppl x [95% CI]", "ppl_ratio"), ("Δ long [95% CI]", "long_diff")):
-            out[name] = "" if pd.isna(r[col]) else (
-                f"{_fmt(r[col])} [{_fmt(r[col + '_low'])}, {_fmt(r[col + '_high'])}]" + ("*" if r[col + "_significant"] == 1 else ""))
+            out[name] = _interval(r[col], r[col + "_low"], r[col + "_high"], r[col + "_significant"] == 1)
         for c in sorted(c for c in df if c.startswith("ruler_") and c != "ruler_limit" and isinstance(r[c], float)
                         and not pd.isna(r[c])):
             out[c.replace("ruler_", "")] = _fmt(r[c])
@@ -217,29 +226,26 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
 def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     """RULER scores (``eval=long``) per run: each task at each length, and per length the average over tasks with
     its paired 95% interval against the uncompressed run (same documents), so a reader sees where a method loses."""
-    df = df[df.get("eval_profile", pd.Series("long", index=df.index)) == "long"].copy()
+    df = df[df.get("eval_profile", pd.Series("long", index=df.index)) == "long"]
+    df = add_paired_intervals(df, n_boot)  # its baseline choice: the uncompressed run with a full-precision cache
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values(["model", "_order", "ratio"])
-    runs = {i: _per_sample(r["path"]) for i, r in df.iterrows()}
     rows = []
-    for i, r in df.iterrows():
-        if not (runs[i] or {}).get("long"):
+    for _, r in df.iterrows():
+        run = _per_sample(r["path"])
+        if not (run or {}).get("long"):
             continue
-        cells = _by_length(runs[i]["long"])
-        same = (df["method"] == "none") & (df["model"] == r["model"])
-        if "kv_cache" in df:  # quantization is part of what is compared only where the baseline has it too
-            same &= df["kv_cache"] == r["kv_cache"]
-        base = df[same]
-        base_cells = _by_length(runs[base.index[0]]["long"]) if len(base) and runs[base.index[0]] else None
+        cells = _by_length(run["long"])
+        base = _per_sample(r["baseline_path"]) if r["baseline_path"] else None
+        base_cells = _by_length(base["long"]) if base and base.get("long") else None
         out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f")}
         lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
         for n in lengths:
             at = sorted(k for k in cells if k.endswith(f"_{n}"))
             out[f"avg@{n}"] = _fmt(float(np.mean([np.mean(cells[k]["score"]) for k in at])))
-            if base_cells is not None and r["method"] != "none":
+            if base_cells is not None:
                 iv = paired_accuracy_difference(base_cells, cells, "score", tasks=at, n_boot=n_boot)
-                out[f"Δ@{n} [95% CI]"] = (f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
-                                          + ("*" if iv.significant else ""))
+                out[f"Δ@{n} [95% CI]"] = _interval(iv.estimate, iv.low, iv.high, iv.significant, "+.3f")
         for k in sorted(cells, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
             task, n = k.rsplit("_", 1)
             out[f"{task}@{n}"] = _fmt(float(np.mean(cells[k]["score"])), ".2f")

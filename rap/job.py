@@ -163,8 +163,7 @@ def build_method(cfg: DictConfig):
 def check_before_loading(cfg: DictConfig, method) -> None:
     """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget,
     the cache options."""
-    cache_spec(cfg.get("cache"))
-    ppl_mode(cfg)
+    ppl_mode(cfg, cache_spec(cfg.get("cache")))
     if cfg.eval.get("long") is not None:
         from .long import check_tasks
 
@@ -194,11 +193,12 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
     return apply_plan(model, plan), plan
 
 
-def ppl_mode(cfg: DictConfig) -> str:
-    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache (a one-forward perplexity never reads it)."""
+def ppl_mode(cfg: DictConfig, spec) -> str:
+    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache ``spec`` (a one-forward perplexity never
+    reads it)."""
     mode = cfg.eval.ppl.get("mode")
     if mode is None:
-        return "cached" if cache_spec(cfg.get("cache")).kind == "quantized" else "forward"
+        return "cached" if spec.kind == "quantized" else "forward"
     if mode not in ("forward", "cached"):
         raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
     return mode
@@ -292,10 +292,11 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
         t = time.time()
         spec = cache_spec(cfg.get("cache"))
         shapes = cached_widths(model)
-        if model.device.type == "cuda" and any(w[3] % 8 for kv in shapes for w in kv):
+        widths = sorted({w[3] for kv in shapes for w in kv})
+        if model.device.type == "cuda" and any(w % 8 for w in widths):
             # docs/bench/gpu_h100.md: unaligned widths reach no cuDNN kernel and run slower than full width
-            print(f"[rap] warning: cached widths {sorted({w[3] for kv in shapes for w in kv})} are not all multiples "
-                  "of 8; on a GPU set method.round_to=8, else the compressed attention can be slower than the original")
+            print(f"[rap] warning: cached widths {widths} are not all multiples of 8; on a GPU set method.round_to=8, "
+                  "else the compressed attention can be slower than the original")
         check_group_size(spec, model, shapes)
         results.update(metrics.measure_costs(model, m.context_len, spec))
         bytes_per_element = next(model.parameters()).element_size()
@@ -325,7 +326,7 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
         t = time.time()
         p = cfg.eval.ppl
         ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
-        mode = ppl_mode(cfg)
+        mode = ppl_mode(cfg, spec)
         chunk = (p.get("chunk") or 256) if mode == "cached" else None
         ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
                          make_cache=lambda: make_cache(spec, model))
