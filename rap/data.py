@@ -47,7 +47,7 @@ def wikitext2_test_rows(data_dir: Path | None) -> list[str]:
         from datasets import load_dataset
 
         return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
-    lines = data_file(data_dir, WIKITEXT_TEST).read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text(data_file(data_dir, WIKITEXT_TEST)).splitlines(keepends=True)
     return ["" if line == " \n" else line for line in lines]
 
 
@@ -70,12 +70,39 @@ def calibration_documents(data_dir: Path | None, source: str = "wiki") -> list[s
         raise DataError(f"Unknown calibration source '{source}'; use wiki, c4 or wikitext2_train.")
     if data_dir is None:
         raise DataError(f"Calibration source '{source}' needs a data dir; set data.dir=... or ${DATA_DIR_ENV}.")
-    text = data_file(data_dir, CALIBRATION_FILES[source]).read_text(encoding="utf-8")
+    path = data_file(data_dir, CALIBRATION_FILES[source])
+    text = read_text(path)
     if source == "wiki":  # WikiExtractor output: <doc id=.. title=..> ... </doc>
         docs = re.findall(r"<doc[^>]*>(.*?)</doc>", text, flags=re.S)
     else:  # one web page per line
         docs = text.splitlines()
-    return [d.strip() for d in docs if len(d.strip()) > 200]
+    docs = [d.strip() for d in docs if len(d.strip()) > 200]
+    if not docs:
+        raise DataError(f"Calibration file {path} holds no document of more than 200 characters; restore it from its "
+                        "source or use another calibration.source.")
+    return docs
+
+
+def read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; restore it from its source (see the data README).") from None
+
+
+def check_wikitext2_test(data_dir: Path | None, seqlen: int) -> None:
+    """Before loading: the test file holds at least one window (a token is at least one byte, so fewer bytes than
+    ``seqlen`` means fewer tokens). The exact count is checked once it is tokenized (``check_window``)."""
+    if data_dir is None:
+        return
+    path = data_file(data_dir, WIKITEXT_TEST)
+    check_window(len(read_text(path).encode()), seqlen, path, "bytes")
+
+
+def check_window(n: int, seqlen: int, path, unit: str = "tokens") -> None:
+    if n < seqlen:
+        raise DataError(f"{path} holds {n} {unit}, fewer than one perplexity window of {seqlen} tokens; the file is "
+                        "truncated (restore it) or lower eval.ppl.seqlen.")
 
 
 def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: dict, seed: int = 0) -> dict:

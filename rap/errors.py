@@ -15,3 +15,11 @@ class ModelError(RapError):
 
 class ConfigError(RapError):
     """An inconsistent or out-of-range setting."""
+
+
+class PlanError(RapError):
+    """A compression plan file is unreadable or does not fit the model it is applied to."""
+
+
+class OutputError(RapError):
+    """A result cannot be written (full disk, read-only folder)."""

@@ -40,10 +40,13 @@ from . import analytic, metrics
 from .cache import cache_spec, cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
 from .calibration import STATISTICS
 from .config import is_baseline_ratio
-from .data import calibration_batches, resolve_data_dir, wikitext2_test_text
+from .data import (WIKITEXT_TEST, calibration_batches, calibration_documents, check_wikitext2_test, check_window,
+                   resolve_data_dir, wikitext2_test_text)
 from .environment import describe_environment
-from .errors import ConfigError
+from .errors import ConfigError, RapError
 from .evaluation import perplexity
+from .faults import kill_point, set_current_run
+from .files import job_lock, remove_temp_files, writable_dir, write_atomic
 from .models import ModelSpec, check_rope_config, load_config, load_model, resolve_device, resolve_dtype
 from .tracking import make_tracker
 
@@ -51,16 +54,6 @@ from .tracking import make_tracker
 FAILURE_FILE = "failure.json"  # written instead of metrics.json when a started job fails or is interrupted
 RATIO_KEYS = ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode", "flops_decode_attention",
               "latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same dir, then rename: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -160,9 +153,10 @@ def build_method(cfg: DictConfig):
     return make_method(cfg.method.name, float(cfg.ratio), **options)
 
 
-def check_before_loading(cfg: DictConfig, method) -> None:
-    """Everything that can be checked from the model config alone: RoPE layout, the method's options and budget,
-    the cache options."""
+def check_before_loading(cfg: DictConfig, method, data_dir) -> dict | None:
+    """Everything that can be checked from the model config and the data files alone: RoPE layout, the method's
+    options and budget, the cache options, the data files the job will read, and a given plan file (returned,
+    loaded and validated, so it is read once)."""
     ppl_mode(cfg, cache_spec(cfg.get("cache")))
     if cfg.eval.get("long") is not None:
         from .long import check_tasks
@@ -175,14 +169,41 @@ def check_before_loading(cfg: DictConfig, method) -> None:
     check_rope_config(config)
     if method is not None:
         method.validate(config)
+    check_data(cfg, method, data_dir)
+    if method is None or not cfg.get("plan"):
+        return None
+    from .methods import load_plan, validate_plan
+
+    plan = load_plan(cfg.plan)
+    if plan.get("method") != method.name or plan.get("ratio") != float(cfg.ratio):
+        raise ConfigError(f"plan={cfg.plan} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the job asks "
+                          f"for method={method.name} at ratio={cfg.ratio}; set method= and ratio= to match it.")
+    validate_plan(config, plan)
+    return plan
 
 
-def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir):
-    """Apply ``method`` (from ``build_method``); returns ``(model, plan)``. ``plan`` is None for the baseline."""
+def check_data(cfg: DictConfig, method, data_dir) -> None:
+    """Read the local data files the job will use (before any model is loaded): a bad file fails at once."""
+    if data_dir is None:
+        return
+    check_wikitext2_test(data_dir, cfg.eval.ppl.seqlen)
+    if cfg.eval.zeroshot.tasks:
+        from .zeroshot import check_task_files
+
+        check_task_files(data_dir, list(cfg.eval.zeroshot.tasks))
+    if method is not None and not cfg.get("plan") and method.needs_calibration():
+        calibration_documents(data_dir, cfg.calibration.source)
+
+
+def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir, plan: dict | None = None):
+    """Apply ``method`` (from ``build_method``), or the given ``plan`` (``cfg.plan``, loaded by
+    ``check_before_loading``); returns ``(model, plan)``. ``plan`` is None for the baseline."""
     if method is None:
         return model, None
     from .methods import apply_plan
 
+    if plan is not None:
+        return apply_plan(model, plan), plan
     calib = None
     if method.needs_calibration():
         c = cfg.calibration
@@ -233,21 +254,39 @@ def threads_per_job(threads, launcher: dict | None = None, cores: int | None = N
 
 def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dict:
     """Run one job into ``out_dir``; returns the metrics. Writes ``metrics.json`` only when everything succeeded.
-    ``launcher`` is Hydra's launcher config (it bounds the torch threads of parallel jobs)."""
+    ``launcher`` is Hydra's launcher config (it bounds the torch threads of parallel jobs). The job holds the folder's
+    lock while it computes (``rap.files.job_lock``), so a cell is computed once however many sweeps reach it."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)
     config = job_config(cfg)
+    writable_dir(out_dir)
     if finished(out_dir, config):
-        print(f"[rap] skipping {cfg.run_name}: {out_dir / 'metrics.json'} exists for this config")
-        return json.loads((out_dir / "metrics.json").read_text())
+        return skip(cfg, out_dir)
+    with job_lock(out_dir, cfg.run_name):
+        if finished(out_dir, config):  # another process computed it while this one waited
+            return skip(cfg, out_dir)
+        remove_temp_files(out_dir)  # a killed writer's leftovers
+        set_current_run(cfg.run_name)
+        try:
+            return compute_job(cfg, config, out_dir, launcher)
+        finally:
+            set_current_run(None)
+
+
+def skip(cfg: DictConfig, out_dir: Path) -> dict:
+    print(f"[rap] skipping {cfg.run_name}: {out_dir / 'metrics.json'} exists for this config", flush=True)
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | None) -> dict:
+    print(f"[rap] computing {cfg.run_name} in {out_dir}", flush=True)
     data_dir = resolve_data_dir(cfg.data.dir)
     if data_dir is not None and cfg.model.source != "hub":
         # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     method = build_method(cfg)
-    check_before_loading(cfg, method)
+    given_plan = check_before_loading(cfg, method, data_dir)
 
     threads = threads_per_job(cfg.get("threads", "auto"), launcher)
     if threads:
@@ -269,6 +308,7 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(config))
     try:
         t = time.time()
+        kill_point("load")
         model, tok = load_model(spec)
         times["load"] = time.time() - t
 
@@ -282,7 +322,8 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
             times["baseline"] = time.time() - t
 
         t = time.time()
-        model, plan = compress_model(model, tok, method, cfg, data_dir)
+        kill_point("compress")
+        model, plan = compress_model(model, tok, method, cfg, data_dir, given_plan)
         times["compress"] = time.time() - t
         if plan is not None:
             from .methods import save_plan
@@ -308,6 +349,7 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
         times["measure"] = time.time() - t
 
         t = time.time()
+        kill_point("latency")
         results.update(metrics.measure_latency(model, m.context_len, repeats=m.latency_repeats,
                                                warmup=m.latency_warmup, decode_steps=m.decode_steps))
         times["latency"] = time.time() - t
@@ -324,8 +366,10 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
                 results[f"{k}_ratio"] = results[k] / base[k]
 
         t = time.time()
+        kill_point("ppl")
         p = cfg.eval.ppl
         ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
+        check_window(ids.numel(), p.seqlen, "WikiText-2 test" if data_dir is None else data_dir / WIKITEXT_TEST)
         mode = ppl_mode(cfg, spec)
         chunk = (p.get("chunk") or 256) if mode == "cached" else None
         ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
@@ -341,6 +385,7 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
             from .zeroshot import evaluate_zero_shot
 
             t = time.time()
+            kill_point("zeroshot")
             with tempfile.TemporaryDirectory(prefix="rap_tasks_") as work:
                 zs = evaluate_zero_shot(model, tok, list(z.tasks), data_dir, limit=z.limit, seed=cfg.seed,
                                         batch_size=z.batch_size, work_dir=work)
@@ -366,17 +411,26 @@ def run_job(cfg: DictConfig, out_dir: Path, launcher: dict | None = None) -> dic
         results["wall_time_s"] = time.time() - t0
         results["status"] = "complete"
         write_atomic(out_dir / "per_sample.json", json.dumps(per_sample, separators=(",", ":")))
-        write_atomic(out_dir / "metrics.json", json.dumps(results, indent=1, sort_keys=True))
+        write_atomic(out_dir / "metrics.json", json.dumps(results, indent=1, sort_keys=True))  # the commit point
         (out_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's record
+    except BaseException as e:
+        # No metrics.json: the folder never looks complete. The record says why, for analysis.collect.
+        try:
+            write_atomic(out_dir / FAILURE_FILE, json.dumps({"error": type(e).__name__, "message": str(e)[:2000],
+                                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        except RapError:
+            pass  # a full disk: the error to report is the one that stopped the job
+        tracker.finish(exit_code=1)  # W&B shows the run as failed
+        raise
+    # The result is complete; the W&B mirror follows. Its failure loses no result (``wandb sync`` can redo it).
+    kill_point("finish")
+    try:
         tracker.log_summary(results)
         tracker.log_tables(result_tables(results, model.config, plan))
         tracker.finish()
-    except BaseException as e:
-        # No metrics.json: the folder never looks complete. The record says why, for analysis.collect.
-        write_atomic(out_dir / FAILURE_FILE, json.dumps({"error": type(e).__name__, "message": str(e)[:2000],
-                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-        tracker.finish(exit_code=1)
-        raise
+    except Exception as e:
+        print(f"[rap] warning: the W&B mirror of {cfg.run_name} failed ({type(e).__name__}: {e}); "
+              f"{out_dir / 'metrics.json'} is complete.", flush=True)
     return results
 
 

@@ -24,12 +24,35 @@ STOCK_NAMES = {"hellaswag": "hellaswag", "piqa": "piqa", "arc_easy": "arc_easy",
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {n} is not valid JSON ({e.msg}); the file is truncated or corrupt, so restore it "
+                        "from its source (see the data README).") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; restore it from its source (see the data README).") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path} holds no JSON records (one object per line); restore it from its source.")
+    return rows
 
 
 def _read_labels(path: Path) -> list[int]:
-    return [int(line) for line in path.read_text().split()]
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path} holds a label that is not an integer; restore it from its source.") from None
+
+
+def _labelled(paths: list[Path]) -> list[dict]:
+    records, labels = _read_jsonl(paths[0]), _read_labels(paths[1])
+    if len(records) != len(labels):
+        raise DataError(f"{paths[1]} has {len(labels)} labels but {paths[0]} has {len(records)} records; the two "
+                        "files do not match, so restore both from their source.")
+    return [dict(r, label=y) for r, y in zip(records, labels)]
 
 
 def _mc(question: dict) -> dict:
@@ -40,8 +63,7 @@ def _mc(question: dict) -> dict:
 # task -> (original files relative to data_dir, converter from those files to HF-schema records).
 CONVERTERS = {
     "hellaswag": (["hellaswag/hellaswag_val.jsonl"], lambda p: _read_jsonl(p[0])),
-    "piqa": (["piqa/valid.jsonl", "piqa/valid-labels.lst"],
-             lambda p: [dict(r, label=y) for r, y in zip(_read_jsonl(p[0]), _read_labels(p[1]), strict=True)]),
+    "piqa": (["piqa/valid.jsonl", "piqa/valid-labels.lst"], _labelled),
     "arc_easy": (["arc_easy/ARC-Easy-Test.jsonl"],
                  lambda p: [{"id": r["id"], "question": r["question"]["stem"], "choices": _mc(r["question"]),
                              "answerKey": r["answerKey"]} for r in _read_jsonl(p[0])]),
@@ -66,6 +88,28 @@ def _check_tasks(tasks) -> list[str]:
     return list(tasks)
 
 
+def task_records(data_dir, task: str) -> list[dict]:
+    """The task's documents in the HF schema, read from its original files; a missing, truncated or mismatched
+    file is one ``DataError`` sentence naming it."""
+    rel_files, convert = CONVERTERS[task]
+    paths = [Path(data_dir) / r for r in rel_files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"Zero-shot data file {p} is missing; set data.dir=... or the env var RAP_DATA_DIR "
+                            f"to the folder that holds {rel_files[0].split('/')[0]}/.")
+    try:
+        return convert(paths)
+    except (KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{paths[0]} has a record without the expected field {e}; it is not in the {task} format, "
+                        "so restore it from its source.") from None
+
+
+def check_task_files(data_dir, tasks) -> None:
+    """Read every task's files (before a model is loaded), so a bad file fails the job at once."""
+    for task in _check_tasks(tasks):
+        task_records(data_dir, task)
+
+
 def build_local_tasks(data_dir, work_dir, tasks, sample=None) -> dict[str, str]:
     """Write HF-schema JSONL files and filled task YAMLs (plus utils.py) for ``tasks`` into ``work_dir``.
 
@@ -79,13 +123,7 @@ def build_local_tasks(data_dir, work_dir, tasks, sample=None) -> dict[str, str]:
     shutil.copy(TEMPLATE_DIR / "utils.py", work_dir / "utils.py")
     names = {}
     for task in tasks:
-        rel_files, convert = CONVERTERS[task]
-        paths = [data_dir / r for r in rel_files]
-        for p in paths:
-            if not p.is_file():
-                raise DataError(f"Zero-shot data file {p} is missing; set data.dir=... or the env var RAP_DATA_DIR "
-                                f"to the folder that holds {rel_files[0].split('/')[0]}/.")
-        records = convert(paths)
+        records = task_records(data_dir, task)
         if sample and task in sample:
             records = [records[i] for i in sorted(sample[task])]
         out = work_dir / f"{task}.jsonl"

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from .base import Method
 from .elitekv import EliteKV
 from .palu import Palu
 from .rap import RAP
+from .validation import check_plan, model_signature
 
 METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV}
 
@@ -41,23 +42,57 @@ def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, *
 
 
 def load_plan(path: str | Path) -> dict:
-    """A plan saved by ``save_plan``: the JSON, plus its tensors (factor or map matrices) if it has any."""
+    """A plan saved by ``save_plan``: the JSON, plus its tensors (factor or map matrices) if it has any. Only JSON
+    and safetensors are read (no pickle); a file that cannot be read is one ``PlanError`` sentence."""
     path = Path(path)
-    plan = json.loads(path.read_text())
-    if plan.get("tensors_file"):
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"Plan file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"Plan file {path} is not readable JSON (truncated or edited?): {e}.") from None
+    if not isinstance(plan, dict):
+        raise PlanError(f"Plan file {path} holds a JSON {type(plan).__name__}, not a plan object.")
+    name = plan.get("tensors_file")
+    if name:
+        tensors_path = path.parent / str(name)
+        if Path(str(name)).name != name or not tensors_path.is_file():
+            raise PlanError(f"Plan file {path} names tensors file '{name}', which is not a file beside it.")
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        plan["tensors"] = load_file(path.parent / plan["tensors_file"])
+        try:
+            plan["tensors"] = load_file(tensors_path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PlanError(f"Plan tensors file {tensors_path} cannot be read as safetensors (truncated?): {e}.") from None
+    plan["source"] = str(path)
     return plan
 
 
+def validate_plan(model_config, plan: dict) -> type[Method]:
+    """Check ``plan`` against the model before anything is changed; returns its method class. ``PlanError``
+    names the plan's file (``plan["source"]``) and what is wrong."""
+    source = plan.get("source") if isinstance(plan, dict) else None
+    try:
+        if not isinstance(plan, dict) or plan.get("method") not in METHODS:
+            got = plan.get("method") if isinstance(plan, dict) else plan
+            raise PlanError(f"its method {got!r} is not one of {', '.join(METHODS)}")
+        cls = METHODS[plan["method"]]
+        check_plan(model_config, plan, cls)
+    except PlanError as e:
+        raise PlanError(f"{f'Plan {source}' if source else 'The plan'} does not fit this model: {e}.") from None
+    return cls
+
+
 def apply_plan(model, plan: dict | str | Path):
-    """Rebuild the compressed model from an uncompressed one and a plan (dict or path saved by ``save_plan``)."""
+    """Rebuild the compressed model from an uncompressed one and a plan (dict or path saved by ``save_plan``).
+    The plan is validated against the model first (``validate_plan``); a fresh plan gets the model's signature."""
     if not isinstance(plan, dict):
         plan = load_plan(plan)
     if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
-    get_method(plan["method"]).apply(model, plan)
+    validate_plan(model.config, plan).apply(model, plan)
+    plan.setdefault("model", model_signature(model.config))
     model.rap_plan = plan  # on the module, not the config: it may hold tensors
     return model
 
@@ -68,14 +103,16 @@ def get_plan(model) -> dict | None:
 
 def plan_json(plan: dict, tensors_file: str | None = None) -> str:
     """The plan as JSON; its tensors (if any) are referenced by ``tensors_file``, not inlined."""
-    meta = {k: v for k, v in plan.items() if k != "tensors"}
+    meta = {k: v for k, v in plan.items() if k not in ("tensors", "source")}
     if plan.get("tensors"):
         meta["tensors_file"] = tensors_file
     return json.dumps(meta, indent=1)
 
 
 def save_plan(model, path: str | Path) -> None:
-    """Write ``path`` (JSON) and, when the plan has tensors, ``<path stem>.safetensors`` beside it."""
+    """Write ``path`` (JSON) and, when the plan has tensors, ``<path stem>.safetensors`` beside it, each atomically."""
+    from ..files import atomic_path, write_atomic
+
     plan = get_plan(model)
     if plan is None:
         raise ConfigError("The model carries no compression plan; compress it first.")
@@ -84,5 +121,6 @@ def save_plan(model, path: str | Path) -> None:
     if plan.get("tensors"):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous().cpu() for k, v in plan["tensors"].items()}, str(path.parent / tensors_file))
-    path.write_text(plan_json(plan, tensors_file))
+        with atomic_path(path.parent / tensors_file) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in plan["tensors"].items()}, str(tmp))
+    write_atomic(path, plan_json(plan, tensors_file))

@@ -40,6 +40,12 @@ class Method:
         raise NotImplementedError
 
     @staticmethod
+    def check_plan(config, plan: dict) -> dict[str, tuple]:
+        """Check every per-layer field ``apply`` reads against ``config`` (raise ``PlanError``: plans are untrusted
+        input, ``rap.methods.validation``); return the tensors the plan must hold, name -> shape."""
+        raise NotImplementedError
+
+    @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         """Closed-form shapes of each layer's compressed attention (for the analytic costs)."""
         raise NotImplementedError

@@ -13,11 +13,12 @@ from torch import nn
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
 from .selection import kv_budget
+from .validation import entry, per_head_indices, positive_int
 
 
 def pair_channels(pairs: list[int], head_dim: int) -> list[int]:
@@ -193,6 +194,19 @@ class EliteKV(Method):
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
             layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"])
         return model
+
+    @staticmethod
+    def check_plan(config, plan: dict) -> dict[str, tuple]:
+        d, nkv, h = plan["head_dim"], config.num_key_value_heads, config.hidden_size
+        r = positive_int(entry(plan, "elite_pairs", "the plan"), "elite_pairs", d // 2)
+        tensors = {}
+        for i, lp in enumerate(plan["layers"]):
+            n = per_head_indices(entry(lp, "elite_pairs", f"layer {i}"), nkv, d // 2, f"layer {i} elite_pairs")
+            if n != r:
+                raise PlanError(f"layer {i} keeps {n} elite pairs per KV head, but the plan says elite_pairs={r}")
+            c = positive_int(entry(lp, "kv_dim", f"layer {i}"), f"layer {i} kv_dim", nkv * (d - 2 * r) + nkv * d)
+            tensors.update({f"down.{i}": (c, h), f"up.{i}": (nkv * (d - 2 * r) + nkv * d, c)})
+        return tensors
 
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:

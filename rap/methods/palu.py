@@ -12,11 +12,12 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
 from ..calibration import attention_input_gram, calibration_for, weight_gradients
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from .attention import CompressedAttention, _linear, latent_o_proj
 from .base import Method
 from .lowrank import fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
+from .validation import entry, positive_int
 
 
 class LowRankAttention(CompressedAttention):
@@ -163,6 +164,19 @@ class Palu(Method):
             layer.self_attn = LowRankAttention(layer.self_attn, (t[f"k_down.{i}"], t[f"k_up.{i}"]),
                                                (t[f"v_down.{i}"], t[f"v_up.{i}"]), model.model.rotary_emb)
         return model
+
+    @staticmethod
+    def check_plan(config, plan: dict) -> dict[str, tuple]:
+        d, nkv, h = plan["head_dim"], config.num_key_value_heads, config.hidden_size
+        g = positive_int(entry(plan, "group_size", "the plan"), "group_size", nkv)
+        if nkv % g:
+            raise PlanError(f"group_size={g} does not divide the {nkv} KV heads")
+        tensors = {}
+        for i, lp in enumerate(plan["layers"]):
+            for n in ("k", "v"):
+                r = positive_int(entry(lp, f"{n}_rank", f"layer {i}"), f"layer {i} {n}_rank", min(g * d, h))
+                tensors.update({f"{n}_down.{i}": (nkv // g * r, h), f"{n}_up.{i}": (nkv // g, g * d, r)})
+        return tensors
 
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:

@@ -10,11 +10,12 @@ import torch
 from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_input_gram, attention_output_gram, calibration_for
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from .attention import PrunedAttention
 from .base import Method
 from .lowrank import group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
+from .validation import entry, per_head_indices, positive_int
 
 
 @dataclass
@@ -133,6 +134,30 @@ class RAP(Method):
             layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"],
                                               tensors.get(f"o_maps.{i}"), v_latent)
         return model
+
+    @staticmethod
+    def check_plan(config, plan: dict) -> dict[str, tuple]:
+        d, nkv, nh, h = plan["head_dim"], config.num_key_value_heads, config.num_attention_heads, config.hidden_size
+        pairs = plan.get("criterion") != "rope_blind"
+        tensors = {}
+        for i, lp in enumerate(plan["layers"]):
+            where = f"layer {i}"
+            per_head_indices(entry(lp, "k_channels", where), nkv, d, f"{where} k_channels")
+            for g, ch in enumerate(lp["k_channels"] if pairs else []):
+                first = ch[: len(ch) // 2]
+                if len(ch) % 2 or first != sorted(first) or first[-1] >= d // 2 or ch[len(ch) // 2:] != [c + d // 2 for c in first]:
+                    raise PlanError(f"{where} k_channels of KV head {g} are not whole RoPE pairs (sorted i < {d // 2}, then each i + {d // 2})")
+            if lp.get("v_rank") is not None:
+                g = positive_int(entry(plan, "group_size", "the plan"), "group_size", nkv)
+                if nkv % g:
+                    raise PlanError(f"group_size={g} does not divide the {nkv} KV heads")
+                r = positive_int(lp["v_rank"], f"{where} v_rank", min(g * d, h))
+                tensors.update({f"v_down.{i}": (nkv // g * r, h), f"v_up.{i}": (nkv // g, g * d, r)})
+            else:
+                n_v = per_head_indices(entry(lp, "v_channels", where), nkv, d, f"{where} v_channels")
+                if plan.get("v_refit"):
+                    tensors[f"o_maps.{i}"] = (nh, d, n_v)
+        return tensors
 
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
