@@ -4,8 +4,8 @@
     python -m analysis.collect --wandb entity/project [--group main_table]  # the same columns from W&B
     python -m analysis.collect outputs/main_table --csv runs.csv
 
-Jobs that failed (``failure.json``) or never finished (``config.yaml`` without ``metrics.json``) are listed
-on stderr and returned by ``collect`` as a second table, never dropped silently.
+Jobs that failed (``failure.json``) or never finished (``config.yaml`` without ``metrics.json``: ``running`` while a
+process holds the job's lock, ``killed`` when its holder died, else ``unfinished``) are listed on stderr and returned by ``collect`` as a second table, never dropped silently.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from rap.config import grouping
+from rap.files import lock_state
 from rap.job import FAILURE_FILE, flat_config
 
 
@@ -85,7 +86,8 @@ def collect_local(*roots: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             failure = folder / FAILURE_FILE
             info = json.loads(failure.read_text()) if failure.exists() else {}
-            problems.append({"path": str(folder), "status": "failed" if info else "unfinished",
+            status = "failed" if info else {"running": "running", "killed": "killed"}.get(lock_state(folder), "unfinished")
+            problems.append({"path": str(folder), "status": status,
                              "error": info.get("error", ""), "message": info.get("message", ""), **cfg})
     return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
 

@@ -93,3 +93,20 @@ def job_lock(folder, label: str):
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
+
+
+def lock_state(folder) -> str | None:
+    """``running`` while a process holds the job's lock, ``killed`` when its holder died without releasing it (the
+    owner file is left), None otherwise. Never blocks."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    if not (folder / ".rap.owner").exists():
+        return None
+    lock = FileLock(str(folder / ".rap.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return "running"
+    lock.release()
+    return "killed"

@@ -105,14 +105,15 @@ def _log_records(path: Path) -> list[bytes]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict:
-    """``{"config", "summary", "history_keys"}`` of an offline run folder (``offline-run-*``), decoded with
-    wandb's own record schema: what ``wandb sync`` would upload."""
+    """``{"config", "summary", "history_keys", "exit_code"}`` of an offline run folder (``offline-run-*``), decoded
+    with wandb's own record schema: what ``wandb sync`` would upload. ``exit_code`` is None when the run log has no
+    exit record (its process was killed: W&B shows such a run as crashed, never finished)."""
     import json
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     (log,) = Path(run_dir).glob("run-*.wandb")
-    config, summary, history_keys = {}, {}, set()
+    config, summary, history_keys, exit_code = {}, {}, set(), None
     for raw in _log_records(log):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -123,9 +124,11 @@ def read_offline_run(run_dir: str | Path) -> dict:
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
         elif kind == "summary":
             summary.update({i.key: json.loads(i.value_json) for i in rec.summary.update if i.key})
+        elif kind == "exit":
+            exit_code = rec.exit.exit_code
         elif kind == "history":
             keys = (i.key or (i.nested_key[0] if i.nested_key else "") for i in rec.history.item)
             history_keys.update(k for k in keys if k and not k.startswith("_"))
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items() if not k.startswith("_")}
     return {"config": config, "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
-            "history_keys": history_keys}
+            "history_keys": history_keys, "exit_code": exit_code}
