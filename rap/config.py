@@ -1,6 +1,9 @@
 """OmegaConf resolvers the Hydra configs use (registered on import: run.py and the tests import this module)."""
 from __future__ import annotations
 
+import sys
+
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 
@@ -28,6 +31,28 @@ def grouping(group_size) -> str:
     heads when the model has fewer; the plan and the report label record the grouping that ran)."""
     g = int(group_size)
     return "joint" if g <= 0 else "head" if g == 1 else f"g{g}"
+
+
+class CheckOutputDir(Callback):
+    """Before Hydra creates a job's folder (which fails with a stack trace), check that the output folder can be
+    written, and end with rap's one sentence if not."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder) -> None:
+        from .errors import RapError
+        from .files import writable_dir
+
+        try:
+            writable_dir(folder)
+        except RapError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)

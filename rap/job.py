@@ -125,7 +125,8 @@ def finished(out_dir: Path, config: dict) -> bool:
 def model_spec(cfg: DictConfig) -> ModelSpec:
     m = cfg.model
     return ModelSpec(name=m.name, source=m.source, path=m.path, gguf_file=m.get("gguf_file"),
-                     dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed)
+                     dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed,
+                     trust_remote_code=m.get("trust_remote_code") is True)
 
 
 def calibration_size(c: DictConfig, statistic: str) -> tuple[int, int]:
@@ -279,7 +280,6 @@ def skip(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | None) -> dict:
-    print(f"[rap] computing {cfg.run_name} in {out_dir}", flush=True)
     data_dir = resolve_data_dir(cfg.data.dir)
     if data_dir is not None and cfg.model.source != "hub":
         # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
@@ -297,6 +297,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
     times = {}
     spec = model_spec(cfg)
     device = resolve_device(spec.device)
+    print(f"[rap] computing {cfg.run_name} in {out_dir}", flush=True)
     results = {"model": cfg.model.name, "method": config["method"]["name"], "ratio": config["ratio"],
                "eval_profile": cfg.eval.name, "seed": cfg.seed, "run_name": cfg.run_name,
                **describe_environment(device, resolve_dtype(spec.dtype, device))}

@@ -63,6 +63,9 @@ class ModelSpec:
         File name inside the package; ``None`` takes the only ``.gguf`` there.
     dtype, device : str
         ``auto`` or an explicit value.
+    trust_remote_code : bool
+        Run the model repository's own Python code (``from_pretrained(trust_remote_code=True)``). Off unless the
+        model config sets it: supported architectures are built into transformers.
     """
 
     name: str
@@ -72,6 +75,7 @@ class ModelSpec:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    trust_remote_code: bool = False
 
 
 def check_rope_config(config) -> None:
@@ -216,10 +220,12 @@ def load_config(spec: ModelSpec):
         return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     if spec.source == "hub":
         try:
-            return AutoConfig.from_pretrained(spec.path)
-        except (OSError, ValueError) as e:
+            return AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        except Exception as e:  # transformers raises OSError, ValueError or its config validators' own errors
+            while e.__cause__ is not None:  # the validator's reason, not its wrapper's
+                e = e.__cause__
             raise ModelError(
-                f"Could not load the config of '{spec.path}' from the hub or disk ({str(e).splitlines()[0]}); "
+                f"Could not load the config of '{spec.path}' from the hub or disk ({str(e).strip().splitlines()[0]}); "
                 "check model.path or log in / go online."
             ) from None
     raise ModelError(f"Unknown model source '{spec.source}'; use gguf_package, hub or tiny.")
@@ -239,8 +245,9 @@ def load_model(spec: ModelSpec):
         model, tok = _load_gguf(folder, gguf_file, dtype)
     elif spec.source == "hub":
         try:
-            tok = AutoTokenizer.from_pretrained(spec.path)
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa")
+            remote = {"trust_remote_code": spec.trust_remote_code}
+            tok = AutoTokenizer.from_pretrained(spec.path, **remote)
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa", **remote)
         except OSError as e:
             raise ModelError(
                 f"Could not load '{spec.path}' from the hub or disk ({str(e).splitlines()[0]}); "

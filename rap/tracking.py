@@ -24,6 +24,52 @@ class Tracker:
         pass
 
 
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def has_api_key() -> bool:
+    """A key in ``WANDB_API_KEY`` or in the netrc entry for the W&B host, where ``wandb login`` puts it."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(urlparse(_base_url()).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def online_or_offline(mode: str) -> str:
+    """``online`` only when it can work: without a key, one sentence before any compute; with a key but no route to
+    the server, offline with a one-line warning (else wandb retries for minutes). The local result is written either way."""
+    if mode != "online":
+        return mode
+    if not has_api_key():
+        raise RapError("W&B online mode needs an API key and none is set; run `wandb login` or set WANDB_API_KEY, "
+                       "or use tracking.mode=offline (or WANDB_MODE=offline), or tracking=none.")
+    if not reachable(_base_url()):
+        print(f"[rap] warning: W&B server {_base_url()} is not reachable; this run is logged offline "
+              "(upload it later with `wandb sync`).", flush=True)
+        return "offline"
+    return mode
+
+
 def init_wandb_run(out_dir, project: str, name: str, group: str | None = None, config: dict | None = None,
                    mode: str | None = None, entity: str | None = None, tags: list[str] | None = None,
                    job_type: str | None = None):
@@ -37,7 +83,7 @@ def init_wandb_run(out_dir, project: str, name: str, group: str | None = None, c
     for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
                      ("WANDB_DATA_DIR", "data")):
         os.environ[var] = str(wdir / sub)
-    mode = os.environ.get("WANDB_MODE") or mode or "offline"
+    mode = online_or_offline(os.environ.get("WANDB_MODE") or mode or "offline")
     try:
         return wandb.init(project=project, entity=entity, group=group, name=name, config=config, tags=tags,
                           job_type=job_type, dir=str(out_dir), mode=mode, reinit="finish_previous")

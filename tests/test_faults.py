@@ -111,3 +111,26 @@ def test_a_held_lock_is_waited_for_and_a_dead_one_taken_over(tmp_path, data_dir,
     expected = "which was killed before it finished" if holder == "kill" else "waiting for pid"
     assert expected in said and f"pid {proc.pid} on" in said
     assert not (out / ".rap.owner").exists()
+
+
+def test_a_full_disk_leaves_no_result_that_looks_complete(tmp_path, data_dir, monkeypatch):
+    import errno
+
+    from rap import files
+    from rap.errors import OutputError
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("metrics.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}")
+    with pytest.raises(OutputError, match=r"Could not write .*metrics.json \(No space left on device\); free disk space"):
+        run_job(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists() and not list((tmp_path / "job").glob(".*.tmp"))
+    assert json.loads((tmp_path / "job" / "failure.json").read_text())["error"] == "OutputError"
+    with pytest.raises(OutputError, match=r"Output folder .* is not writable \(Not a directory\)"):
+        run_job(cfg, tmp_path / "job" / "failure.json" / "sub")

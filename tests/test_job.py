@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,33 +107,25 @@ def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monk
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=wandb", f"out_dir={tmp_path}")
-    with pytest.raises(RapError, match=r"wandb login.*tracking.mode=offline.*tracking=none"):
+    monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    start = time.monotonic()
+    with pytest.raises(RapError, match=r"needs an API key.*wandb login.*tracking.mode=offline.*tracking=none"):
         run_job(cfg, tmp_path / "job")
+    assert time.monotonic() - start < 10  # the bound: a key check, not a network timeout
     assert not (tmp_path / "job" / "metrics.json").exists() and not (tmp_path / "job" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method=none", "ratio=0.3"], "ratio must be 0"),
-    (["ratio=abc"], "not a number"),
-    (["model=tiny-llama", "ratio=0.97"], "leaves no RoPE pair"),
-    (["ratio=1.5"], "outside [0, 1)"),
-    (["data.dir=/nonexistent/data"], "does not exist"),
-    (["model=no-such-model"], "no-such-model"),
-    (["no_such_key=1"], "no_such_key"),
-    (["ratio=0.2", "method=palu", "calibration.whiten=[0,2048]"], "calibration.whiten=[0, 2048] is not [n_samples, seqlen]"),
-    (["ratio=0.2", "method=palu", "method.rank_allocation=fisher"], "use fisher_uniform"),
-    (["cache=quantized", "cache.nbits=3"], "cache.nbits=3 is not available with cache.backend=hqq"),
-    (["cache=quantized", "+cache.group=4"], "Unknown cache option(s) ['group']"),
-    (["ratio=0.3", "cache=quantized", "cache.q_group_size=4", "eval.zeroshot.tasks=[]"], "does not divide the cached width"),
-])
-def test_cli_bad_input_fails_clearly(tmp_path, overrides, message):
-    cmd = [sys.executable, "run.py", "model=tiny-llama", "tracking=none", "eval=smoke", f"out_dir={tmp_path}", *overrides]
-    if overrides[0].startswith("model="):
-        cmd.remove("model=tiny-llama")
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert message in r.stderr
-    assert not list(tmp_path.rglob("metrics.json"))
+def test_wandb_online_without_network_falls_back_to_offline(tmp_path, data_dir, monkeypatch, capsys):
+    from rap.tracking import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=wandb", f"out_dir={tmp_path}")
+    saved = run_job(cfg, tmp_path / "job")
+    assert "is not reachable; this run is logged offline" in capsys.readouterr().out
+    (run,) = (tmp_path / "job" / "wandb").glob("offline-run-*")
+    assert read_offline_run(run)["summary"] == saved and read_offline_run(run)["exit_code"] == 0
 
 
 def test_ratio_zero_is_the_baseline_for_every_method():

@@ -139,3 +139,23 @@ def test_a_plan_for_another_model_is_refused(tmp_path, other, pattern):
 def test_a_plan_for_another_architecture_is_refused(tmp_path):
     path = saved_plan(tmp_path, "rap")
     refused(path, r"model_type=llama, but this model has model_type=qwen2", build_tiny("tiny-qwen2")[0])
+
+
+TIMING = ("latency_", "base_latency_", "time_", "wall_time_s")
+
+
+@pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
+def test_same_config_same_plan_and_metrics(tmp_path, data_dir, method):
+    from conftest import compose
+    from rap.job import run_job
+
+    cfg = compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", f"method={method}",
+                  "ratio=0.25", "calibration.n_samples=3", "calibration.seqlen=32", "calibration.whiten=[2,40]",
+                  *(["method.search_sequences=1"] if method == "elitekv" else []))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    metrics = [run_job(cfg, out) for out in runs]
+    files = ["plan.json", "per_sample.json"] + (["plan.safetensors"] if method != "rap" else [])
+    for name in files:
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    untimed = [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in metrics]
+    assert untimed[0] == untimed[1] and "ppl_wikitext2" in untimed[0] and "kv_bytes_per_token" in untimed[0]
