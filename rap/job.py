@@ -22,7 +22,11 @@
   ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
   as ``<key>_formula`` from the config alone.
 - compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
-  for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json``.
+  for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json`` (``plan=<file>`` applies a saved one).
+
+Faults: ``metrics.json`` is written last, by one atomic rename (the commit point); a job that fails writes
+``failure.json`` instead, and one that is killed leaves neither. The job holds ``<out_dir>/.rap.lock`` while it
+computes (``rap.files.job_lock``). ``RAP_KILL_AT`` injects kills for the tests (``rap.faults``).
 - latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
   ``latency_decode_attention_ms`` with ``latency_device``, ``latency_dtype``, ``latency_threads``.
 """

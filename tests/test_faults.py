@@ -43,6 +43,8 @@ def test_killed_sweeps_lose_nothing_and_redo_the_killed_job(tmp_path, capsys):
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == (-signal.SIGKILL if phase else 0), out[-3000:]
         after = snapshot(root)
+        temps = list(root.glob("*/.*.tmp"))  # only the write kill leaves one, in the killed job; the rerun removes it
+        assert all(phase and phase.startswith("write:") and t.parent.name == names[i] for t in temps), temps
         # Every result finished before the kill is byte-identical and was not recomputed.
         assert {p: after.get(p) for p in before} == before
         kept += sum(p.name == "metrics.json" for p in before)
