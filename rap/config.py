@@ -26,6 +26,11 @@ def run_tag(method_tag: str, ratio) -> str:
     return f"{'none' if r == 0.0 else method_tag}_r{r}"
 
 
+def heal_tag(tag: str, ratio) -> str:
+    """The heal group's run-name tag, except at ratio 0: there is nothing to heal, so the baseline keeps one folder."""
+    return "" if is_baseline_ratio(ratio) else tag
+
+
 def grouping(group_size) -> str:
     """A Palu grouping as labels name it: ``joint`` for 0, ``head`` for 1, else ``g<size>`` (capped at the KV
     heads when the model has fewer; the plan and the report label record the grouping that ran)."""
@@ -57,3 +62,4 @@ class CheckOutputDir(Callback):
 
 OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 OmegaConf.register_new_resolver("grouping", grouping, replace=True)
+OmegaConf.register_new_resolver("heal_tag", heal_tag, replace=True)

@@ -4,7 +4,11 @@
 
 - run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
-  load/baseline/compress/measure/latency/ppl/zeroshot.
+  load/baseline/compress/heal/measure/latency/ppl/zeroshot.
+- healing (``heal=layerwise``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
+  ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
+  parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (relative MSE of the attention
+  outputs, mean over layers); each step's loss in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
 - environment (``rap.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
@@ -81,7 +85,7 @@ BASELINE_METHOD = {"name": "none", "tag": "none"}
 # Where a result is written and how many threads computed it (recorded as env_threads), not what it is: a moved
 # result, or one rerun with another thread count, still counts as finished.
 LOCATION_KEYS = ("out_dir", "sweep", "threads")
-UNUSED_BY_BASELINE = ("method", "criterion", "calibration")  # settings that cannot change an uncompressed result
+UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")  # settings that cannot change an uncompressed result
 
 
 def job_config(cfg: DictConfig) -> dict:
@@ -109,6 +113,8 @@ def identity(config: dict | None) -> dict | None:
     drop = LOCATION_KEYS + (UNUSED_BY_BASELINE if config.get("method", {}).get("name") == "none" else ())
     if (config.get("cache") or {}).get("name", "dynamic") == "dynamic":
         drop += ("cache",)  # the full-precision cache is what every result before the cache group used
+    if (config.get("heal") or {}).get("name", "none") == "none":
+        drop += ("heal",)  # nor did they heal
     out = {k: _set_only(v) for k, v in config.items() if k not in drop}
     if "ratio" in out:
         out["ratio"] = float(out["ratio"])
@@ -158,6 +164,46 @@ def build_method(cfg: DictConfig):
     return make_method(cfg.method.name, float(cfg.ratio), **options)
 
 
+HEAL_MODES = ("none", "layerwise")
+
+
+def heal_settings(cfg: DictConfig) -> dict | None:
+    """The healing budget (``conf/heal``) as plain values, or None when nothing is healed (also at ratio 0)."""
+    h = cfg.get("heal")
+    if h is None or h.name == "none" or is_baseline(cfg):
+        return None
+    if h.name not in HEAL_MODES:
+        raise ConfigError(f"heal={h.name} is not one of {', '.join(HEAL_MODES)}.")
+    out = {"mode": h.name, "source": str(h.source)}
+    for key, kind in (("n_samples", int), ("seqlen", int), ("steps", int), ("batch_size", int), ("lr", float)):
+        try:
+            out[key] = kind(h[key])
+            assert out[key] > 0 and (kind is float or out[key] == h[key])
+        except (TypeError, ValueError, AssertionError):
+            raise ConfigError(f"heal.{key}={h.get(key)!r} is not a positive {kind.__name__}.") from None
+    if out["seqlen"] < 2:
+        raise ConfigError(f"heal.seqlen={out['seqlen']} is too short; use at least 2 tokens.")
+    return out
+
+
+def heal_compressed(model, tokenizer, originals: list, plan: dict, settings: dict, data_dir, seed: int) -> tuple[dict, dict]:
+    """Heal the compressed ``model`` in place (``rap.heal``) and record the healed weights and the settings in
+    ``plan``; returns the ``heal_*`` metrics and the per-step losses (``per_sample.json``, W&B)."""
+    from .heal import heal_layerwise, healed_tensors
+
+    s = settings
+    batch = calibration_batches(tokenizer, data_dir, s["source"], {"heal": (s["n_samples"], s["seqlen"])}, seed=seed)["heal"]
+    out = heal_layerwise(model, originals, batch, s["steps"], s["lr"], s["batch_size"], seed=seed)
+    plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
+    plan["heal"] = dict(s)
+    metrics = {f"heal_{k}": v for k, v in s.items()}
+    metrics.update(heal=s["mode"], heal_tokens=s["n_samples"] * s["seqlen"], heal_params=out["params"],
+                   heal_time_s=out["time_s"], heal_loss_before=sum(out["before"]) / len(out["before"]),
+                   heal_loss_after=sum(out["after"]) / len(out["after"]))
+    metrics.pop("heal_mode")
+    return metrics, {k: out[k] for k in ("loss", "before", "after")}
+
+
 def check_before_loading(cfg: DictConfig, method, data_dir) -> dict | None:
     """Everything that can be checked from the model config and the data files alone: RoPE layout, the method's
     options and budget, the cache options, the data files the job will read, and a given plan file (returned,
@@ -198,6 +244,9 @@ def check_data(cfg: DictConfig, method, data_dir) -> None:
         check_task_files(data_dir, list(cfg.eval.zeroshot.tasks))
     if method is not None and not cfg.get("plan") and method.needs_calibration():
         calibration_documents(data_dir, cfg.calibration.source)
+    heal = heal_settings(cfg)
+    if heal is not None:
+        calibration_documents(data_dir, heal["source"])
 
 
 def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir, plan: dict | None = None):
@@ -328,8 +377,18 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
 
         t = time.time()
         kill_point("compress")
+        heal = heal_settings(cfg)
+        originals = [layer.self_attn for layer in model.model.layers] if heal is not None else None
         model, plan = compress_model(model, tok, method, cfg, data_dir, given_plan)
         times["compress"] = time.time() - t
+        heal_curves = None
+        if heal is not None and not plan.get("heal"):  # a given plan that was healed brought its healed weights
+            t = time.time()
+            kill_point("heal")
+            heal_metrics, heal_curves = heal_compressed(model, tok, originals, plan, heal, data_dir, cfg.seed)
+            results.update(heal_metrics)
+            times["heal"] = time.time() - t
+        originals = None
         if plan is not None:
             from .methods import save_plan
 
@@ -383,6 +442,8 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
                         "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
                         "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {})})
         per_sample = {"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}}
+        if heal_curves is not None:
+            per_sample["heal"] = heal_curves
         times["ppl"] = time.time() - t
 
         z = cfg.eval.zeroshot
@@ -431,7 +492,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
     kill_point("finish")
     try:
         tracker.log_summary(results)
-        tracker.log_tables(result_tables(results, model.config, plan))
+        tracker.log_tables(result_tables(results, model.config, plan, heal_curves))
         tracker.finish()
     except Exception as e:
         print(f"[rap] warning: the W&B mirror of {cfg.run_name} failed ({type(e).__name__}: {e}); "
@@ -439,8 +500,9 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
     return results
 
 
-def result_tables(results: dict, model_config, plan: dict | None) -> dict:
-    """Per-task zero-shot results and per-layer kept widths (what the cache holds), as DataFrames."""
+def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None) -> dict:
+    """Per-task zero-shot results, per-layer kept widths (what the cache holds) and, when healed, the training loss
+    of every layer and step, as DataFrames."""
     import pandas as pd
 
     tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
@@ -449,7 +511,11 @@ def result_tables(results: dict, model_config, plan: dict | None) -> dict:
     shapes = analytic.attention_shapes(model_config, plan)
     per_layer = pd.DataFrame([{"layer": i, "qk_dim": s.qk_dim, "v_dim": s.v_dim, "cache_elements_per_token": s.cache_elements}
                               for i, s in enumerate(shapes)])
-    return {"per_task": per_task, "per_layer": per_layer}
+    tables = {"per_task": per_task, "per_layer": per_layer}
+    if heal_curves is not None:
+        tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v} for i, curve in enumerate(heal_curves["loss"])
+                                            for j, v in enumerate(curve)])
+    return tables
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, PlanError
+from ..heal import HEAL_PREFIX, expected_heal_tensors, load_healed
 from .base import Method
 from .elitekv import EliteKV
 from .palu import Palu
 from .rap import RAP
-from .validation import check_plan, model_signature
+from .validation import check_plan, check_tensors, model_signature
 
 METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV}
 
@@ -91,7 +92,18 @@ def apply_plan(model, plan: dict | str | Path):
         plan = load_plan(plan)
     if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
+    originals = [layer.self_attn for layer in model.model.layers]
     validate_plan(model.config, plan).apply(model, plan)
+    healed = {k: v for k, v in (plan.get("tensors") or {}).items() if k.startswith(HEAL_PREFIX)}
+    if healed or plan.get("heal"):
+        try:  # the healed values must fit the modules just built; if not, put the original modules back
+            check_tensors(healed, expected_heal_tensors(model))
+        except PlanError as e:
+            for layer, attn in zip(model.model.layers, originals):
+                layer.self_attn = attn
+            source = plan.get("source")
+            raise PlanError(f"{f'Plan {source}' if source else 'The plan'} does not fit this model: its healed weights: {e}.") from None
+        load_healed(model, healed)
     plan.setdefault("model", model_signature(model.config))
     model.rap_plan = plan  # on the module, not the config: it may hold tensors
     return model

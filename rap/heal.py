@@ -1,0 +1,88 @@
+"""Recovery after compression ("healing"), one procedure for every method: values change, shapes never do.
+
+``layerwise``: for each decoder layer in order, train only that layer's compressed attention parameters to reproduce
+the uncompressed attention's output (MSE) on calibration tokens. Each layer's inputs come from the layers below as
+already healed and compressed, as sequential pruning methods do, so errors do not pile up. Pure tensor code: the job
+keeps the I/O and tracking.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+HEAL_PREFIX = "heal."
+
+
+def _call(module, x, position_embeddings):
+    out = module(x, position_embeddings=position_embeddings, attention_mask=None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: float, batch_size: int,
+                   seed: int = 0) -> dict:
+    """Heal ``model`` (compressed, in place) against ``originals`` (each layer's uncompressed attention module; each
+    is dropped once its layer is healed) on ``batch`` (n, seqlen) calibration token ids.
+
+    Returns ``{"loss": per layer, the relative MSE (MSE / mean square of the target) of each step, "before", "after"
+    (per layer, on all of ``batch``), "params" (trainable count), "time_s"}``.
+    """
+    t0 = time.time()
+    layers, dev = model.model.layers, next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = model.model.embed_tokens(batch.to(dev))
+        pos = model.model.rotary_emb(x, torch.arange(x.shape[1], device=dev)[None])
+    curves, before, after, n_params = [], [], [], 0
+    for i, layer in enumerate(tqdm(layers, desc="heal layerwise", leave=False)):
+        attn = layer.self_attn
+        with torch.no_grad():
+            h = layer.input_layernorm(x)
+            target = _call(originals[i], h, pos)
+            scale = target.float().pow(2).mean().clamp_min(1e-12)
+            before.append((F.mse_loss(_call(attn, h, pos).float(), target.float()) / scale).item())
+        originals[i] = None  # this layer's uncompressed attention is no longer needed
+        params = [p for p in attn.parameters()]
+        n_params += sum(p.numel() for p in params)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        curve = []
+        with torch.enable_grad():
+            for _ in range(steps):
+                rows = torch.randperm(len(h), generator=gen)[:batch_size].to(dev)
+                loss = F.mse_loss(_call(attn, h[rows], pos).float(), target[rows].float()) / scale
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
+        for p in params:
+            p.requires_grad_(False)
+        curves.append(curve)
+        with torch.no_grad():
+            after.append((F.mse_loss(_call(attn, h, pos).float(), target.float()) / scale).item())
+            out = layer(x, position_embeddings=pos, attention_mask=None, use_cache=False)
+            x = out[0] if isinstance(out, tuple) else out
+    return {"loss": curves, "before": before, "after": after, "params": n_params, "time_s": time.time() - t0}
+
+
+def healed_tensors(model) -> dict[str, torch.Tensor]:
+    """Every compressed attention parameter, named ``heal.<layer>.<parameter>``: saved with the plan."""
+    return {f"{HEAL_PREFIX}{i}.{name}": p.detach().cpu().clone()
+            for i, layer in enumerate(model.model.layers) for name, p in layer.self_attn.named_parameters()}
+
+
+def expected_heal_tensors(model) -> dict[str, tuple]:
+    """Name -> shape of the tensors ``load_healed`` needs for ``model`` (compressed, not yet healed)."""
+    return {f"{HEAL_PREFIX}{i}.{name}": tuple(p.shape)
+            for i, layer in enumerate(model.model.layers) for name, p in layer.self_attn.named_parameters()}
+
+
+@torch.no_grad()
+def load_healed(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy healed values into the compressed attention parameters (names and shapes checked by the caller)."""
+    for i, layer in enumerate(model.model.layers):
+        for name, p in layer.self_attn.named_parameters():
+            p.copy_(tensors[f"{HEAL_PREFIX}{i}.{name}"].to(p))

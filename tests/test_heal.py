@@ -1,0 +1,98 @@
+"""Healing changes values, never shapes: costs are identical before and after, RAP's kept pairs keep their frequencies,
+each layer's error goes down, and a saved healed plan rebuilds the healed model exactly."""
+import json
+
+import pytest
+import torch
+
+from conftest import compose
+from rap.cache import cache_spec
+from rap.errors import PlanError
+from rap.heal import heal_layerwise, healed_tensors
+from rap.methods import apply_plan, compress, get_plan, save_plan
+from rap.metrics import measure_costs
+from rap.models import build_tiny
+
+OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
+           "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}}
+
+
+def healed_model(method, steps=30, lr=1e-3):
+    model, _ = build_tiny("tiny-llama")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, method, 0.25, **OPTIONS[method])
+    batch = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
+    return model, heal_layerwise(model, originals, batch, steps=steps, lr=lr, batch_size=3)
+
+
+def shapes(model):
+    return {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
+def test_healing_keeps_every_shape_and_cost_and_lowers_each_layers_error(method):
+    model, _ = build_tiny("tiny-llama")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, method, 0.25, **OPTIONS[method])
+    before_shapes, before_costs = shapes(model), measure_costs(model, 16, cache_spec(None))
+    rope = [dict(layer.self_attn.named_buffers()) for layer in model.model.layers]
+    rope = [{k: v.clone() for k, v in r.items()} for r in rope]
+    batch = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
+    out = heal_layerwise(model, originals, batch, steps=30, lr=1e-3, batch_size=3)
+    assert shapes(model) == before_shapes and measure_costs(model, 16, cache_spec(None)) == before_costs
+    for r, layer in zip(rope, model.model.layers):  # RoPE tables and kept-channel indices are buffers: untouched
+        assert all(torch.equal(v, dict(layer.self_attn.named_buffers())[k]) for k, v in r.items())
+    assert all(a < b for a, b in zip(out["after"], out["before"])), (out["before"], out["after"])
+    assert len(out["loss"]) == 2 and all(len(c) == 30 for c in out["loss"]) and all(o is None for o in originals)
+    assert out["params"] == sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
+
+
+@pytest.mark.parametrize("method", ["rap", "elitekv"])
+def test_a_healed_plan_rebuilds_the_healed_model(tmp_path, method):
+    model, _ = healed_model(method, steps=5)
+    plan = get_plan(model)
+    plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
+    plan["heal"] = {"mode": "layerwise", "steps": 5}
+    save_plan(model, tmp_path / "plan.json")
+    rebuilt = apply_plan(build_tiny("tiny-llama")[0], tmp_path / "plan.json")
+    unhealed = compress(build_tiny("tiny-llama")[0], method, 0.25, **OPTIONS[method])
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(unhealed(ids).logits, model(ids).logits)
+    # A healed weight of the wrong shape is refused, and the fresh model keeps its original attention.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "plan.safetensors")
+    name = next(k for k in tensors if k.startswith("heal.1."))
+    tensors[name] = tensors[name][..., :-1].contiguous()
+    save_file(tensors, str(tmp_path / "plan.safetensors"))
+    fresh, _ = build_tiny("tiny-llama")
+    kinds = [type(layer.self_attn) for layer in fresh.model.layers]
+    with pytest.raises(PlanError, match=rf"its healed weights: tensor '{name}' has shape"):
+        apply_plan(fresh, tmp_path / "plan.json")
+    assert [type(layer.self_attn) for layer in fresh.model.layers] == kinds
+
+
+def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
+    from rap.job import run_job
+
+    common = ("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}",
+              "ratio=0.25", "criterion=weight_norm")
+    heal = ("heal=layerwise", "heal.n_samples=4", "heal.seqlen=32", "heal.steps=10", "heal.batch_size=2", "heal.lr=1e-3")
+    cfg = compose(*common, *heal)
+    assert cfg.run_name.endswith("-heal-lw_smoke") and "heal" not in compose(*common[:-2], *heal).run_name
+    free, healed = run_job(compose(*common), tmp_path / "free"), run_job(cfg, tmp_path / "healed")
+    for k in ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode"):
+        assert healed[k] == free[k]
+    assert healed["heal_steps"] == 10 and healed["heal_tokens"] == 128 and healed["heal_source"] == "wiki"
+    assert healed["heal_loss_after"] < healed["heal_loss_before"] and healed["heal_time_s"] > 0
+    assert healed["heal_params"] > 0 and healed["ppl_wikitext2"] != free["ppl_wikitext2"]
+    plan = json.loads((tmp_path / "healed" / "plan.json").read_text())
+    assert plan["heal"] == {"mode": "layerwise", "source": "wiki", "n_samples": 4, "seqlen": 32, "steps": 10,
+                            "batch_size": 2, "lr": 0.001}
+    curves = json.loads((tmp_path / "healed" / "per_sample.json").read_text())["heal"]["loss"]
+    assert len(curves) == 2 and all(len(c) == 10 for c in curves)
+    # The saved healed plan reproduces the healed job's perplexity.
+    replay = run_job(compose(*common, f"plan={tmp_path / 'healed' / 'plan.json'}"), tmp_path / "replay")
+    assert replay["ppl_wikitext2"] == healed["ppl_wikitext2"]
