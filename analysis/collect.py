@@ -34,7 +34,14 @@ def _grouping(g) -> str:
 
 def recipe(row) -> str:
     """The variant as a reader names it, from the job config: e.g. "Palu (whiten, per head, fisher_uniform)",
-    "EliteKV + whitening (greedy)". Falls back to the method's tag."""
+    "EliteKV + whitening (greedy)", "RAP (key_energy) + healed (layerwise, c4)". Falls back to the method's tag."""
+    heal = row.get("cfg.heal.name")
+    if isinstance(heal, str) and heal != "none" and row.get("method") != "none":
+        return f"{untrained_recipe(row)} + healed ({heal}, {row.get('cfg.heal.source')})"
+    return untrained_recipe(row)
+
+
+def untrained_recipe(row) -> str:
     get = lambda k, default=None: row.get(f"cfg.method.{k}", default)  # noqa: E731
     name = row.get("method")
     if name == "none":

@@ -144,7 +144,7 @@ def paper_table(df: pd.DataFrame, tasks: bool = True, n_boot: int = 2000, extra:
     task_cols = sorted(c for c in df if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
     cols = ["model", "method", "variant", "ratio", "ppl_wikitext2", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high",
             "ppl_ratio_significant", "acc_avg", "acc_diff", "acc_diff_low", "acc_diff_high", "acc_diff_significant",
-            *(task_cols if tasks else []), *COST_COLUMNS, *extra]
+            *(task_cols if tasks else []), *COST_COLUMNS, *(["heal_time_s"] if "heal_time_s" in df else []), *extra]
     return df[[c for c in cols if c in df]]
 
 

@@ -2,8 +2,13 @@
 
 ``layerwise``: for each decoder layer in order, train only that layer's compressed attention parameters to reproduce
 the uncompressed attention's output (MSE) on calibration tokens. Each layer's inputs come from the layers below as
-already healed and compressed, as sequential pruning methods do, so errors do not pile up. Pure tensor code: the job
-keeps the I/O and tracking.
+already healed and compressed, as sequential pruning methods do, so errors do not pile up.
+
+``e2e``: distil the uncompressed model's next-token distribution (KL divergence) into the compressed one, training
+every compressed attention parameter at once. The teacher is the same model with its original attention modules
+swapped back in for the teacher's forward, so no second model is held. Meant for GPUs (a full backward per step).
+
+Pure tensor code: the job keeps the I/O and tracking.
 """
 from __future__ import annotations
 
@@ -66,6 +71,79 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
             out = layer(x, position_embeddings=pos, attention_mask=None, use_cache=False)
             x = out[0] if isinstance(out, tuple) else out
     return {"loss": curves, "before": before, "after": after, "params": n_params, "time_s": time.time() - t0}
+
+
+def _swap(model, modules: list) -> list:
+    """Put ``modules`` in as the layers' attention; returns the ones taken out."""
+    out = [layer.self_attn for layer in model.model.layers]
+    for layer, m in zip(model.model.layers, modules):
+        layer.self_attn = m
+    return out
+
+
+def _kl(model, ids, originals, chunk: int = 1024) -> torch.Tensor:
+    """Mean KL(teacher || student) per token, the teacher being ``model`` with ``originals`` swapped in. Computed over
+    ``chunk`` positions at a time from the last hidden states, so full-vocabulary logits never exist for every token."""
+    with torch.no_grad():
+        compressed = _swap(model, originals)
+        try:
+            teacher = model.model(ids).last_hidden_state
+        finally:
+            _swap(model, compressed)
+    student = model.model(ids).last_hidden_state
+    head, total, n = model.lm_head, 0.0, student.shape[0] * student.shape[1]
+    t, s = teacher.reshape(n, -1), student.reshape(n, -1)
+    for i in range(0, n, chunk):
+        with torch.no_grad():
+            log_p = F.log_softmax(head(t[i:i + chunk]).float(), -1)
+        log_q = F.log_softmax(head(s[i:i + chunk]).float(), -1)
+        total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    return total / n
+
+
+def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int = 0) -> dict:
+    """Distil the uncompressed model (``model`` with ``originals`` swapped in) into the compressed ``model`` (in place)
+    on ``batch``; returns ``{"loss": [per-step KL], "before", "after" (KL on all of ``batch``), "params", "time_s"}``.
+    ``originals`` are released at the end."""
+    t0 = time.time()
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    batch = batch.to(dev)
+    params = [p for layer in model.model.layers for p in layer.self_attn.parameters()]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def kl_all():
+        with torch.no_grad():
+            return sum(_kl(model, batch[i:i + batch_size], originals).item() * len(batch[i:i + batch_size])
+                       for i in range(0, len(batch), batch_size)) / len(batch)
+
+    before, curve = kl_all(), []
+    try:
+        with torch.enable_grad():
+            for _ in tqdm(range(steps), desc="heal e2e", leave=False):
+                rows = torch.randperm(len(batch), generator=gen)[:batch_size].to(dev)
+                loss = _kl(model, batch[rows], originals)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for p in frozen:  # as they were
+            p.requires_grad_(True)
+    after = kl_all()
+    originals.clear()
+    return {"loss": [curve], "before": [before], "after": [after], "params": sum(p.numel() for p in params),
+            "time_s": time.time() - t0}
+
+
+HEALERS = {"layerwise": heal_layerwise, "e2e": heal_e2e}
 
 
 def healed_tensors(model) -> dict[str, torch.Tensor]:

@@ -5,10 +5,10 @@
 - run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
   load/baseline/compress/heal/measure/latency/ppl/zeroshot.
-- healing (``heal=layerwise``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
+- healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
-  parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (relative MSE of the attention
-  outputs, mean over layers); each step's loss in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
+  parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
+  attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
 - environment (``rap.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
@@ -164,7 +164,7 @@ def build_method(cfg: DictConfig):
     return make_method(cfg.method.name, float(cfg.ratio), **options)
 
 
-HEAL_MODES = ("none", "layerwise")
+HEAL_MODES = ("none", "layerwise", "e2e")
 
 
 def heal_settings(cfg: DictConfig) -> dict | None:
@@ -189,11 +189,11 @@ def heal_settings(cfg: DictConfig) -> dict | None:
 def heal_compressed(model, tokenizer, originals: list, plan: dict, settings: dict, data_dir, seed: int) -> tuple[dict, dict]:
     """Heal the compressed ``model`` in place (``rap.heal``) and record the healed weights and the settings in
     ``plan``; returns the ``heal_*`` metrics and the per-step losses (``per_sample.json``, W&B)."""
-    from .heal import heal_layerwise, healed_tensors
+    from .heal import HEALERS, healed_tensors
 
     s = settings
     batch = calibration_batches(tokenizer, data_dir, s["source"], {"heal": (s["n_samples"], s["seqlen"])}, seed=seed)["heal"]
-    out = heal_layerwise(model, originals, batch, s["steps"], s["lr"], s["batch_size"], seed=seed)
+    out = HEALERS[s["mode"]](model, originals, batch, s["steps"], s["lr"], s["batch_size"], seed=seed)
     plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
     plan["heal"] = dict(s)
     metrics = {f"heal_{k}": v for k, v in s.items()}

@@ -8,7 +8,7 @@ import torch
 from conftest import compose
 from rap.cache import cache_spec
 from rap.errors import PlanError
-from rap.heal import heal_layerwise, healed_tensors
+from rap.heal import heal_e2e, heal_layerwise, healed_tensors
 from rap.methods import apply_plan, compress, get_plan, save_plan
 from rap.metrics import measure_costs
 from rap.models import build_tiny
@@ -96,3 +96,17 @@ def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
     # The saved healed plan reproduces the healed job's perplexity.
     replay = run_job(compose(*common, f"plan={tmp_path / 'healed' / 'plan.json'}"), tmp_path / "replay")
     assert replay["ppl_wikitext2"] == healed["ppl_wikitext2"]
+
+
+def test_e2e_healing_distils_the_uncompressed_model_without_changing_shapes():
+    model, _ = build_tiny("tiny-llama")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, "rap", 0.25, criterion="weight_norm")
+    before_shapes = shapes(model)
+    batch = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    out = heal_e2e(model, originals, batch, steps=20, lr=1e-3, batch_size=2)
+    assert out["after"][0] < out["before"][0] and len(out["loss"][0]) == 20 and originals == []
+    assert shapes(model) == before_shapes
+    assert all(p.requires_grad for p in model.parameters())  # left as they were
+    curve = out["loss"][0]
+    assert sum(curve[-5:]) < sum(curve[:5])
