@@ -48,7 +48,8 @@ def untrained_recipe(row) -> str:
         return "baseline"
     if name == "rap":
         extra = [x for x in (get("allocation") if get("allocation") != "uniform" else None,
-                             "low-rank V" if get("v_path") == "lowrank" else None) if x]
+                             "low-rank V" if get("v_path") == "lowrank" else None,
+                             "W_o refit" if get("v_refit") else None) if x]
         return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
     if name == "palu":
         return f"Palu ({get('decomposition')}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"
