@@ -85,7 +85,8 @@ BASELINE_METHOD = {"name": "none", "tag": "none"}
 # Where a result is written and how many threads computed it (recorded as env_threads), not what it is: a moved
 # result, or one rerun with another thread count, still counts as finished.
 LOCATION_KEYS = ("out_dir", "sweep", "threads")
-UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")  # settings that cannot change an uncompressed result
+UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
+GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting  # settings that cannot change an uncompressed result
 
 
 def job_config(cfg: DictConfig) -> dict:
@@ -111,10 +112,8 @@ def identity(config: dict | None) -> dict | None:
     if config is None:
         return None
     drop = LOCATION_KEYS + (UNUSED_BY_BASELINE if config.get("method", {}).get("name") == "none" else ())
-    if (config.get("cache") or {}).get("name", "dynamic") == "dynamic":
-        drop += ("cache",)  # the full-precision cache is what every result before the cache group used
-    if (config.get("heal") or {}).get("name", "none") == "none":
-        drop += ("heal",)  # nor did they heal
+    # A group at its default is what every result before that group existed used (full-precision cache, no healing).
+    drop += tuple(g for g, default in GROUP_DEFAULTS.items() if (config.get(g) or {}).get("name", default) == default)
     out = {k: _set_only(v) for k, v in config.items() if k not in drop}
     if "ratio" in out:
         out["ratio"] = float(out["ratio"])
