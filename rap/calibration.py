@@ -1,10 +1,16 @@
 """Calibration statistics, gathered layer by layer with hooks (running sums, never stored activations)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .memory import stage
 
 
 # Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).
@@ -40,8 +46,9 @@ def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
     """Run every calibration sequence through the model (hooks collect the statistics), then remove the hooks."""
     dev = next(model.parameters()).device
     try:
-        for row in tqdm(batch, desc=desc, leave=False):
-            model(row[None].to(dev), use_cache=False)
+        with stage(desc):
+            for row in tqdm(batch, desc=desc, leave=False):
+                model(row[None].to(dev), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -63,28 +70,89 @@ def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     return {n: [s / batch.numel() for s in v] for n, v in sums.items()}
 
 
-def weight_gradients(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """Per layer, over calibration sequences: mean squared gradient (Fisher) and mean |w·g| (Taylor) of the
-    k_proj and v_proj weights, for the LM loss. Returns keys ``fisher_k, fisher_v, taylor_k, taylor_v``."""
+@dataclass
+class GradientSettings:
+    """How the gradient statistics (Fisher, Taylor) run: ``checkpointing`` recomputes each decoder layer's
+    activations in the backward instead of keeping them (transformers' activation checkpointing), and the LM loss
+    is computed over ``loss_chunk`` positions at a time, so full-vocabulary logits never exist for every token."""
+
+    checkpointing: bool = False
+    loss_chunk: int = 1024
+
+
+GRADIENTS = GradientSettings()
+
+
+@contextmanager
+def gradient_settings(**settings):
+    """Run the gradient statistics inside the block with ``GradientSettings(**settings)`` (the job's
+    ``gradient_checkpointing`` and ``loss_chunk``)."""
+    global GRADIENTS
+    before, GRADIENTS = GRADIENTS, GradientSettings(**settings)
+    try:
+        yield
+    finally:
+        GRADIENTS = before
+
+
+def _chunk_loss(head, hidden, labels):
+    return F.cross_entropy(head(hidden).float().flatten(0, 1), labels.flatten(), reduction="sum")
+
+
+def lm_loss(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The causal LM loss of ``model(ids, labels=ids)``, with the head and the loss over ``chunk`` positions at a
+    time; each chunk's logits are recomputed in the backward rather than kept."""
+    hidden = model.model(ids, use_cache=False).last_hidden_state[:, :-1]
+    labels = ids[:, 1:].to(hidden.device)
+    total = sum(checkpoint(_chunk_loss, model.lm_head, hidden[:, i:i + chunk], labels[:, i:i + chunk], use_reentrant=False)
+                for i in range(0, labels.shape[1], chunk))
+    return total / labels.numel()
+
+
+def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), rows: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Per layer, over calibration sequences, for the LM loss: mean squared gradient (``fisher``) and mean |w·g|
+    (``taylor``) of the k_proj and v_proj weights, under keys ``fisher_k, fisher_v, taylor_k, taylor_v``.
+
+    Only what is asked for is kept: ``rows=True`` sums each weight row, (out,) per layer (what the pair and
+    channel criteria read); ``rows=False`` keeps every element, (out, in) in float32 (Palu's module scores take
+    a square root per element). Each weight's gradient is folded in and freed as soon as the backward has
+    produced it, so no layer's full gradient outlives its own step."""
     dev = next(model.parameters()).device
     targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight) for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
+    out = {f"{kind}_{n}": [None] * len(_layers(model)) for kind in kinds for n in ("k", "v")}
+
+    def fold(i, n, w):
+        def hook(p):
+            g = p.grad.float()
+            for kind in kinds:
+                x = g.pow(2) if kind == "fisher" else (w.detach().float() * g).abs()
+                x = (x.sum(1) if rows else x) / len(batch)
+                key = f"{kind}_{n}"
+                out[key][i] = x if out[key][i] is None else out[key][i].add_(x)
+            p.grad = None
+        return hook
+
     was = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, _, w in targets:
+    handles = []
+    for i, n, w in targets:
         w.requires_grad_(True)
-    out = {f"{kind}_{n}": [torch.zeros_like(w, dtype=torch.float32) for i, nn_, w in targets if nn_ == n]
-           for kind in ("fisher", "taylor") for n in ("k", "v")}
+        handles.append(w.register_post_accumulate_grad_hook(fold(i, n, w)))
+    training = model.training
+    if GRADIENTS.checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode; these models have no dropout in use
     try:
-        for row in tqdm(batch, desc="calibration (gradients)", leave=False):
-            ids = row[None].to(dev)
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            for i, n, w in targets:
-                g = w.grad.float()
-                out[f"fisher_{n}"][i] += g.pow(2) / len(batch)
-                out[f"taylor_{n}"][i] += (w.detach().float() * g).abs() / len(batch)
+        with stage("calibration (gradients)"):
+            for row in tqdm(batch, desc="calibration (gradients)", leave=False):
+                lm_loss(model, row[None].to(dev), GRADIENTS.loss_chunk).backward()
     finally:
+        for h in handles:
+            h.remove()
+        if GRADIENTS.checkpointing:
+            model.activation_checkpointing_disable()
+        model.train(training)
         model.zero_grad(set_to_none=True)
         for p, r in was.items():
             p.requires_grad_(r)
@@ -164,20 +232,111 @@ def attention_output_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
     return grams
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def _on(x, device):
+    """``x`` (a tensor, or a tuple or dict of them) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_on(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _on(v, device) for k, v in x.items()}
+    return x
+
+
 @torch.no_grad()
-def attention_input_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, XᵀX (hidden, hidden) of the attention input (the normed hidden states that q/k/v_proj read),
-    summed over calibration tokens in float64: what whitened SVD needs."""
-    grams = [None] * len(_layers(model))
-    handles = []
-    for i, layer in enumerate(_layers(model)):
-        def pre(_m, args, i=i):
+def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """Every calibration sequence's input to the first decoder layer, and the keyword arguments the model passes to
+    each decoder layer (mask, position embeddings...: the same for every sequence of one length)."""
+    layers, dev = _layers(model), next(model.parameters()).device
+    kwargs, hidden = [None] * len(layers), []
+
+    def keep_kwargs(i):
+        def pre(_m, args, kw):
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return pre
+
+    def stop(_m, args, kw):
+        hidden.append(args[0] if args else kw["hidden_states"])
+        raise _Stop
+
+    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.model(batch[:1].to(dev), use_cache=False)  # one full pass: each layer's own arguments
+    finally:
+        for h in handles:
+            h.remove()
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for row in batch:
+            try:
+                model.model(row[None].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def layer_by_layer(model, batch: torch.Tensor, desc: str):
+    """Yield ``(i, layer, run)`` for each decoder layer in order; ``run()`` passes every calibration sequence
+    through layer i (hooks on it fire) on the layer's own device, and keeps the outputs as the next layer's
+    inputs. What is held between layers is the calibration hidden states (n, seqlen, hidden), never a
+    statistic of every layer: as sequential compression methods do, each layer's is computed and consumed
+    before the next one's."""
+    hidden, kwargs = _layer_inputs(model, batch)
+    for i, layer in enumerate(tqdm(_layers(model), desc=desc, leave=False)):
+        dev = next(layer.parameters()).device
+        kw = _on(kwargs[i], dev)
+
+        @torch.no_grad()  # run by the caller, outside this generator's no_grad: without it autograd would keep
+        def run(layer=layer, kw=kw, dev=dev):  # every layer's activations, chained through the hidden states
+            for j, x in enumerate(hidden):
+                out = layer(x.to(dev), **kw)
+                hidden[j] = out[0] if isinstance(out, tuple) else out
+
+        yield i, layer, run
+
+
+def attention_input_grams(model, batch: torch.Tensor):
+    """Yield ``(i, gram)`` layer by layer: XᵀX (hidden, hidden) of layer i's attention input (the normed hidden
+    states that q/k/v_proj read), summed over calibration tokens in float64, what whitened SVD needs. Only one
+    layer's Gram exists at a time if the caller drops each (``del``) before asking for the next."""
+    for i, layer, run in layer_by_layer(model, batch, "calibration (attention inputs)"):
+        acc = []
+
+        def pre(_m, args):
             x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            g = x.T @ x
-            grams[i] = g if grams[i] is None else grams[i] + g
-        handles.append(layer.self_attn.k_proj.register_forward_pre_hook(pre))
-    _forward_each(model, batch, handles, "calibration (attention inputs)")
-    return grams
+            if acc:
+                acc[0].addmm_(x.T, x)
+            else:
+                acc.append(x.T @ x)
+
+        handle = layer.self_attn.k_proj.register_forward_pre_hook(pre)
+        try:
+            with stage("calibration (attention inputs)"):
+                run()
+        finally:
+            handle.remove()
+        gram = acc.pop()
+        yield i, gram
+        del gram
+
+
+def whitening_grams(model, batch: torch.Tensor | None, whiten: bool):
+    """``attention_input_grams`` when ``whiten``, else ``(i, None)`` for every layer (plain SVD)."""
+    if whiten:
+        return attention_input_grams(model, batch)
+    return ((i, None) for i in range(len(_layers(model))))
+
+
+def attention_input_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's ``attention_input_grams`` at once (only where a caller needs them all)."""
+    return [g for _, g in attention_input_grams(model, batch)]
 
 
 def greedy_order(gaps: torch.Tensor) -> list[int]:
@@ -234,7 +393,8 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
         handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
     try:
         dev = next(model.parameters()).device
-        model(batch[:max_sequences].to(dev), use_cache=False)
+        with stage("calibration (RoPElite order)"):
+            model(batch[:max_sequences].to(dev), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -60,9 +60,8 @@ def weight_norm(model, batch=None, seed=0):
 
 def _gradient_scores(model, batch, kind):
     nkv, d, _ = _shape(model)
-    g = calibration.weight_gradients(model, batch)
-    return {"k": [_pairs(x.sum(1).view(nkv, d)) for x in g[f"{kind}_k"]],
-            "v": [x.sum(1).view(nkv, d) for x in g[f"{kind}_v"]]}
+    g = calibration.weight_gradients(model, batch, kinds=(kind,), rows=True)
+    return {"k": [_pairs(x.view(nkv, d)) for x in g[f"{kind}_k"]], "v": [x.view(nkv, d) for x in g[f"{kind}_v"]]}
 
 
 def fisher(model, batch, seed=0):

@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import analytic, metrics
 from .cache import cache_spec, cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
-from .calibration import STATISTICS
+from .calibration import STATISTICS, gradient_settings
 from .config import is_baseline_ratio
 from .data import (WIKITEXT_TEST, calibration_batches, calibration_documents, check_wikitext2_test, check_window,
                    resolve_data_dir, wikitext2_test_text)
@@ -72,6 +72,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ratio={cfg.ratio!r} is not a number; it is the fraction of KV-cache dimensions removed, in [0, 1).") from None
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio={ratio} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
+    chunk = cfg.get("loss_chunk", 1024)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ConfigError(f"loss_chunk={chunk!r} is not a positive number of positions.")
     if cfg.method.name == "none" and ratio != 0.0:
         raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); pick a method or set ratio=0.")
 
@@ -82,9 +85,9 @@ def is_baseline(cfg: DictConfig) -> bool:
 
 
 BASELINE_METHOD = {"name": "none", "tag": "none"}
-# Where a result is written and how many threads computed it (recorded as env_threads), not what it is: a moved
-# result, or one rerun with another thread count, still counts as finished.
-LOCATION_KEYS = ("out_dir", "sweep", "threads")
+# Where a result is written and how it was computed (threads, recorded as env_threads; memory savers that change
+# no value), not what it is: a moved result, or one rerun with other such settings, still counts as finished.
+LOCATION_KEYS = ("out_dir", "sweep", "threads", "gradient_checkpointing", "loss_chunk")
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting  # settings that cannot change an uncompressed result
 
@@ -263,7 +266,8 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir, plan: di
         sizes = {"default": (c.n_samples, c.seqlen)}
         sizes.update({stat: calibration_size(c, stat) for stat in STATISTICS if c.get(stat) is not None})
         calib = calibration_batches(tokenizer, data_dir, c.source, sizes, seed=cfg.seed)
-    plan = method.make_plan(model, calib)
+    with gradient_settings(checkpointing=bool(cfg.get("gradient_checkpointing")), loss_chunk=cfg.get("loss_chunk", 1024)):
+        plan = method.make_plan(model, calib)
     return apply_plan(model, plan), plan
 
 

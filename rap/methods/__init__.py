@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, PlanError
 from ..heal import HEAL_PREFIX, expected_heal_tensors, load_healed
+from ..memory import stage
 from .base import Method
 from .elitekv import EliteKV
 from .palu import Palu
@@ -93,7 +94,8 @@ def apply_plan(model, plan: dict | str | Path):
     if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
     originals = [layer.self_attn for layer in model.model.layers]
-    validate_plan(model.config, plan).apply(model, plan)
+    with stage("apply plan"):
+        validate_plan(model.config, plan).apply(model, plan)
     healed = {k: v for k, v in (plan.get("tensors") or {}).items() if k.startswith(HEAL_PREFIX)}
     if healed or plan.get("heal"):
         try:  # the healed values must fit the modules just built; if not, put the original modules back

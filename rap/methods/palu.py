@@ -11,7 +11,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
-from ..calibration import attention_input_gram, calibration_for, weight_gradients
+from ..calibration import calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
 from .attention import CompressedAttention, _linear, latent_o_proj
 from .base import Method
@@ -88,8 +88,8 @@ class Palu(Method):
         Fraction of KV-cache bytes removed, as for RAP: the K and V latents of a layer hold as many elements per
         token as RAP's n_kv · (2P + n_v), with P and n_v RAP's kept pairs and V channels.
     decomposition : str
-        ``whiten`` (Palu's default, SVD-LLM: SVD of W·S with S the Cholesky factor of the calibration XᵀX; diagonal
-        jitter if not positive-definite), or ``svd`` of the weights.
+        ``whiten`` (Palu's default, SVD-LLM: SVD of W·S with S the Cholesky factor of the calibration XᵀX, computed
+        as the eigendecomposition of W·XᵀX·Wᵀ, ``lowrank.factorize``), or ``svd`` of the weights.
     group_size : int
         KV heads per latent: 1 is per head (Palu's M-LRD), 4 the default (G-LRD; capped at the head count, so
         joint on models with at most 4 KV heads), 0 joint over all heads (J-LRD).
@@ -137,7 +137,7 @@ class Palu(Method):
         cap = min(g * d, cfg.hidden_size)
         k_ranks, v_ranks = [min(g * 2 * n_pairs, cap)] * L, [min(g * n_v, cap)] * L
         if self.rank_allocation == "fisher_uniform":
-            grads = weight_gradients(model, calibration_for(calibration, "fisher"))
+            grads = weight_gradients(model, calibration_for(calibration, "fisher"), kinds=("fisher",), rows=False)
             scores = [f.sqrt().mean().item() for i in range(L) for f in (grads["fisher_k"][i], grads["fisher_v"][i])]
             ranks = fisher_uniform_ranks(scores, sum(k_ranks) + sum(v_ranks), cap, self.floor)
             k_ranks, v_ranks = ranks[0::2], ranks[1::2]
@@ -145,14 +145,13 @@ class Palu(Method):
             k_ranks, v_ranks = ([min(cap, max(self.round_to, round(r / self.round_to) * self.round_to)) for r in rs]
                                 for rs in (k_ranks, v_ranks))
         whiten = calibration_for(calibration, "whiten")
-        grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else [None] * L
         tensors = {}
-        for i, layer in enumerate(layers):
-            a = layer.self_attn
+        for i, gram in whitening_grams(model, whiten, self.decomposition == "whiten"):
+            a = layers[i].self_attn
             for n, rank in (("k", k_ranks[i]), ("v", v_ranks[i])):
-                down, up = group_factors(getattr(a, f"{n}_proj").weight, d, g, rank, grams[i])
+                down, up = group_factors(getattr(a, f"{n}_proj").weight, d, g, rank, gram)
                 tensors.update({f"{n}_down.{i}": down, f"{n}_up.{i}": up})
-            grams[i] = None  # consumed: free this layer's Gram
+            del gram  # this layer's Gram is freed before the next layer's is computed
         return {"method": "palu", "ratio": self.ratio, "decomposition": self.decomposition, "group_size": g,
                 "rank_allocation": self.rank_allocation, "round_to": self.round_to, "head_dim": d,
                 "layers": [{"k_rank": k, "v_rank": v} for k, v in zip(k_ranks, v_ranks)], "tensors": tensors}

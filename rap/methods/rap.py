@@ -9,7 +9,7 @@ import torch
 
 from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
-from ..calibration import attention_input_gram, attention_output_gram, calibration_for
+from ..calibration import attention_output_gram, calibration_for, whitening_grams
 from ..errors import ConfigError, PlanError
 from .attention import PrunedAttention
 from .base import Method
@@ -109,11 +109,12 @@ class RAP(Method):
             if self.decomposition == "whiten" and calibration is None:
                 raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use svd.")
             whiten = calibration_for(calibration, "whiten")
-            grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else [None] * len(layers)
             plan.update(group_size=g, decomposition=self.decomposition, tensors={})
-            for i, (layer, lp) in enumerate(zip(model.model.layers, layers)):
-                rank = min(g * len(lp["v_channels"][0]), layer.self_attn.v_proj.weight.shape[1])  # RAP's V budget
-                down, up = group_factors(layer.self_attn.v_proj.weight, d, g, rank, grams[i])
+            for i, gram in whitening_grams(model, whiten, self.decomposition == "whiten"):
+                w, lp = model.model.layers[i].self_attn.v_proj.weight, layers[i]
+                rank = min(g * len(lp["v_channels"][0]), w.shape[1])  # RAP's V budget
+                down, up = group_factors(w, d, g, rank, gram)
+                del gram  # this layer's Gram is freed before the next layer's is computed
                 plan["tensors"].update({f"v_down.{i}": down, f"v_up.{i}": up})
                 lp["v_rank"], lp["v_channels"] = rank, None
         if self.v_refit:
