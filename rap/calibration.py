@@ -5,6 +5,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .metrics import model_device
 
 
 # Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).
@@ -38,7 +39,7 @@ def _layers(model):
 @torch.no_grad()
 def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
     """Run every calibration sequence through the model (hooks collect the statistics), then remove the hooks."""
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     try:
         for row in tqdm(batch, desc=desc, leave=False):
             model(row[None].to(dev), use_cache=False)
@@ -66,7 +67,7 @@ def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
 def weight_gradients(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Per layer, over calibration sequences: mean squared gradient (Fisher) and mean |w·g| (Taylor) of the
     k_proj and v_proj weights, for the LM loss. Returns keys ``fisher_k, fisher_v, taylor_k, taylor_v``."""
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight) for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
     was = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -233,7 +234,7 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
     for i, layer in enumerate(_layers(model)):
         handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
     try:
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         model(batch[:max_sequences].to(dev), use_cache=False)
     finally:
         for h in handles:

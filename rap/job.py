@@ -4,7 +4,8 @@
 
 - run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
-  load/baseline/compress/heal/measure/latency/ppl/zeroshot.
+  load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
+  weights (several with ``model.device_map``).
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
@@ -32,7 +33,8 @@ Faults: ``metrics.json`` is written last, by one atomic rename (the commit point
 ``failure.json`` instead, and one that is killed leaves neither. The job holds ``<out_dir>/.rap.lock`` while it
 computes (``rap.files.job_lock``). ``RAP_KILL_AT`` injects kills for the tests (``rap.faults``).
 - latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
-  ``latency_decode_attention_ms`` with ``latency_device``, ``latency_dtype``, ``latency_threads``.
+  ``latency_decode_attention_ms`` with ``latency_device`` (every device the model uses), ``latency_dtype``,
+  ``latency_threads``.
 """
 from __future__ import annotations
 
@@ -132,10 +134,11 @@ def finished(out_dir: Path, config: dict) -> bool:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(name=m.name, source=m.source, path=m.path, gguf_file=m.get("gguf_file"),
+    m = OmegaConf.to_container(cfg.model, resolve=True)  # plain dicts for device_map / max_memory
+    return ModelSpec(name=m["name"], source=m["source"], path=m["path"], gguf_file=m.get("gguf_file"),
                      dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed,
-                     trust_remote_code=m.get("trust_remote_code") is True)
+                     trust_remote_code=m.get("trust_remote_code") is True, device_map=m.get("device_map"),
+                     max_memory=m.get("max_memory"))
 
 
 def calibration_size(c: DictConfig, statistic: str) -> tuple[int, int]:
@@ -364,6 +367,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         kill_point("load")
         model, tok = load_model(spec)
         times["load"] = time.time() - t
+        results["model_devices"] = [str(d) for d in metrics.model_devices(model)]
 
         m = cfg.eval.measure
         base = {}

@@ -32,7 +32,13 @@ SDPA_FLOP_MAPPING = {
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the input embedding's device (a model spread over devices takes its token ids there)."""
+    return model.get_input_embeddings().weight.device
+
+
+def model_devices(model) -> list[torch.device]:
+    """Every device holding a parameter or buffer of ``model``, sorted (one for a model that is not spread)."""
+    return sorted({t.device for t in (*model.parameters(), *model.buffers())}, key=str)
 
 
 def random_ids(model, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -94,22 +100,31 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
 
 
 class _Timer:
-    """Wall-clock on CPU, CUDA events on GPU."""
+    """Wall-clock on CPU, CUDA events on GPU: one event per GPU the model uses, each on that GPU's stream.
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    A span is the longest of its per-GPU spans. A model spread over GPUs runs its layers one GPU after another,
+    each GPU's stream waiting for the copy from the one before, so an idle GPU's start event fires when the span
+    starts and the GPU finishing last ends it; timing on one GPU would miss the work queued on the others.
+    """
+
+    def __init__(self, devices):
+        devices = devices if isinstance(devices, (list, tuple, set)) else [devices]
+        self.gpus = [torch.device(d) for d in devices if torch.device(d).type == "cuda"]
+        self.cuda = bool(self.gpus)
 
     def mark(self):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
+            events = [torch.cuda.Event(enable_timing=True) for _ in self.gpus]
+            for e, d in zip(events, self.gpus):
+                e.record(torch.cuda.current_stream(d))
+            return events
         return time.perf_counter()
 
     def elapsed_ms(self, start, end) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+            return max(a.elapsed_time(b) for a, b in zip(start, end))
         return (end - start) * 1e3
 
 
@@ -141,8 +156,8 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
     Decode: each timed step appends one token, then the cache is cropped back to ``context_len``,
     so every step runs at exactly that context.
     """
-    device = model_device(model)
-    timer = _Timer(device)
+    devices = model_devices(model)
+    timer = _Timer(devices)
     ids = random_ids(model, context_len)
     step_ids = random_ids(model, 1, seed=1)
 
@@ -171,7 +186,7 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
     return {
         "latency_prefill_ms": med(pre_total), "latency_prefill_attention_ms": med(pre_attn),
         "latency_decode_ms": med(dec_total), "latency_decode_attention_ms": med(dec_attn),
-        "latency_device": str(device), "latency_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "latency_device": ",".join(map(str, devices)), "latency_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "latency_threads": torch.get_num_threads(), "latency_repeats": repeats, "latency_decode_steps": decode_steps,
         "attn_implementation": model.config._attn_implementation,
     }
