@@ -45,6 +45,8 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     curves, before, after, n_params = [], [], [], 0
     for i, layer in enumerate(tqdm(layers, desc="heal layerwise", leave=False)):
         attn = layer.self_attn
+        dev = layer.input_layernorm.weight.device  # this layer's, in a model spread over devices
+        x, pos = x.to(dev), tuple(p.to(dev) for p in pos)
         with torch.no_grad():
             h = layer.input_layernorm(x)
             target = _call(originals[i], h, pos)
