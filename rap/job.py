@@ -5,7 +5,8 @@
 - run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
   load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
-  weights (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran (``auto`` resolved).
+  weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
+  (``auto`` resolved).
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
@@ -378,7 +379,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         kill_point("load")
         model, tok = load_model(spec)
         times["load"] = time.time() - t
-        results["model_devices"] = [str(d) for d in metrics.model_devices(model)]
+        results["model_devices"] = ",".join(str(d) for d in metrics.model_devices(model))  # a scalar, as W&B summaries take
 
         m = cfg.eval.measure
         base = {}
