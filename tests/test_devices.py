@@ -70,7 +70,7 @@ def test_padding_changes_no_attention_output(n_qk, n_v, multiple, width):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_round_to_auto_is_1_on_cpu_and_8_on_cuda(tmp_path):
+def test_round_to_auto_is_1_on_cpu_and_8_on_cuda():
     assert resolve_round_to("auto", "cpu") == 1 and resolve_round_to("auto", "cuda") == 8 and resolve_round_to(4, "cuda") == 4
     from rap.job import job_config
 
