@@ -5,10 +5,10 @@ measured in the same process, before and after the compressed ones (to show drif
     python experiments/latency.py outputs/baselines outputs/rap_criteria --context 2048 --out latency.csv
 
 The sweep jobs time latency too, but when cells run side by side their timings share the CPU; this
-re-times every plan with nothing else running.
+re-times every plan with nothing else running. One model is loaded: each plan swaps its attention modules in and
+the original ones back (no copy of the model, which a large one would not have room for).
 """
 import argparse
-import copy
 import csv
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rap import apply_plan, metrics
+from rap.heal import _swap
 from rap.job import model_spec
 from rap.models import load_model
 
@@ -45,10 +46,14 @@ def main():
     for run in runs:
         if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
             continue
-        model = apply_plan(copy.deepcopy(base), run / "plan.json")
-        rows.append({"run": str(run), **timed(model)})
+        originals = [layer.self_attn for layer in base.model.layers]
+        try:
+            apply_plan(base, run / "plan.json")
+            rows.append({"run": str(run), **timed(base)})
+        finally:  # the uncompressed model again, for the next plan
+            _swap(base, originals)
+            base.__dict__.pop("rap_plan", None)
         print(rows[-1], flush=True)
-        del model
     rows.append({"run": "baseline (after)", **timed(base)})
     print(rows[-1], flush=True)
     ref = {k: (rows[0][k] + rows[-1][k]) / 2 for k in KEYS}

@@ -30,7 +30,7 @@ import torch
 
 from .compat import CACHE_ARG
 from .cache import cached_widths
-from .metrics import SDPA_FLOP_MAPPING, _Timer, kv_bytes
+from .metrics import _Timer, kernel_used, kv_bytes
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -155,18 +155,6 @@ def prefill_op(model, batch: int, seqlen: int, kind: str):
     with torch.no_grad():
         model(ids, use_cache=True, **{CACHE_ARG: cache})
     return step, kv_bytes(cache) / seqlen / batch / len(cache.layers)
-
-
-def kernel_used(model, op) -> str:
-    """The attention kernel one call of ``op`` dispatches (SDPA kernels by name; ``matmul`` for rap's decode path)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
-    with torch.no_grad(), counter:
-        op()
-    ops = {str(o) for o in counter.get_flop_counts().get("Global", {})}
-    sdpa = sorted(o.replace("aten.", "") for o in ops if "scaled_dot_product" in o)
-    return ",".join(sdpa) or "matmul"
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:

@@ -19,6 +19,7 @@ import torch
 
 from .compat import cache_kwargs
 from .errors import ConfigError
+from .metrics import model_device
 
 BACKEND_BITS = {"hqq": (2, 4, 8), "quanto": (2, 4)}
 BACKEND_PACKAGE = {"hqq": "hqq", "quanto": "optimum.quanto"}
@@ -93,7 +94,7 @@ def cached_widths(model, batch: int = 1) -> list[tuple[tuple, tuple]]:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    model(torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device), **cache_kwargs(cache))
+    model(torch.zeros(batch, 1, dtype=torch.long, device=model_device(model)), **cache_kwargs(cache))
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .memory import stage
+from .metrics import model_device
 
 
 # Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).
@@ -44,7 +45,7 @@ def _layers(model):
 @torch.no_grad()
 def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
     """Run every calibration sequence through the model (hooks collect the statistics), then remove the hooks."""
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     try:
         with stage(desc):
             for row in tqdm(batch, desc=desc, leave=False):
@@ -117,7 +118,7 @@ def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), row
     channel criteria read); ``rows=False`` keeps every element, (out, in) in float32 (Palu's module scores take
     a square root per element). Each weight's gradient is folded in and freed as soon as the backward has
     produced it, so no layer's full gradient outlives its own step."""
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight) for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
     out = {f"{kind}_{n}": [None] * len(_layers(model)) for kind in kinds for n in ("k", "v")}
 
@@ -251,7 +252,7 @@ def _on(x, device):
 def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     """Every calibration sequence's input to the first decoder layer, and the keyword arguments the model passes to
     each decoder layer (mask, position embeddings...: the same for every sequence of one length)."""
-    layers, dev = _layers(model), next(model.parameters()).device
+    layers, dev = _layers(model), model_device(model)
     kwargs, hidden = [None] * len(layers), []
 
     def keep_kwargs(i):
@@ -392,7 +393,7 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
     for i, layer in enumerate(_layers(model)):
         handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
     try:
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         with stage("calibration (RoPElite order)"):
             model(batch[:max_sequences].to(dev), use_cache=False)
     finally:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .metrics import model_device
+
 
 def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache=None) -> torch.Tensor:
     """Logits of one window (1, n): one forward without a cache, or, with ``chunk``, fed through the cache ``chunk``
@@ -47,7 +49,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"Corpus has {input_ids.numel()} tokens, fewer than one window of {seqlen}.")
-    device = next(model.parameters()).device
+    device = model_device(model)
     window_nll = []
     for w in tqdm(range(n_windows), desc=desc, leave=False):
         ids = input_ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(device)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .metrics import model_device
+
 HEAL_PREFIX = "heal."
 
 
@@ -35,7 +37,7 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     (per layer, on all of ``batch``), "params" (trainable count), "time_s"}``.
     """
     t0 = time.time()
-    layers, dev = model.model.layers, next(model.parameters()).device
+    layers, dev = model.model.layers, model_device(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         x = model.model.embed_tokens(batch.to(dev))
@@ -43,6 +45,8 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     curves, before, after, n_params = [], [], [], 0
     for i, layer in enumerate(tqdm(layers, desc="heal layerwise", leave=False)):
         attn = layer.self_attn
+        dev = layer.input_layernorm.weight.device  # this layer's, in a model spread over devices
+        x, pos = x.to(dev), tuple(p.to(dev) for p in pos)
         with torch.no_grad():
             h = layer.input_layernorm(x)
             target = _call(originals[i], h, pos)
@@ -106,7 +110,7 @@ def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float,
     on ``batch``; returns ``{"loss": [per-step KL], "before", "after" (KL on all of ``batch``), "params", "time_s"}``.
     ``originals`` are released at the end."""
     t0 = time.time()
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     gen = torch.Generator().manual_seed(seed)
     batch = batch.to(dev)
     params = [p for layer in model.model.layers for p in layer.self_attn.parameters()]

@@ -4,7 +4,9 @@
 
 - run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
-  load/baseline/compress/heal/measure/latency/ppl/zeroshot.
+  load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
+  weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
+  (``auto`` resolved).
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
@@ -23,8 +25,9 @@
   comparisons between runs on the same documents (``rap.stats``, ``analysis.report``).
 - costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, its parts ``kv_bytes_full`` / ``_packed`` /
   ``_scales`` and ``kv_cache`` (``fp`` or the quantized cache's label), ``params_total``, ``params_attention``,
-  ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), ``sdpa_kernel``, each count also
-  as ``<key>_formula`` from the config alone.
+  ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), each count also as ``<key>_formula``
+  from the config alone; ``sdpa_kernel`` and ``sdpa_kernel_prefill``, the attention kernels of that decode step
+  and of the prefill before it (SDPA kernel names, or ``matmul`` for rap's own decode path).
 - compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
   for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json`` (``plan=<file>`` applies a saved one).
 
@@ -32,7 +35,8 @@ Faults: ``metrics.json`` is written last, by one atomic rename (the commit point
 ``failure.json`` instead, and one that is killed leaves neither. The job holds ``<out_dir>/.rap.lock`` while it
 computes (``rap.files.job_lock``). ``RAP_KILL_AT`` injects kills for the tests (``rap.faults``).
 - latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
-  ``latency_decode_attention_ms`` with ``latency_device``, ``latency_dtype``, ``latency_threads``.
+  ``latency_decode_attention_ms`` with ``latency_device`` (every device the model uses), ``latency_dtype``,
+  ``latency_threads``.
 """
 from __future__ import annotations
 
@@ -92,13 +96,23 @@ UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting  # settings that cannot change an uncompressed result
 
 
+def method_options(cfg: DictConfig) -> dict:
+    """``cfg.method`` as plain values, with ``round_to: auto`` resolved for the job's device (8 on CUDA, else 1):
+    the number is what decides the result, so it is what the config records."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    if options.get("round_to") == "auto":
+        from .methods.rap import resolve_round_to
+
+        options["round_to"] = resolve_round_to("auto", resolve_device(cfg.device))
+    return options
+
+
 def job_config(cfg: DictConfig) -> dict:
     """The resolved job config without Hydra's own settings: what identifies a result. A baseline (ratio 0)
     is recorded as ``method: none`` whichever method's sweep ran it."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["ratio"] = float(config["ratio"])
-    if is_baseline(cfg):
-        config["method"] = dict(BASELINE_METHOD)
+    config["method"] = dict(BASELINE_METHOD) if is_baseline(cfg) else method_options(cfg)
     return config
 
 
@@ -135,10 +149,11 @@ def finished(out_dir: Path, config: dict) -> bool:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(name=m.name, source=m.source, path=m.path, gguf_file=m.get("gguf_file"),
+    m = OmegaConf.to_container(cfg.model, resolve=True)  # plain dicts for device_map / max_memory
+    return ModelSpec(name=m["name"], source=m["source"], path=m["path"], gguf_file=m.get("gguf_file"),
                      dtype=m.get("dtype", "auto"), device=cfg.device, seed=cfg.seed,
-                     trust_remote_code=m.get("trust_remote_code") is True)
+                     trust_remote_code=m.get("trust_remote_code") is True, device_map=m.get("device_map"),
+                     max_memory=m.get("max_memory"))
 
 
 def calibration_size(c: DictConfig, statistic: str) -> tuple[int, int]:
@@ -160,7 +175,7 @@ def build_method(cfg: DictConfig):
 
     from .methods import get_method, make_method
 
-    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("name", "tag")}
+    options = {k: v for k, v in method_options(cfg).items() if k not in ("name", "tag")}
     names = {f.name for f in fields(get_method(cfg.method.name))}
     options.update({k: v for k, v in (("criterion", cfg.criterion.name), ("seed", cfg.seed)) if k in names})
     return make_method(cfg.method.name, float(cfg.ratio), **options)
@@ -368,6 +383,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         kill_point("load")
         model, tok = load_model(spec)
         times["load"] = time.time() - t
+        results["model_devices"] = ",".join(str(d) for d in metrics.model_devices(model))  # a scalar, as W&B summaries take
 
         m = cfg.eval.measure
         base = {}
@@ -384,6 +400,8 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         originals = [layer.self_attn for layer in model.model.layers] if heal is not None else None
         model, plan = compress_model(model, tok, method, cfg, data_dir, given_plan)
         times["compress"] = time.time() - t
+        if plan is not None and "round_to" in plan:
+            results["round_to"] = plan["round_to"]
         heal_curves = None
         if heal is not None and not plan.get("heal"):  # a given plan that was healed brought its healed weights
             t = time.time()

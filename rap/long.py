@@ -57,11 +57,12 @@ def check_tasks(tasks) -> list[str]:
 def long_lengths(lengths, model) -> list[int]:
     """``eval.long.lengths``, or by default 1024, 2048, 4096, and on GPU doubling on up to the model's context."""
     from .errors import ConfigError
+    from .metrics import model_device
 
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     if lengths is None:
         lengths = [1024, 2048, 4096]
-        if next(model.parameters()).device.type == "cuda":
+        if model_device(model).type == "cuda":
             while lengths[-1] * 2 <= min(limit, 32768):
                 lengths.append(lengths[-1] * 2)
     lengths = sorted(int(n) for n in lengths)

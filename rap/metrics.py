@@ -32,7 +32,27 @@ SDPA_FLOP_MAPPING = {
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the input embedding's device (a model spread over devices takes its token ids there)."""
+    return model.get_input_embeddings().weight.device
+
+
+def model_devices(model) -> list[torch.device]:
+    """Every device holding a parameter or buffer of ``model``, sorted (one for a model that is not spread)."""
+    return sorted({t.device for t in (*model.parameters(), *model.buffers())}, key=str)
+
+
+def sdpa_kernels(counter: FlopCounterMode) -> str:
+    """The SDPA kernels a ``FlopCounterMode`` saw, by name, or ``matmul`` for none (rap's decode path on CPU)."""
+    ops = {str(o) for o in counter.get_flop_counts().get("Global", {})}
+    return ",".join(sorted(o.replace("aten.", "") for o in ops if "scaled_dot_product" in o)) or "matmul"
+
+
+def kernel_used(model, op) -> str:
+    """The attention kernel one call of ``op`` dispatches (``sdpa_kernels``)."""
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
+    with torch.no_grad(), counter:
+        op()
+    return sdpa_kernels(counter)
 
 
 def random_ids(model, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -66,8 +86,8 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     during generation: the quantized tokens and half a residual window at full precision.
 
     Returns the bytes the cache holds (``kv_bytes``, and its parts ``kv_bytes_full``, ``kv_bytes_packed`` and
-    ``kv_bytes_scales``), the FLOPs of the decode step (whole model and ``self_attn`` modules alone), the SDPA
-    kernel that ran, and the parameter counts.
+    ``kv_bytes_scales``), the FLOPs of the decode step (whole model and ``self_attn`` modules alone), the attention
+    kernels that ran in the prefill and the decode step (``sdpa_kernels``), and the parameter counts.
     """
     from .cache import CacheSpec, cache_bytes, make_cache, measured_split
 
@@ -75,7 +95,7 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     n_prefill, _ = measured_split(spec, context_len)
     ids = random_ids(model, context_len)
     cache = make_cache(spec, model)
-    model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache))
+    prefill_kernels = kernel_used(model, lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
     for t in range(n_prefill, context_len):
         model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
     held = cache_bytes(cache)
@@ -84,32 +104,40 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
         model(random_ids(model, 1, seed=1), use_cache=True, **cache_kwargs(cache))
     per_module = counter.get_flop_counts()
     attn = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith("self_attn"))
-    kernels = sorted({str(op) for op in per_module["Global"] if "scaled_dot_product" in str(op)})
     return {
         "context_len": context_len, "kv_bytes": held["total"], "kv_bytes_per_token": held["total"] / context_len,
         **{f"kv_bytes_{k}": held[k] for k in ("full", "packed", "scales")}, "kv_cache": spec.label,
-        "flops_decode": counter.get_total_flops(), "flops_decode_attention": attn, "sdpa_kernel": ",".join(kernels),
-        **count_params(model),
+        "flops_decode": counter.get_total_flops(), "flops_decode_attention": attn, "sdpa_kernel": sdpa_kernels(counter),
+        "sdpa_kernel_prefill": prefill_kernels, **count_params(model),
     }
 
 
 class _Timer:
-    """Wall-clock on CPU, CUDA events on GPU."""
+    """Wall-clock on CPU, CUDA events on GPU: one event per GPU the model uses, each on that GPU's stream.
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    A span is the longest of its per-GPU spans. A model spread over GPUs runs its layers one GPU after another,
+    each GPU's stream waiting for the copy from the one before, so an idle GPU's start event fires when the span
+    starts and the GPU finishing last ends it; timing on one GPU would miss the work queued on the others.
+    """
+
+    def __init__(self, devices):
+        devices = devices if isinstance(devices, (list, tuple, set)) else [devices]
+        self.gpus = [torch.device(d) for d in devices if torch.device(d).type == "cuda"]
+        self.cuda = bool(self.gpus)
 
     def mark(self):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
+            events = [torch.cuda.Event(enable_timing=True) for _ in self.gpus]
+            for e, d in zip(events, self.gpus):
+                e.record(torch.cuda.current_stream(d))
+            return events
         return time.perf_counter()
 
     def elapsed_ms(self, start, end) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+            return max(a.elapsed_time(b) for a, b in zip(start, end))
         return (end - start) * 1e3
 
 
@@ -141,8 +169,8 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
     Decode: each timed step appends one token, then the cache is cropped back to ``context_len``,
     so every step runs at exactly that context.
     """
-    device = model_device(model)
-    timer = _Timer(device)
+    devices = model_devices(model)
+    timer = _Timer(devices)
     ids = random_ids(model, context_len)
     step_ids = random_ids(model, 1, seed=1)
 
@@ -171,7 +199,8 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
     return {
         "latency_prefill_ms": med(pre_total), "latency_prefill_attention_ms": med(pre_attn),
         "latency_decode_ms": med(dec_total), "latency_decode_attention_ms": med(dec_attn),
-        "latency_device": str(device), "latency_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "latency_device": ",".join(map(str, devices)),
+        "latency_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "latency_threads": torch.get_num_threads(), "latency_repeats": repeats, "latency_decode_steps": decode_steps,
         "attn_implementation": model.config._attn_implementation,
     }

@@ -66,6 +66,10 @@ class ModelSpec:
     trust_remote_code : bool
         Run the model repository's own Python code (``from_pretrained(trust_remote_code=True)``). Off unless the
         model config sets it: supported architectures are built into transformers.
+    device_map, max_memory : str, dict or None
+        Spread a ``hub`` checkpoint over several devices while it loads (accelerate, as ``from_pretrained`` does):
+        ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict from module names to devices, and
+        the memory each device may take (``{0: "70GiB", 1: "70GiB", "cpu": "100GiB"}``). None: one device.
     """
 
     name: str
@@ -76,6 +80,36 @@ class ModelSpec:
     device: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(spec: ModelSpec) -> None:
+    """Refuse ``device_map`` / ``max_memory`` settings that ``from_pretrained`` cannot use for this source."""
+    if spec.max_memory is not None and spec.device_map is None:
+        raise ModelError("model.max_memory only bounds a model.device_map; set model.device_map=auto as well.")
+    if spec.device_map is None:
+        return
+    if spec.source != "hub":
+        raise ModelError(f"model.device_map spreads a hub checkpoint over devices while it loads, but source={spec.source} "
+                         "models are built on one device; leave model.device_map null.")
+    if not isinstance(spec.device_map, dict) and spec.device_map not in DEVICE_MAPS:
+        raise ModelError(f"model.device_map={spec.device_map!r} is not {', '.join(DEVICE_MAPS)} or a mapping from module "
+                         "names to devices.")
+    if spec.max_memory is not None and not isinstance(spec.max_memory, dict):
+        raise ModelError(f"model.max_memory={spec.max_memory!r} is not a mapping from devices to sizes, e.g. {{0: 70GiB, cpu: 100GiB}}.")
+
+
+def check_resident(model) -> None:
+    """Refuse a model some of whose weights accelerate offloaded (left on ``meta``, streamed in at each forward):
+    compression slices and factors the weights themselves."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ModelError(f"model.device_map offloaded {len(offloaded)} weights to cpu or disk (e.g. {offloaded[0]}), but "
+                         "compression needs every weight on a device; raise model.max_memory for the GPUs or use more of them.")
 
 
 def check_rope_config(config) -> None:
@@ -210,6 +244,7 @@ def load_config(spec: ModelSpec):
     """The model's config alone (no weights): what the cheap checks before loading need."""
     from transformers import AutoConfig
 
+    check_placement(spec)
     if spec.source == "tiny":
         return tiny_config(spec.path)
     if spec.source == "gguf_package":
@@ -232,9 +267,11 @@ def load_config(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec):
-    """Load the model described by ``spec``; returns ``(model, tokenizer)`` on the resolved device, in eval mode."""
+    """Load the model described by ``spec``; returns ``(model, tokenizer)`` in eval mode, on the resolved device or,
+    with ``spec.device_map``, on the devices accelerate placed it on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     if spec.source == "tiny":
@@ -246,17 +283,27 @@ def load_model(spec: ModelSpec):
     elif spec.source == "hub":
         try:
             remote = {"trust_remote_code": spec.trust_remote_code}
+            placed = {"device_map": spec.device_map, "max_memory": spec.max_memory} if spec.device_map is not None else {}
             tok = AutoTokenizer.from_pretrained(spec.path, **remote)
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa", **remote)
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa",
+                                                         **remote, **placed)
         except OSError as e:
             raise ModelError(
                 f"Could not load '{spec.path}' from the hub or disk ({str(e).splitlines()[0]}); "
                 "check model.path or log in / go online."
             ) from None
+        except ValueError as e:  # accelerate's word on a device_map or max_memory it cannot use (disk offload, ...)
+            if spec.device_map is None:
+                raise
+            raise ModelError(f"Could not place '{spec.path}' with model.device_map={spec.device_map!r} "
+                             f"({str(e).strip().splitlines()[0]}); check model.device_map and model.max_memory.") from None
     else:
         raise ModelError(f"Unknown model source '{spec.source}'; use gguf_package, hub or tiny.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config._attn_implementation = "sdpa"
     check_rope_model(model)
+    if spec.device_map is not None:  # placed while loading; a .to() would undo it
+        check_resident(model)
+        return model.eval(), tok
     return model.to(device).eval(), tok

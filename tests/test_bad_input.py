@@ -28,6 +28,7 @@ CASES = [
     ("odd head_dim", ["model=llama3-8b", "model.path={odd}"], {}, "RoPE requires an even rotary dimension, but got `head_dim`=15", 2, "last"),
     ("missing data folder", ["data.dir=/nonexistent/data"], {}, "Data dir '/nonexistent/data' does not exist", 2, "last"),
     ("CUDA asked for but absent", ["device=cuda"], {}, "device=cuda was asked for but CUDA is not available", 2, "last"),
+    ("device map for a model built in memory", ["model.device_map=auto"], {}, "source=tiny models are built on one device", 2, "last"),
     ("corrupt plan", ["ratio=0.25", "plan={plan}"], {}, "plan.json is not readable JSON", 2, "last"),
     ("plan of another method", ["ratio=0.25", "method=palu", "plan={good_plan}"], {}, "is a rap plan at ratio 0.25, but the job asks for method=palu", 2, "last"),
     ("W&B online without a key", ["tracking=wandb"], {"WANDB_MODE": "online", "WANDB_API_KEY": "", "NETRC": "/nonexistent"},

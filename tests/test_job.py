@@ -64,6 +64,10 @@ def test_rap_job_reports_ratios_and_plan(tmp_path, data_dir):
     assert m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
     assert m["flops_decode"] == m["flops_decode_formula"] and m["flops_decode_ratio"] < 1
     assert m["params_attention_ratio"] < 1 and m["time_compress_s"] > 0
+    # round_to=auto ran as 1 on CPU and is recorded as that; where the model lived and which kernels ran.
+    assert plan["round_to"] == m["round_to"] == 1 and "round_to: 1" in (tmp_path / "rap" / "config.yaml").read_text()
+    assert m["model_devices"] == m["latency_device"] == "cpu"
+    assert "scaled_dot_product" in m["sdpa_kernel_prefill"] and m["sdpa_kernel"] == "matmul"  # rap's CPU decode path
 
 
 @pytest.mark.parametrize("method", ["palu", "elitekv"])

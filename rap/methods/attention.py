@@ -100,6 +100,26 @@ def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
     return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
 
 
+def fused_width(n: int) -> bool:
+    """Whether equal q/k and v widths ``n`` reach a fused SDPA kernel on CUDA that reads them in place: flash takes
+    at most 256 (and copies its inputs to pad other widths to a multiple of 8), cuDNN and the memory-efficient
+    kernel (16-bit) take multiples of 8."""
+    return n % 8 == 0 and n <= 256
+
+
+def pad_widths(q, k, v, multiple: int = 1):
+    """Zero-pad q/k or v (..., width) to one common width, rounded up to ``multiple``. Zero columns add nothing to
+    any score q·k and give zero output columns past v's width, which the caller cuts off: the output is unchanged.
+    Rounding up to 8 keeps a width of at most 256 at most 256 (256 is a multiple of 8)."""
+    n_qk, n_v = q.shape[-1], v.shape[-1]
+    w = -(-max(n_qk, n_v) // multiple) * multiple
+    if w > n_qk:
+        q, k = F.pad(q, (0, w - n_qk)), F.pad(k, (0, w - n_qk))
+    if w > n_v:
+        v = F.pad(v, (0, w - n_v))
+    return q, k, v
+
+
 def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     """Attention of one new token per sequence over the whole cache, at the true widths and without copying the
     cache: q (b, nh, 1, n), k (b, hk, T, n), v (b, hv, T, m), with hk and hv dividing nh (query heads of a group
@@ -107,11 +127,13 @@ def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     Returns (b, 1, nh, m)."""
     b, nh, _, n = q.shape
     hk, hv, t = k.shape[1], v.shape[1], k.shape[2]
-    if q.is_cuda and hk == hv and n == v.shape[-1] and (mask is None or n % 8 == 0):
+    if q.is_cuda and hk == hv and n == v.shape[-1] and fused_width(n):
         # Measured on an H100 in bf16 (Llama-3-8B heads, README "On a GPU"): the fused GQA kernels (cuDNN, flash)
-        # read the cache in place and run 1.4-3x faster than the matmul path below. With a mask (a static cache)
-        # only cuDNN takes widths that are multiples of 8; at other widths SDPA falls back to its math kernel,
-        # which copies the cache per query head (3-12x slower), so the matmul path runs there.
+        # read the cache in place and run 1.4-3x faster than the matmul path below. The cache is not padded (that
+        # would copy it every step), so other widths take the matmul path: with a mask (a static cache) SDPA would
+        # fall back to its math kernel, which copies the cache per query head (3-12x slower), and without one flash
+        # pads a copy of it (width 90: 1.7-3x slower than the matmul path at batch 4-16, at most 1.4x faster at batch 1;
+        # docs/bench/gpu_h100_decode_kernels.txt).
         m = None if mask is None else mask[..., -1:, :t]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling, enable_gqa=True).transpose(1, 2)
     scores = (q.reshape(b, hk, nh // hk, n) @ k.transpose(-1, -2)).reshape(b, nh, t) * scaling
@@ -176,13 +198,10 @@ class CompressedAttention(nn.Module):
         # The fused SDPA kernels need equal q/k and v widths, else torch runs the math kernel, which materialises
         # every score. Zero-padding the narrower side changes no score and no output and is cheaper even at large
         # gaps: 32 heads x 4096 tokens on 2 CPU threads, q/k 128 padded to a value latent of 360, flash 1.6 s
-        # against math 4.8 s (within 10% of each other at 256 tokens).
-        n_qk, n_v = q.shape[-1], v.shape[-1]
-        w = max(n_qk, n_v)
-        if w > n_qk:
-            q, k = F.pad(q, (0, w - n_qk)), F.pad(k, (0, w - n_qk))
-        if w > n_v:
-            v = F.pad(v, (0, w - n_v))
+        # against math 4.8 s (within 10% of each other at 256 tokens). On CUDA the common width is also rounded
+        # up to a multiple of 8, which cuDNN and the memory-efficient kernel need (``fused_width``).
+        n_v = v.shape[-1]
+        q, k, v = pad_widths(q, k, v, 8 if q.is_cuda else 1)
         kwargs.pop("position_ids", None)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)

@@ -28,6 +28,9 @@ class LowRankAttention(CompressedAttention):
     attn : the original attention module (weights are copied).
     k_latent, v_latent : ``(down, up)`` with down (G·r, hidden) and up (G, g·d, r) (``lowrank.group_factors``).
     rotary : the model's rotary embedding (its ``inv_freq`` and ``attention_scaling`` are copied).
+
+    Every tensor lives on the original attention's device, as a parameter or a (non-persistent) buffer, so the
+    module runs where its layer was placed and moves with ``.to()``.
     """
 
     def __init__(self, attn: nn.Module, k_latent, v_latent, rotary: nn.Module):
@@ -42,17 +45,20 @@ class LowRankAttention(CompressedAttention):
         self.v_heads, self.r_v = v_up.shape[0], v_up.shape[2]
         self.v_proj = _linear(v_down.to(attn.v_proj.weight), None)
         self.o_proj = latent_o_proj(attn, v_up)
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
+        dev = attn.q_proj.weight.device  # the rotary module may sit on another device than this layer
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().to(dev, copy=True), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self._table = None  # cos/sin for cache positions 0..n-1, grown by doubling
+        # cos/sin for cache positions 0..n-1, grown by doubling
+        self.register_buffer("cos_table", torch.empty(0, 2 * self.inv_freq.shape[0], device=dev), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0, 2 * self.inv_freq.shape[0], device=dev), persistent=False)
 
     def _cos_sin(self, n: int, dtype):
-        if self._table is None or self._table[0].shape[0] < n:
-            size = max(n, 2 * (0 if self._table is None else self._table[0].shape[0]))
-            freqs = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None]
+        if self.cos_table.shape[0] < n:
+            size = max(n, 2 * self.cos_table.shape[0])
+            freqs = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq.float()[None]
             emb = torch.cat((freqs, freqs), -1)
-            self._table = (emb.cos() * self.rope_scale, emb.sin() * self.rope_scale)
-        return self._table[0][:n].to(dtype), self._table[1][:n].to(dtype)
+            self.cos_table, self.sin_table = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        return self.cos_table[:n].to(dtype), self.sin_table[:n].to(dtype)
 
     def project(self, x, position_embeddings):
         shape = x.shape[:-1]

@@ -11,11 +11,22 @@ from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_output_gram, calibration_for, whitening_grams
 from ..errors import ConfigError, PlanError
+from ..metrics import model_device
 from .attention import PrunedAttention
 from .base import Method
 from .lowrank import group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
 from .validation import entry, per_head_indices, positive_int
+
+
+def resolve_round_to(round_to, device) -> int:
+    """``round_to`` as a number: ``auto`` is 8 on CUDA (cuDNN's attention takes widths that are multiples of 8; at
+    other widths RAP ran slower than full width on an H100, docs/bench/gpu_h100.md) and 1 elsewhere."""
+    if round_to == "auto":
+        return 8 if torch.device(device).type == "cuda" else 1
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to={round_to!r} is not auto or a positive integer.")
+    return round_to
 
 
 @dataclass
@@ -32,8 +43,10 @@ class RAP(Method):
         ``uniform`` (same counts in every layer) or ``global`` (ranked across layers, same total).
     floor : int
         With ``global``: minimum pairs (and V channels) per layer.
-    round_to : int
-        Round kept K and V dims to a multiple of this (8 helps GPU kernels); 1 keeps the exact count.
+    round_to : int or "auto"
+        Round kept K and V dims to a multiple of this; 1 keeps the exact count. ``auto`` (the default): 8 when the
+        model is on CUDA, whose fused attention kernels want widths that are multiples of 8, else 1. The plan
+        records the resolved value.
     prune_k, prune_v : bool
         Prune keys / values (both by default).
     v_path : str
@@ -55,7 +68,7 @@ class RAP(Method):
     criterion: str = "key_energy"
     allocation: str = "uniform"
     floor: int = 1
-    round_to: int = 1
+    round_to: int | str = "auto"
     prune_k: bool = True
     prune_v: bool = True
     v_path: str = "channels"
@@ -82,13 +95,15 @@ class RAP(Method):
             raise ConfigError("v_refit refits pruned V channels; it does not apply to v_path=lowrank.")
         if self.v_path == "lowrank":
             group_size_for(config.num_key_value_heads, self.group_size)
-        kv_budget(self.ratio, head_dim(config), self.round_to, self.prune_k, self.prune_v)
+        # auto is checked as 1: a larger multiple keeps at least that many dims, so it never empties the budget
+        kv_budget(self.ratio, head_dim(config), resolve_round_to(self.round_to, "cpu"), self.prune_k, self.prune_v)
 
     def make_plan(self, model, calibration=None) -> dict:
         self.validate(model.config)
         attn = model.model.layers[0].self_attn
         d = attn.head_dim
-        n_pairs, n_v = kv_budget(self.ratio, d, self.round_to, self.prune_k, self.prune_v)
+        round_to = resolve_round_to(self.round_to, model_device(model))
+        n_pairs, n_v = kv_budget(self.ratio, d, round_to, self.prune_k, self.prune_v)
         s = criteria.score(self.criterion, model, calibration_for(calibration, "scores"), seed=self.seed)
         k_counts = allocate(s["k"], n_pairs, self.allocation, self.floor)
         v_counts = allocate(s["v"], n_v, self.allocation, self.floor)
@@ -103,7 +118,7 @@ class RAP(Method):
                 k_channels = [p + [c + d // 2 for c in p] for p in k_pairs]
             layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
         plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
-                "round_to": self.round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
+                "round_to": round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
         if self.v_path == "lowrank":
             g = group_size_for(model.config.num_key_value_heads, self.group_size)
             if self.decomposition == "whiten" and calibration is None:
