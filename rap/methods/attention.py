@@ -3,8 +3,9 @@ caches.
 
 ``CompressedAttention`` is the shared forward (project -> cache -> expand -> attend -> o_proj); a method's
 module overrides ``project`` (what is computed from the new tokens and cached) and, if the cached tensors are
-not what the kernel attends over, ``expand``. ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and
-either value channels or a low-rank value latent whose up-projection is absorbed into W_o.
+not what the kernel attends over, ``expand`` (and ``decode``, the one-token step, to attend without expanding
+them). ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and either value channels or a low-rank value
+latent whose up-projection is absorbed into W_o.
 """
 from __future__ import annotations
 
@@ -115,12 +116,19 @@ def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
         m = None if mask is None else mask[..., -1:, :t]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling, enable_gqa=True).transpose(1, 2)
     scores = (q.reshape(b, hk, nh // hk, n) @ k.transpose(-1, -2)).reshape(b, nh, t) * scaling
+    probs = decode_probs(scores, mask, v.dtype)
+    out = probs.reshape(b, hv, nh // hv, t) @ v  # (b, hv, nh/hv, m)
+    return out.reshape(b, 1, nh, v.shape[-1])
+
+
+def decode_probs(scores: torch.Tensor, mask, dtype: torch.dtype) -> torch.Tensor:
+    """Attention weights of one new token from its scaled scores (b, nh, T): ``mask`` as for ``decode_attention``,
+    softmax in float32, cast to ``dtype``."""
+    t = scores.shape[-1]
     if mask is not None:
         mask = mask[..., -1, :t].reshape(mask.shape[0], 1, t)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    out = probs.reshape(b, hv, nh // hv, t) @ v  # (b, hv, nh/hv, m)
-    return out.reshape(b, 1, nh, v.shape[-1])
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -157,6 +165,13 @@ class CompressedAttention(nn.Module):
         heads than the KV heads (a shared latent): they are repeated to the KV head count."""
         return q, k, v
 
+    def decode(self, q, k, v, mask, past: int = 0) -> torch.Tensor:
+        """Attention of one new token per sequence over the cached tensors (all cache slots), (b, 1, heads, v width):
+        ``expand``, then ``decode_attention``. A module that can attend over what it caches without expanding it
+        overrides this."""
+        q, k, v = self.expand(q, k, v, past)
+        return decode_attention(q, k, v, mask, self.scaling)
+
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
         # The decoder layer passes the cache as `cache` from transformers 5.24 on, as `past_key_values` before.
@@ -168,10 +183,10 @@ class CompressedAttention(nn.Module):
             if self.uses_cache_slots:
                 past = int(cache.get_seq_length(self.layer_idx))
             k, v = cache.update(k, v, self.layer_idx)
-        q, k, v = self.expand(q, k, v, past)
         if q.shape[2] == 1:  # decode: true widths, no copy of the cache
-            out = decode_attention(q, k, v, attention_mask, self.scaling)
+            out = self.decode(q, k, v, attention_mask, past)
             return self.o_proj(out.reshape(*input_shape, -1)), None
+        q, k, v = self.expand(q, k, v, past)
         k, v = _to_heads(k, self.n_kv), _to_heads(v, self.n_kv)
         # The fused SDPA kernels need equal q/k and v widths, else torch runs the math kernel, which materialises
         # every score. Zero-padding the narrower side changes no score and no output and is cheaper even at large
