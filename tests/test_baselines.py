@@ -21,7 +21,8 @@ STEP = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(2))
 FULL = [("palu", dict(decomposition="svd")), ("palu", dict(group_size=1)), ("elitekv", dict(elite_pairs=8)),
         ("rap", dict(criterion="key_energy", v_path="lowrank"))]
 AT_30 = [("rap", dict(criterion="key_energy")), ("rap", dict(criterion="key_energy", v_path="lowrank")),
-         ("palu", dict()), ("palu", dict(group_size=1, decomposition="svd")), ("elitekv", dict(elite_pairs=2))]
+         ("palu", dict()), ("palu", dict(group_size=1, decomposition="svd")),
+         ("elitekv", dict(elite_pairs=2, value_path="fold")), ("elitekv", dict(elite_pairs=2, value_path="up"))]
 
 
 def logits_prefill_and_decode(model, steps=2):
@@ -196,6 +197,35 @@ def test_elitekv_default_is_plain_svd_of_the_stacked_weights():
         best = (u[:, :r] * s[:r]) @ vh[:r]  # the rank-r truncation, which is unique
         got = plan["tensors"][f"up.{i}"].double() @ plan["tensors"][f"down.{i}"].double()
         assert torch.allclose(got, best, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_elitekv_value_paths_give_the_same_model(name):
+    """fold (B_v absorbed into W_o) and up (B_v per KV head after attention, then the original W_o): the same logits at
+    prefill and at cached decode steps, the same cache; fewer parameters for up here, each count as its formula says."""
+    model, _ = build_tiny(name)
+    fold, up = (compress(copy.deepcopy(model), "elitekv", 0.3, calibration=CALIB, elite_pairs=2, value_path=vp)
+                for vp in ("fold", "up"))
+    assert get_plan(fold)["value_path"] == "fold" and get_plan(up)["value_path"] == "up"
+    for a, b in zip(logits_prefill_and_decode(fold, steps=3), logits_prefill_and_decode(up, steps=3)):
+        assert torch.allclose(a, b, atol=1e-4)
+    costs = [metrics.measure_costs(m, 24) for m in (fold, up)]
+    assert costs[0]["kv_bytes"] == costs[1]["kv_bytes"] and costs[1]["params_attention"] < costs[0]["params_attention"]
+    for m, c in zip((fold, up), costs):
+        assert c["params_attention"] == analytic.attention_params(m.config, get_plan(m))
+        assert c["flops_decode_attention"] == analytic.attention_decode_flops(m.config, 24, get_plan(m))
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.3, "up"), (0.7, "fold")])
+def test_elitekv_auto_value_path_holds_fewer_parameters(ratio, expected):
+    """On the tiny model the two break even at kv_dim 18: up holds fewer parameters at 0.3 (kv_dim 38), fold at 0.7
+    (kv_dim 10)."""
+    model, _ = build_tiny("tiny-llama")
+    built = {vp: compress(copy.deepcopy(model), "elitekv", ratio, calibration=CALIB, elite_pairs=2, value_path=vp)
+             for vp in ("auto", "fold", "up")}
+    params = {vp: metrics.count_params(m)["params_attention"] for vp, m in built.items()}
+    assert get_plan(built["auto"])["value_path"] == expected == min(("fold", "up"), key=params.get)
+    assert params["auto"] == params[expected]
 
 
 def test_elitekv_search_scores_held_out_sequences(monkeypatch):

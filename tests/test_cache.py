@@ -24,7 +24,8 @@ METHODS = {
     "rap-lowrank_v": ("rap", dict(criterion="key_energy", v_path="lowrank")),
     "palu-joint": ("palu", dict()),
     "palu-per_head": ("palu", dict(group_size=1, decomposition="svd")),
-    "elitekv": ("elitekv", dict(elite_pairs=2)),
+    "elitekv-fold": ("elitekv", dict(elite_pairs=2, value_path="fold")),
+    "elitekv-up": ("elitekv", dict(elite_pairs=2, value_path="up")),
 }
 
 

@@ -80,25 +80,59 @@ class PairRope(nn.Module):
         return (xg * cos_k + other * sin_k).view(b, h, s, n)
 
 
+def _o_bias(attn: nn.Module) -> torch.Tensor | None:
+    """W_o's bias (float32) with the value bias moved in: a constant under attention weights that sum to 1."""
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    w = attn.o_proj.weight.float()
+    bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
+    if attn.v_proj.bias is not None:
+        b_v = attn.v_proj.bias.float().view(-1, d).repeat_interleave(rep, 0).reshape(-1)  # per query head
+        bias = w @ b_v if bias is None else bias + w @ b_v
+    return bias
+
+
 def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
     """W_o with a value latent's up-projection absorbed. ``up`` (G, g·d, r) maps each group's latent to the values
     of its g KV heads; query head h reads the rows of its KV head, so its block of W_o becomes W_o[:, h] @ up_rows.
-    The value bias (a constant under attention weights that sum to 1) moves into the output bias."""
+    The value bias moves into the output bias (``_o_bias``)."""
     d, rep = attn.head_dim, attn.num_key_value_groups
     w = attn.o_proj.weight.float()
-    hidden, n_heads = w.shape[0], w.shape[1] // d
+    n_heads = w.shape[1] // d
     g = up.shape[1] // d
     blocks = []
     for h in range(n_heads):
         kv = h // rep
         rows = up[kv // g, (kv % g) * d:(kv % g + 1) * d].float().to(w.device)  # (d, r)
         blocks.append(w[:, h * d:(h + 1) * d] @ rows)
-    bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
-    if attn.v_proj.bias is not None:
-        b_v = attn.v_proj.bias.float().view(-1, d).repeat_interleave(rep, 0).reshape(-1)  # per query head
-        bias = w @ b_v if bias is None else bias + w @ b_v
-    dtype = attn.o_proj.weight.dtype
+    bias, dtype = _o_bias(attn), attn.o_proj.weight.dtype
     return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
+
+
+class LatentUpOut(nn.Module):
+    """The value path after attention over a value latent, not absorbed: each query head's attended latent (r) times
+    its KV head's rows of the up-projection (d, r) gives the head's d values, then the original W_o (the value bias
+    moved into its bias). Holds n_kv·d·r + hidden·n_heads·d weights where ``latent_o_proj`` holds hidden·n_heads·r.
+
+    Parameters
+    ----------
+    attn : the original attention module.
+    up : (G, g·d, r), as for ``latent_o_proj``.
+    """
+
+    def __init__(self, attn: nn.Module, up: torch.Tensor):
+        super().__init__()
+        w = attn.o_proj.weight
+        self.rep = attn.num_key_value_groups
+        self.up = nn.Parameter(up.reshape(-1, attn.head_dim, up.shape[-1]).to(w).clone())  # (n_kv, d, r)
+        bias = _o_bias(attn)
+        self.o_proj = _linear(w, None if bias is None else bias.to(w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., n_heads·r), query heads of a KV head consecutive -> (..., hidden)."""
+        n_kv, _, r = self.up.shape
+        # One batched matmul per KV head (tokens and the group's query heads as rows): ``up`` is never repeated.
+        v = torch.einsum("...gjr,gdr->...gjd", x.unflatten(-1, (n_kv, self.rep, r)), self.up)
+        return self.o_proj(v.flatten(-3))
 
 
 def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """EliteKV-style: per KV head, a few "elite" RoPE pairs keep their rotation and are cached as rotated keys; the
 other key dims lose RoPE and, with V, are factored jointly (J-LRD) into one latent per token shared by all
-heads. The key part of the up-projection is applied to the queries and the value part absorbed into W_o, so
-nothing is rebuilt. Training-free here: the paper's own numbers need uptraining."""
+heads. The key part of the up-projection is applied to the queries and the value part either absorbed into W_o or
+applied per KV head after attention (``value_path``), so nothing is rebuilt. Training-free here: the paper's own
+numbers need uptraining."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,7 @@ from torch import nn
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
+from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
 from .selection import kv_budget
@@ -33,7 +34,9 @@ class EliteAttention(CompressedAttention):
 
     Score of query head h with a cached token: q_elite·k_elite (RoPE'd, own frequencies) + (B_kᵀ q_nope)·c,
     where B_k are the up-projection rows of h's KV head; the K-nope bias is dropped (it adds the same amount
-    to every key's score, which softmax ignores). Values: attention weights times c, then W_o·B_v.
+    to every key's score, which softmax ignores). Values: attention weights times c, then W_o·B_v, with B_v the
+    value rows of h's KV head, either folded into W_o (``fold``: W_o is hidden × n_heads·kv_dim) or applied per KV
+    head before the original W_o (``up``).
 
     Parameters
     ----------
@@ -41,9 +44,11 @@ class EliteAttention(CompressedAttention):
     elite : per KV head, the elite RoPE pairs (equal counts).
     down : (kv_dim, hidden), the joint latent's projection.
     up : (n_kv·(d-2r) + n_kv·d, kv_dim): rows of the non-elite key channels per head, then all value rows.
+    value_path : ``fold`` or ``up``, as ``EliteKV.value_path``.
     """
 
-    def __init__(self, attn: nn.Module, elite: list[list[int]], down: torch.Tensor, up: torch.Tensor):
+    def __init__(self, attn: nn.Module, elite: list[list[int]], down: torch.Tensor, up: torch.Tensor,
+                 value_path: str = "fold"):
         super().__init__(attn)
         d, rep, nkv = self.head_dim, self.num_key_value_groups, self.n_kv
         elite_ch = [pair_channels(p, d) for p in elite]
@@ -56,7 +61,8 @@ class EliteAttention(CompressedAttention):
         self.kv_proj = _linear(down.to(w), None)
         up = up.to(w)
         self.q_absorb = nn.Parameter(up[: nkv * self.n_n].reshape(nkv, self.n_n, self.kv_dim).clone())
-        self.o_proj = latent_o_proj(attn, up[nkv * self.n_n:][None])
+        v_up = up[nkv * self.n_n:][None]  # (1, n_kv·d, kv_dim): one latent for all KV heads
+        self.o_proj = latent_o_proj(attn, v_up) if value_path == "fold" else LatentUpOut(attn, v_up)
         self.rope = PairRope(elite_ch, d, w.device)
 
     def project(self, x, position_embeddings):
@@ -107,6 +113,11 @@ class EliteKV(Method):
         which no statistic is fitted on.
     seed : int
         Sampling of the (query, key) pairs for ``greedy``.
+    value_path : str
+        Where the value part of the up-projection goes: ``fold`` absorbs it into W_o (hidden × n_heads·kv_dim, no
+        extra step), ``up`` applies it per KV head after attention (d × kv_dim each) before the original W_o
+        (hidden × n_heads·d), ``auto`` whichever holds fewer parameters at the plan's kv_dim (``up`` at Llama-3-8B
+        and SmolLM2 shapes). Same outputs up to rounding; the plan records the one resolved (``fold`` if absent).
     """
 
     elite_pairs: int = 0
@@ -115,6 +126,7 @@ class EliteKV(Method):
     search_fractions: list = field(default_factory=lambda: [0.125, 0.25, 0.5])
     search_sequences: int = 4
     seed: int = 0
+    value_path: str = "auto"
     name = "elitekv"
 
     def _candidates(self, config) -> tuple[list[int], int]:
@@ -136,6 +148,8 @@ class EliteKV(Method):
             raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
         if self.decomposition not in ("svd", "whiten"):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        if self.value_path not in ("auto", "fold", "up"):
+            raise ConfigError(f"Unknown value_path '{self.value_path}'; use auto, fold or up.")
         self._candidates(config)
 
     def make_plan(self, model, calibration=None) -> dict:
@@ -169,6 +183,19 @@ class EliteKV(Method):
             return [[row.argsort(descending=True).tolist() for row in s] for s in signed]
         return [[None] * nkv for _ in range(L)]  # uniform: spacing depends on r
 
+    def resolve_value_path(self, config, kv_dim: int) -> str:
+        """``fold`` or ``up``: ``value_path``, with ``auto`` the one with fewer parameters (``fold`` on a tie).
+
+        Parameters
+        ----------
+        config : the model config.
+        kv_dim : the joint latent's width.
+        """
+        if self.value_path != "auto":
+            return self.value_path
+        h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        return "up" if nkv * d * kv_dim + h * nh * d < h * nh * kv_dim else "fold"
+
     def _plan(self, model, r, budget, order, grams) -> dict:
         cfg, layers = model.config, model.model.layers
         d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
@@ -186,19 +213,22 @@ class EliteKV(Method):
             tensors.update({f"down.{i}": down, f"up.{i}": up})
             out.append({"elite_pairs": elite, "kv_dim": kv_dim})
         return {"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
-                "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "layers": out, "tensors": tensors}
+                "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "value_path": self.resolve_value_path(cfg, kv_dim),
+                "layers": out, "tensors": tensors}
 
     @staticmethod
     def apply(model, plan: dict):
-        t = plan["tensors"]
+        t, value_path = plan["tensors"], plan.get("value_path", "fold")  # plans from before the option folded
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
-            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"])
+            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"], value_path)
         return model
 
     @staticmethod
     def check_plan(config, plan: dict) -> dict[str, tuple]:
         d, nkv, h = plan["head_dim"], config.num_key_value_heads, config.hidden_size
         r = positive_int(entry(plan, "elite_pairs", "the plan"), "elite_pairs", d // 2)
+        if plan.get("value_path", "fold") not in ("fold", "up"):
+            raise PlanError(f"its value_path={plan['value_path']!r} is not fold or up")
         tensors = {}
         for i, lp in enumerate(plan["layers"]):
             n = per_head_indices(entry(lp, "elite_pairs", f"layer {i}"), nkv, d // 2, f"layer {i} elite_pairs")
@@ -211,12 +241,17 @@ class EliteKV(Method):
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, plan["head_dim"]
-        qkv_bias = has_qkv_bias(config)
+        qkv_bias, fold = has_qkv_bias(config), plan.get("value_path", "fold") == "fold"
         shapes = []
         for lp in plan["layers"]:
             n_e, c = 2 * len(lp["elite_pairs"][0]), lp["kv_dim"]
-            weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c + nh * c * h
+            # W_q, the key up-projection applied to the queries, W_k (elite), the latent's down-projection
+            weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c
             params = weights - nh * (d - n_e) * c + nkv * (d - n_e) * c  # q_absorb is stored once per KV head
+            if fold:  # W_o·B_v per query head
+                weights, params = weights + nh * c * h, params + nh * c * h
+            else:  # B_v per query head (stored per KV head), then W_o
+                weights, params = weights + nh * c * d + h * nh * d, params + nkv * d * c + h * nh * d
             bias = (nh * d + nkv * n_e) * qkv_bias + h * has_latent_o_bias(config)
             shapes.append(AttentionShape(nh, n_e + c, c, nkv * n_e + c, weights, params + bias))
         return shapes
