@@ -3,10 +3,13 @@ passes it: after a prefill each layer holds tensors of the method's widths, and 
 forward over the same tokens. rap's own calls pass no deprecated cache argument."""
 import copy
 import logging
+import math
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import TINY
 from rap import analytic, compress, get_plan, metrics
@@ -74,6 +77,46 @@ def test_static_cache_decode_equals_full_forward(method):
         for t in range(PREFILL, X.shape[1]):
             steps.append(model(X[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full[:, PREFILL - 1:], atol=1e-4)
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op returns in new memory (not views of its inputs, not in-place writes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        return out
+
+
+@pytest.mark.parametrize("method", ["elitekv-fold", "elitekv-up"])
+def test_elitekv_decode_reads_the_latent_in_place(method):
+    """A decode step attends over the cached latent without a copy per KV head: no op writes n_kv x T x kv_dim elements
+    per sequence, as the generic step (``expand``: the latent repeated beside each KV head's elite keys) does."""
+    from rap.methods.attention import CompressedAttention
+    from rap.methods.elitekv import EliteAttention
+
+    model = compressed("tiny-llama", method)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))  # the cache outweighs the weights
+    b, t = ids.shape
+    copied = b * model.config.num_key_value_heads * t * get_plan(model)["kv_dim"]
+
+    def largest_write():
+        with torch.no_grad():
+            cache = output_cache(model(ids[:, :-1], use_cache=True))
+            with NewTensors() as seen:
+                model(ids[:, -1:], use_cache=True, **cache_kwargs(cache))
+        return max(math.prod(s) for s in seen.shapes)
+
+    assert largest_write() < copied
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EliteAttention, "decode", CompressedAttention.decode)
+        assert largest_write() >= copied
 
 
 @pytest.fixture

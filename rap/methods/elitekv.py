@@ -15,7 +15,7 @@ from torch import nn
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, latent_o_proj, linear_rows
+from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, decode_probs, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
 from .selection import kv_budget
@@ -84,6 +84,21 @@ class EliteAttention(CompressedAttention):
         b, _, t, _ = packed.shape
         k_e = packed.reshape(b, t, self.n_kv, self.n_e).transpose(1, 2)  # a view of the cache
         return q, torch.cat([k_e, c.expand(-1, self.n_kv, -1, -1)], -1), c
+
+    def decode(self, q, c, packed, mask, past: int = 0):
+        """As ``CompressedAttention.decode``, over views of the cache: each score is its elite part (per KV head,
+        against the packed elite keys) plus its latent part (all query heads against the one latent), where
+        ``expand`` would copy the latent per KV head at every step."""
+        b, nh, _, _ = q.shape
+        t = c.shape[2]
+        q_e, q_lat = q[:, :, 0].split([self.n_e, self.kv_dim], -1)  # (b, nh, ·)
+        k_e = packed.reshape(b, t, self.n_kv, self.n_e).transpose(1, 2)  # (b, n_kv, T, n_e)
+        c = c[:, 0]  # (b, T, kv_dim)
+        elite = q_e.reshape(b, self.n_kv, -1, self.n_e) @ k_e.transpose(-1, -2)  # (b, n_kv, rep, T)
+        scores = (elite.reshape(b, nh, t) + q_lat @ c.transpose(-1, -2)) * self.scaling
+        probs = decode_probs(scores, mask, c.dtype)
+        return (probs @ c).view(b, 1, nh, self.kv_dim)
+
 
 
 @dataclass
