@@ -72,7 +72,9 @@ class EliteAttention(CompressedAttention):
         q_e, q_n = q.split([self.n_e, self.n_n], -1)
         tables = self.rope.tables(*position_embeddings)
         q_e = self.rope(q_e, tables)
-        q_lat = (q_n.reshape(b, self.n_kv, rep, s, self.n_n) @ self.q_absorb[None, :, None]).view(b, -1, s, self.kv_dim)
+        # One batched matmul per KV head over its query heads and tokens: q_absorb is not repeated per query head.
+        q_lat = torch.einsum("bgjsn,gnc->bgjsc", q_n.reshape(b, self.n_kv, rep, s, self.n_n), self.q_absorb)
+        q_lat = q_lat.reshape(b, -1, s, self.kv_dim)
         k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), tables)
         c = self.kv_proj(x).view(*shape, 1, self.kv_dim).transpose(1, 2)
         # Cached as two single-head tensors, the latent in the key slot and every KV head's elite keys side by side
