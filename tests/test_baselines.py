@@ -2,6 +2,7 @@
 equal KV budget, costs (measured = formula), plans and usability."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -226,6 +227,40 @@ def test_elitekv_auto_value_path_holds_fewer_parameters(ratio, expected):
     params = {vp: metrics.count_params(m)["params_attention"] for vp, m in built.items()}
     assert get_plan(built["auto"])["value_path"] == expected == min(("fold", "up"), key=params.get)
     assert params["auto"] == params[expected]
+
+
+def held_out_ppl(model, batch):
+    with torch.no_grad():
+        return math.exp(sum(model(row[None], labels=row[None]).loss.item() for row in batch) / len(batch))
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whiten"])
+def test_elitekv_search_builds_candidates_in_place_and_puts_the_model_back(monkeypatch, decomposition):
+    """Each candidate r is scored with its modules in place of the model's attention (no model copy), and afterwards
+    the model holds the very same modules and weights. A candidate's score is the perplexity of its plan applied to a
+    copy, and its tensors are those of a plan made for that r alone (one pass over the layers serves every r)."""
+    import rap.methods.elitekv as elitekv
+
+    model, _ = build_tiny("tiny-llama")
+    calib = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(3))
+    modules = [layer.self_attn for layer in model.model.layers]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    scored, seen = {}, set()
+    real_ppl = elitekv._calibration_ppl
+    monkeypatch.setattr(elitekv, "_calibration_ppl", lambda m, p, b: scored.setdefault(p["elite_pairs"], p) and real_ppl(m, p, b))
+    model.lm_head.register_forward_hook(lambda *_: seen.add(type(model.model.layers[0].self_attn)))
+    plan = elitekv.EliteKV(0.3, search_sequences=2, decomposition=decomposition).make_plan(model, calib)
+    assert elitekv.EliteAttention in seen  # the scoring forwards ran this very model, compressed
+    assert all(a is b for a, b in zip(modules, [layer.self_attn for layer in model.model.layers], strict=True))
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(v, state[k]) for k, v in weights.items())
+    assert set(scored) == {1, 2, 4}
+    for r, p in scored.items():
+        alone = elitekv.EliteKV(0.3, elite_pairs=r, decomposition=decomposition).make_plan(model, calib[:4])
+        assert p["layers"] == alone["layers"] and p["kv_dim"] == alone["kv_dim"]
+        assert p["tensors"].keys() == alone["tensors"].keys()
+        assert all(torch.equal(t, alone["tensors"][k]) for k, t in p["tensors"].items())
+        assert plan["search_ppl"][str(r)] == held_out_ppl(apply_plan(copy.deepcopy(model), p), calib[4:])
 
 
 def test_elitekv_search_scores_held_out_sequences(monkeypatch):

@@ -5,7 +5,6 @@ applied per KV head after attention (``value_path``), so nothing is rebuilt. Tra
 numbers need uptraining."""
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from torch import nn
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
 from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
 from ..errors import ConfigError, PlanError
+from ..models import swap_attention
 from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, decode_probs, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
@@ -276,8 +276,13 @@ class EliteKV(Method):
 
 @torch.no_grad()
 def _calibration_ppl(model, plan: dict, batch: torch.Tensor) -> float:
-    """Perplexity of the model compressed by ``plan`` on calibration sequences (a copy; ``model`` is untouched)."""
-    m = EliteKV.apply(copy.deepcopy(model), plan)
-    dev = next(m.parameters()).device
-    nll = sum(m(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
+    """Perplexity on calibration sequences of ``model`` compressed by ``plan``: the plan's attention modules are
+    built in place of the originals, which are put back afterwards (no model copy; ``model`` is left as it was)."""
+    originals = [layer.self_attn for layer in model.model.layers]
+    try:
+        EliteKV.apply(model, plan)
+        dev = next(model.parameters()).device
+        nll = sum(model(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
+    finally:
+        swap_attention(model, originals)
     return math.exp(nll / len(batch))
