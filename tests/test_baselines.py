@@ -10,7 +10,7 @@ import torch
 from conftest import TINY
 from rap.compat import cache_kwargs, output_cache
 from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
-from rap.calibration import attention_errors, calibration_for, greedy_order, hold_out
+from rap.calibration import attention_errors, attention_input_gram, calibration_for, greedy_order, hold_out
 from rap.methods.lowrank import fisher_uniform_ranks
 from rap.errors import ConfigError
 from rap.models import build_tiny
@@ -261,6 +261,31 @@ def test_elitekv_search_builds_candidates_in_place_and_puts_the_model_back(monke
         assert p["tensors"].keys() == alone["tensors"].keys()
         assert all(torch.equal(t, alone["tensors"][k]) for k, t in p["tensors"].items())
         assert plan["search_ppl"][str(r)] == held_out_ppl(apply_plan(copy.deepcopy(model), p), calib[4:])
+
+
+def test_elitekv_reads_each_layers_gram_once_for_every_candidate(monkeypatch):
+    """Whitening Grams may come one layer at a time (any iterable): layer i's serves every candidate r before layer
+    i+1's is read, and each candidate's tensors are those of a plan made for that r alone."""
+    import rap.methods.elitekv as elitekv
+
+    model, _ = build_tiny("tiny-llama")
+    alone = elitekv.EliteKV(0.3, elite_pairs=2, decomposition="whiten").make_plan(model, CALIB)
+    search = elitekv.EliteKV(0.3, decomposition="whiten")
+    candidates, budget = search._candidates(model.config)
+    events, real_factorize = [], elitekv.factorize
+
+    def layer_by_layer():
+        for i, g in enumerate(attention_input_gram(model, CALIB)):
+            events.append(("gram", i))
+            yield g
+
+    monkeypatch.setattr(elitekv, "factorize", lambda w, rank, gram: events.append(("factorize", rank)) or real_factorize(w, rank, gram))
+    plans = search._plans(model, candidates, budget, search._order(model, CALIB), layer_by_layer())
+    kv_dims = [p["kv_dim"] for p in plans]
+    assert candidates == [1, 2, 4] and len(set(kv_dims)) == 3
+    assert events == [e for i in range(2) for e in [("gram", i), *[("factorize", k) for k in kv_dims]]]
+    assert plans[1]["layers"] == alone["layers"]
+    assert all(torch.equal(t, alone["tensors"][k]) for k, t in plans[1]["tensors"].items())
 
 
 def test_elitekv_search_scores_held_out_sequences(monkeypatch):

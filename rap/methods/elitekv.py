@@ -102,7 +102,6 @@ class EliteAttention(CompressedAttention):
         return (probs @ c).view(b, 1, nh, self.kv_dim)
 
 
-
 @dataclass
 class EliteKV(Method):
     """EliteKV-style elite RoPE pairs plus a joint low-rank K/V latent, at RAP's KV-cache budget.
@@ -180,7 +179,7 @@ class EliteKV(Method):
         order = self._order(model, calibration_for(calibration, "rope_elite"))
         whiten = calibration_for(calibration, "whiten")
         grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else None
-        plans = [self._plan(model, r, budget, order, grams) for r in candidates]
+        plans = self._plans(model, candidates, budget, order, grams)
         search = {}
         if len(plans) > 1:
             search = {p["elite_pairs"]: _calibration_ppl(model, p, held_out) for p in plans}
@@ -213,25 +212,37 @@ class EliteKV(Method):
         h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
         return "up" if nkv * d * kv_dim + h * nh * d < h * nh * kv_dim else "fold"
 
-    def _plan(self, model, r, budget, order, grams) -> dict:
+    def _plans(self, model, candidates: list[int], budget: int, order, grams) -> list[dict]:
+        """One plan per candidate r, in one pass over the layers.
+
+        Parameters
+        ----------
+        model : the uncompressed model.
+        candidates : the elite pair counts r.
+        budget : cache elements per layer.
+        order : per layer and KV head, the RoPE pairs in order of preference (``_order``).
+        grams : per layer, the attention input's Gram for whitening, as any iterable over the layers (one layer's
+            is read, serves every r and is dropped before the next is read); None for plain SVD.
+        """
         cfg, layers = model.config, model.model.layers
         d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
-        half = d // 2
-        kv_dim = min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size)
-        spaced = torch.linspace(0, half - 1, r).long().tolist()  # truncated, as the official code
-        out, tensors = [], {}
-        for i, layer in enumerate(layers):
+        kv_dims = [min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size) for r in candidates]
+        spaced = {r: torch.linspace(0, d // 2 - 1, r).long().tolist() for r in candidates}  # truncated, as the official code
+        out, tensors = [[] for _ in candidates], [{} for _ in candidates]
+        for i, (layer, gram) in enumerate(zip(layers, [None] * len(layers) if grams is None else grams, strict=True)):
             a = layer.self_attn
-            elite = [sorted(o[:r]) if o is not None else spaced for o in order[i]]
-            nope = [[c for c in range(d) if c not in set(pair_channels(e, d))] for e in elite]
-            rows = [g * d + c for g in range(nkv) for c in nope[g]]
-            w = torch.cat([a.k_proj.weight[rows], a.v_proj.weight])
-            down, up = factorize(w, kv_dim, None if grams is None else grams[i])
-            tensors.update({f"down.{i}": down, f"up.{i}": up})
-            out.append({"elite_pairs": elite, "kv_dim": kv_dim})
-        return {"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
-                "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "value_path": self.resolve_value_path(cfg, kv_dim),
-                "layers": out, "tensors": tensors}
+            for j, (r, kv_dim) in enumerate(zip(candidates, kv_dims)):
+                elite = [sorted(o[:r]) if o is not None else spaced[r] for o in order[i]]
+                nope = [[c for c in range(d) if c not in set(pair_channels(e, d))] for e in elite]
+                rows = [g * d + c for g in range(nkv) for c in nope[g]]
+                w = torch.cat([a.k_proj.weight[rows], a.v_proj.weight])
+                down, up = factorize(w, kv_dim, gram)
+                tensors[j].update({f"down.{i}": down, f"up.{i}": up})
+                out[j].append({"elite_pairs": elite, "kv_dim": kv_dim})
+            del gram  # before the next layer's is read
+        return [{"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
+                 "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "value_path": self.resolve_value_path(cfg, kv_dim),
+                 "layers": lp, "tensors": t} for r, kv_dim, lp, t in zip(candidates, kv_dims, out, tensors)]
 
     @staticmethod
     def apply(model, plan: dict):
