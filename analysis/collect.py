@@ -57,7 +57,11 @@ def untrained_recipe(row) -> str:
         r = get("elite_pairs") or "r searched"
         r = r if isinstance(r, str) else f"r={r}"
         head = "EliteKV + whitening" if get("decomposition") == "whiten" else "EliteKV"
-        return f"{head} ({get('selection')}, {r})"
+        # A run from before value_path existed (no value, or NaN beside newer runs) folded B_v into W_o; auto, the
+        # default, is left unsaid (the plan records what it resolved to).
+        vp = get("value_path")
+        path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp if isinstance(vp, str) else "fold")
+        return f"{head} ({', '.join([str(get('selection')), str(r), *([path] if path else [])])})"
     return str(get("tag", name))
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rap import apply_plan, metrics
-from rap.heal import _swap
+from rap.models import swap_attention
 from rap.job import model_spec
 from rap.models import load_model
 
@@ -51,7 +51,7 @@ def main():
             apply_plan(base, run / "plan.json")
             rows.append({"run": str(run), **timed(base)})
         finally:  # the uncompressed model again, for the next plan
-            _swap(base, originals)
+            swap_attention(base, originals)
             base.__dict__.pop("rap_plan", None)
         print(rows[-1], flush=True)
     rows.append({"run": "baseline (after)", **timed(base)})

@@ -335,11 +335,6 @@ def whitening_grams(model, batch: torch.Tensor | None, whiten: bool):
     return ((i, None) for i in range(len(_layers(model))))
 
 
-def attention_input_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's ``attention_input_grams`` at once (only where a caller needs them all)."""
-    return [g for _, g in attention_input_grams(model, batch)]
-
-
 def greedy_order(gaps: torch.Tensor) -> list[int]:
     """``gaps`` (units, samples): unit i's term in an error sum over samples. Returns the units in greedy order:
     each round takes the unit whose removal from the sum most reduces its mean absolute value."""

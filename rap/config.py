@@ -31,6 +31,12 @@ def heal_tag(tag: str, ratio) -> str:
     return "" if is_baseline_ratio(ratio) else tag
 
 
+def tag_option(value, default, prefix: str = "-") -> str:
+    """A run-name tag's part for an option added after runs with that tag existed: ``<prefix><value>``, or nothing
+    at the option's default, so that the names of runs at the default stay as they were."""
+    return "" if str(value) == str(default) else f"{prefix}{value}"
+
+
 def grouping(group_size) -> str:
     """A Palu grouping as labels name it: ``joint`` for 0, ``head`` for 1, else ``g<size>`` (capped at the KV
     heads when the model has fewer; the plan and the report label record the grouping that ran)."""
@@ -63,3 +69,4 @@ class CheckOutputDir(Callback):
 OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 OmegaConf.register_new_resolver("grouping", grouping, replace=True)
 OmegaConf.register_new_resolver("heal_tag", heal_tag, replace=True)
+OmegaConf.register_new_resolver("tag_option", tag_option, replace=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .metrics import model_device
+from .models import swap_attention
 
 HEAL_PREFIX = "heal."
 
@@ -77,23 +78,15 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     return {"loss": curves, "before": before, "after": after, "params": n_params, "time_s": time.time() - t0}
 
 
-def _swap(model, modules: list) -> list:
-    """Put ``modules`` in as the layers' attention; returns the ones taken out."""
-    out = [layer.self_attn for layer in model.model.layers]
-    for layer, m in zip(model.model.layers, modules):
-        layer.self_attn = m
-    return out
-
-
 def _kl(model, ids, originals, chunk: int = 1024) -> torch.Tensor:
     """Mean KL(teacher || student) per token, the teacher being ``model`` with ``originals`` swapped in. Computed over
     ``chunk`` positions at a time from the last hidden states, so full-vocabulary logits never exist for every token."""
     with torch.no_grad():
-        compressed = _swap(model, originals)
+        compressed = swap_attention(model, originals)
         try:
             teacher = model.model(ids).last_hidden_state
         finally:
-            _swap(model, compressed)
+            swap_attention(model, compressed)
     student = model.model(ids).last_hidden_state
     head, total, n = model.lm_head, 0.0, student.shape[0] * student.shape[1]
     t, s = teacher.reshape(n, -1), student.reshape(n, -1)

@@ -26,6 +26,14 @@ TINY_ARCHS = {
 }
 
 
+def swap_attention(model, modules: list) -> list:
+    """Put ``modules`` in as the layers' attention; returns the ones taken out (swap them back with this too)."""
+    out = [layer.self_attn for layer in model.model.layers]
+    for layer, m in zip(model.model.layers, modules, strict=True):
+        layer.self_attn = m
+    return out
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if device == "auto":

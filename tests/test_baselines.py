@@ -2,6 +2,7 @@
 equal KV budget, costs (measured = formula), plans and usability."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from conftest import TINY
 from rap.compat import cache_kwargs, output_cache
 from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
-from rap.calibration import attention_errors, calibration_for, greedy_order, hold_out
+from rap.calibration import attention_errors, attention_input_grams, calibration_for, greedy_order, hold_out
 from rap.methods.lowrank import fisher_uniform_ranks
 from rap.errors import ConfigError
 from rap.models import build_tiny
@@ -21,7 +22,8 @@ STEP = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(2))
 FULL = [("palu", dict(decomposition="svd")), ("palu", dict(group_size=1)), ("elitekv", dict(elite_pairs=8)),
         ("rap", dict(criterion="key_energy", v_path="lowrank"))]
 AT_30 = [("rap", dict(criterion="key_energy")), ("rap", dict(criterion="key_energy", v_path="lowrank")),
-         ("palu", dict()), ("palu", dict(group_size=1, decomposition="svd")), ("elitekv", dict(elite_pairs=2))]
+         ("palu", dict()), ("palu", dict(group_size=1, decomposition="svd")),
+         ("elitekv", dict(elite_pairs=2, value_path="fold")), ("elitekv", dict(elite_pairs=2, value_path="up"))]
 
 
 def logits_prefill_and_decode(model, steps=2):
@@ -196,6 +198,94 @@ def test_elitekv_default_is_plain_svd_of_the_stacked_weights():
         best = (u[:, :r] * s[:r]) @ vh[:r]  # the rank-r truncation, which is unique
         got = plan["tensors"][f"up.{i}"].double() @ plan["tensors"][f"down.{i}"].double()
         assert torch.allclose(got, best, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_elitekv_value_paths_give_the_same_model(name):
+    """fold (B_v absorbed into W_o) and up (B_v per KV head after attention, then the original W_o): the same logits at
+    prefill and at cached decode steps, the same cache; fewer parameters for up here, each count as its formula says."""
+    model, _ = build_tiny(name)
+    fold, up = (compress(copy.deepcopy(model), "elitekv", 0.3, calibration=CALIB, elite_pairs=2, value_path=vp)
+                for vp in ("fold", "up"))
+    assert get_plan(fold)["value_path"] == "fold" and get_plan(up)["value_path"] == "up"
+    for a, b in zip(logits_prefill_and_decode(fold, steps=3), logits_prefill_and_decode(up, steps=3)):
+        assert torch.allclose(a, b, atol=1e-4)
+    costs = [metrics.measure_costs(m, 24) for m in (fold, up)]
+    assert costs[0]["kv_bytes"] == costs[1]["kv_bytes"] and costs[1]["params_attention"] < costs[0]["params_attention"]
+    for m, c in zip((fold, up), costs):
+        assert c["params_attention"] == analytic.attention_params(m.config, get_plan(m))
+        assert c["flops_decode_attention"] == analytic.attention_decode_flops(m.config, 24, get_plan(m))
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.3, "up"), (0.7, "fold")])
+def test_elitekv_auto_value_path_holds_fewer_parameters(ratio, expected):
+    """On the tiny model the two break even at kv_dim 18: up holds fewer parameters at 0.3 (kv_dim 38), fold at 0.7
+    (kv_dim 10)."""
+    model, _ = build_tiny("tiny-llama")
+    built = {vp: compress(copy.deepcopy(model), "elitekv", ratio, calibration=CALIB, elite_pairs=2, value_path=vp)
+             for vp in ("auto", "fold", "up")}
+    params = {vp: metrics.count_params(m)["params_attention"] for vp, m in built.items()}
+    assert get_plan(built["auto"])["value_path"] == expected == min(("fold", "up"), key=params.get)
+    assert params["auto"] == params[expected]
+
+
+def held_out_ppl(model, batch):
+    with torch.no_grad():
+        return math.exp(sum(model(row[None], labels=row[None]).loss.item() for row in batch) / len(batch))
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whiten"])
+def test_elitekv_search_builds_candidates_in_place_and_puts_the_model_back(monkeypatch, decomposition):
+    """Each candidate r is scored with its modules in place of the model's attention (no model copy), and afterwards
+    the model holds the very same modules and weights. A candidate's score is the perplexity of its plan applied to a
+    copy, and its tensors are those of a plan made for that r alone (one pass over the layers serves every r)."""
+    import rap.methods.elitekv as elitekv
+
+    model, _ = build_tiny("tiny-llama")
+    calib = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(3))
+    modules = [layer.self_attn for layer in model.model.layers]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    scored, seen = {}, set()
+    real_ppl = elitekv._calibration_ppl
+    monkeypatch.setattr(elitekv, "_calibration_ppl", lambda m, p, b: scored.setdefault(p["elite_pairs"], p) and real_ppl(m, p, b))
+    model.lm_head.register_forward_hook(lambda *_: seen.add(type(model.model.layers[0].self_attn)))
+    plan = elitekv.EliteKV(0.3, search_sequences=2, decomposition=decomposition).make_plan(model, calib)
+    assert elitekv.EliteAttention in seen  # the scoring forwards ran this very model, compressed
+    assert all(a is b for a, b in zip(modules, [layer.self_attn for layer in model.model.layers], strict=True))
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(v, state[k]) for k, v in weights.items())
+    assert set(scored) == {1, 2, 4}
+    for r, p in scored.items():
+        alone = elitekv.EliteKV(0.3, elite_pairs=r, decomposition=decomposition).make_plan(model, calib[:4])
+        assert p["layers"] == alone["layers"] and p["kv_dim"] == alone["kv_dim"]
+        assert p["tensors"].keys() == alone["tensors"].keys()
+        assert all(torch.equal(t, alone["tensors"][k]) for k, t in p["tensors"].items())
+        assert plan["search_ppl"][str(r)] == held_out_ppl(apply_plan(copy.deepcopy(model), p), calib[4:])
+
+
+def test_elitekv_reads_each_layers_gram_once_for_every_candidate(monkeypatch):
+    """Whitening Grams may come one layer at a time (any iterable): layer i's serves every candidate r before layer
+    i+1's is read, and each candidate's tensors are those of a plan made for that r alone."""
+    import rap.methods.elitekv as elitekv
+
+    model, _ = build_tiny("tiny-llama")
+    alone = elitekv.EliteKV(0.3, elite_pairs=2, decomposition="whiten").make_plan(model, CALIB)
+    search = elitekv.EliteKV(0.3, decomposition="whiten")
+    candidates, budget = search._candidates(model.config)
+    events, real_factorize = [], elitekv.factorize
+
+    def layer_by_layer():
+        for i, g in attention_input_grams(model, CALIB):
+            events.append(("gram", i))
+            yield i, g
+
+    monkeypatch.setattr(elitekv, "factorize", lambda w, rank, gram: events.append(("factorize", rank)) or real_factorize(w, rank, gram))
+    plans = search._plans(model, candidates, budget, search._order(model, CALIB), layer_by_layer())
+    kv_dims = [p["kv_dim"] for p in plans]
+    assert candidates == [1, 2, 4] and len(set(kv_dims)) == 3
+    assert events == [e for i in range(2) for e in [("gram", i), *[("factorize", k) for k in kv_dims]]]
+    assert plans[1]["layers"] == alone["layers"]
+    assert all(torch.equal(t, alone["tensors"][k]) for k, t in plans[1]["tensors"].items())
 
 
 def test_elitekv_search_scores_held_out_sequences(monkeypatch):

@@ -3,10 +3,13 @@ passes it: after a prefill each layer holds tensors of the method's widths, and 
 forward over the same tokens. rap's own calls pass no deprecated cache argument."""
 import copy
 import logging
+import math
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import TINY
 from rap import analytic, compress, get_plan, metrics
@@ -24,7 +27,8 @@ METHODS = {
     "rap-lowrank_v": ("rap", dict(criterion="key_energy", v_path="lowrank")),
     "palu-joint": ("palu", dict()),
     "palu-per_head": ("palu", dict(group_size=1, decomposition="svd")),
-    "elitekv": ("elitekv", dict(elite_pairs=2)),
+    "elitekv-fold": ("elitekv", dict(elite_pairs=2, value_path="fold")),
+    "elitekv-up": ("elitekv", dict(elite_pairs=2, value_path="up")),
 }
 
 
@@ -73,6 +77,45 @@ def test_static_cache_decode_equals_full_forward(method):
         for t in range(PREFILL, X.shape[1]):
             steps.append(model(X[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full[:, PREFILL - 1:], atol=1e-4)
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op returns in new memory (not views of its inputs, not in-place writes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        return out
+
+
+@pytest.mark.parametrize("method", ["elitekv-fold", "elitekv-up"])
+def test_elitekv_decode_reads_the_latent_in_place(method):
+    """A decode step writes nothing larger than the cached latent itself (the cache's own append): neither the latent
+    repeated per KV head, as the generic step does (``expand``), nor q_absorb repeated per query head."""
+    from rap.methods.attention import CompressedAttention
+    from rap.methods.elitekv import EliteAttention
+
+    model = compressed("tiny-llama", method)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    latent = ids.numel() * get_plan(model)["kv_dim"]  # b x T x kv_dim
+
+    def largest_write():
+        with torch.no_grad():
+            cache = output_cache(model(ids[:, :-1], use_cache=True))
+            with NewTensors() as seen:
+                model(ids[:, -1:], use_cache=True, **cache_kwargs(cache))
+        return max(math.prod(s) for s in seen.shapes)
+
+    assert largest_write() <= latent
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EliteAttention, "decode", CompressedAttention.decode)
+        assert largest_write() >= model.config.num_key_value_heads * latent
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uni
            "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}}
 
 
-def healed_model(method, steps=30, lr=1e-3):
+def healed_model(method, steps=30, lr=1e-3, **options):
     model, _ = build_tiny("tiny-llama")
     originals = [layer.self_attn for layer in model.model.layers]
-    compress(model, method, 0.25, **OPTIONS[method])
+    compress(model, method, 0.25, **{**OPTIONS[method], **options})
     batch = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
     return model, heal_layerwise(model, originals, batch, steps=steps, lr=lr, batch_size=3)
 
@@ -77,6 +77,23 @@ def test_a_healed_plan_rebuilds_the_healed_model(tmp_path, method):
     with pytest.raises(PlanError, match=rf"its healed weights: tensor '{name}' has shape"):
         apply_plan(fresh, tmp_path / "plan.json")
     assert [type(layer.self_attn) for layer in fresh.model.layers] == kinds
+
+
+def test_a_healed_elitekv_plan_from_before_value_path_rebuilds_folded(tmp_path):
+    """EliteKV plans saved before value_path existed folded B_v into W_o, and their healed weights are named after that
+    module's parameters: a plan without the field rebuilds the healed model exactly."""
+    model, _ = healed_model("elitekv", steps=5, value_path="fold")
+    plan = get_plan(model)
+    plan["tensors"] = {**plan["tensors"], **healed_tensors(model)}
+    plan["heal"] = {"mode": "layerwise", "steps": 5}
+    save_plan(model, tmp_path / "plan.json")
+    old = json.loads((tmp_path / "plan.json").read_text())
+    del old["value_path"]
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    rebuilt = apply_plan(build_tiny("tiny-llama")[0], tmp_path / "plan.json")
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):

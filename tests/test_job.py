@@ -149,6 +149,24 @@ def test_unset_options_leave_the_identity_of_earlier_results():
     assert job_module.identity(old) != job_module.identity({**new, "calibration": {**new["calibration"], "whiten": [2, 8]}})
 
 
+def test_elitekv_value_path_is_named_when_it_is_not_the_default():
+    """auto, the default, keeps the run name of before; fold or up is said in the run name and the report label. A result
+    from before the option (no value_path, or NaN beside newer ones) ran fold: it is labelled so, and it is not the
+    same result as auto's."""
+    from analysis.collect import untrained_recipe
+
+    names = {vp: compose("method=elitekv", "ratio=0.2", f"method.value_path={vp}").run_name for vp in ("auto", "fold", "up")}
+    assert "_elitekv-greedy-e0-svd_r0.2_" in names["auto"]
+    assert "_elitekv-greedy-e0-svd-vfold_r0.2_" in names["fold"] and "_elitekv-greedy-e0-svd-vup_r0.2_" in names["up"]
+    row = {"method": "elitekv", "cfg.method.selection": "greedy", "cfg.method.elite_pairs": 0}
+    assert untrained_recipe({**row, "cfg.method.value_path": "auto"}) == "EliteKV (greedy, r searched)"
+    assert untrained_recipe({**row, "cfg.method.value_path": "up"}) == "EliteKV (greedy, r searched, V up-projection)"
+    assert untrained_recipe(row) == untrained_recipe({**row, "cfg.method.value_path": float("nan")}) == \
+        "EliteKV (greedy, r searched, W_o folded)"
+    old = {"method": {"name": "elitekv", "selection": "greedy"}, "ratio": 0.2}
+    assert job_module.identity(old) != job_module.identity({**old, "method": {**old["method"], "value_path": "auto"}})
+
+
 def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("model loaded before the budget check"))
     for method, message in (("rap", "leaves no RoPE pair"), ("palu", "leaves no RoPE pair"), ("elitekv", "leaves no RoPE pair")):

@@ -26,7 +26,7 @@ def test_cached_perplexity_equals_one_forward(method):
         assert cached["window_nll"] == pytest.approx(full["window_nll"], abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["none", "rap", "palu-joint", "elitekv"])
+@pytest.mark.parametrize("method", ["none", "rap", "palu-joint", "elitekv-fold", "elitekv-up"])
 def test_quantized_cache_bytes_equal_closed_form(method):
     """Measured from the tensors held after an odd-length prefill and decode steps that cross the residual window:
     packed integers, scales and zero-points, full-precision residual; and the closed form agrees term by term."""

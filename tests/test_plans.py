@@ -101,6 +101,7 @@ def test_rope_blind_plans_may_keep_single_channels(tmp_path):
     ("elitekv", lambda p: p["layers"][0]["elite_pairs"][0].append(7), r"keeps \[3, 2\] indices per KV head|repeats index"),
     ("elitekv", lambda p: p["layers"][1]["elite_pairs"][1].__setitem__(0, 8), r"layer 1 elite_pairs of KV head 1 has index 8 outside \[0, 8\)"),
     ("elitekv", lambda p: p.__setitem__("elite_pairs", 3), r"keeps 2 elite pairs per KV head, but the plan says elite_pairs=3"),
+    ("elitekv", lambda p: p.__setitem__("value_path", "auto"), r"its value_path='auto' is not fold or up"),
 ])
 def test_hand_edited_latent_plans_are_refused(tmp_path, method, change, pattern):
     path = saved_plan(tmp_path, method)

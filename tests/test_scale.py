@@ -61,24 +61,34 @@ def _wide_tiny(layers=8):
     return model
 
 
-def test_whitened_palu_holds_one_layers_statistics_at_a_time():
-    """Peak working memory of a whitened Palu plan stays near one layer's Gram, not all 8 layers'."""
+@pytest.mark.parametrize("method, options, rows", [
+    ("palu", {"rank_allocation": "uniform"}, 128),  # a latent per group of 2 KV heads x 64
+    ("elitekv", {"elite_pairs": 2}, 2 * (64 - 4) + 2 * 64),  # non-elite K and all V rows, factored jointly
+    ("rap", {"v_path": "lowrank", "group_size": 1}, 64),  # V per KV head
+])
+def test_whitened_plans_hold_one_layers_statistics_at_a_time(method, options, rows):
+    """Peak working memory of a whitened plan stays near one layer's Gram, not all 8 layers'."""
     model = _wide_tiny()
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     gram_bytes = 256 * 256 * 8
-    method = make_method("palu", 0.3, rank_allocation="uniform", decomposition="whiten")
     with recording() as stages:
-        plan = method.make_plan(model, batch)
+        plan = make_method(method, 0.3, decomposition="whiten", **options).make_plan(model, batch)
         mem = stages.memory
         kept = sum(t.numel() * t.element_size() for t in plan["tensors"].values())
         working = mem.peak - kept  # the plan's factors are the result, kept for every layer
-    # One Gram, and the float64 working copies of one factorisation (the block W, W·G: 128 x 256 each; W·G·Wᵀ).
-    one_layer = gram_bytes + 2 * 128 * 256 * 8 + 128 * 128 * 8
+    # One Gram, and the float64 working copies of one factorisation (the block W and W·G, rows x 256; W·G·Wᵀ).
+    one_layer = gram_bytes + 2 * rows * 256 * 8 + rows * rows * 8
     assert working < 2 * one_layer < 8 * gram_bytes
     assert stages.rows["calibration (attention inputs)"]["calls"] == 8
-    # The tracker sees Grams held together: every layer's at once is 8 of them.
+
+
+def test_grams_held_together_are_seen():
+    """The contrast: the tracker sees every layer's Gram when they are kept, 8 of them."""
+    model = _wide_tiny()
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    gram_bytes = 256 * 256 * 8
     with TensorMemory() as mem:
-        grams = calibration.attention_input_gram(model, batch)
+        grams = [g for _, g in calibration.attention_input_grams(model, batch)]
         assert mem.live >= 8 * gram_bytes
     del grams
 

@@ -3,8 +3,9 @@ caches.
 
 ``CompressedAttention`` is the shared forward (project -> cache -> expand -> attend -> o_proj); a method's
 module overrides ``project`` (what is computed from the new tokens and cached) and, if the cached tensors are
-not what the kernel attends over, ``expand``. ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and
-either value channels or a low-rank value latent whose up-projection is absorbed into W_o.
+not what the kernel attends over, ``expand`` (and ``decode``, the one-token step, to attend without expanding
+them). ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and either value channels or a low-rank value
+latent whose up-projection is absorbed into W_o.
 """
 from __future__ import annotations
 
@@ -79,24 +80,31 @@ class PairRope(nn.Module):
         return (xg * cos_k + other * sin_k).view(b, h, s, n)
 
 
+def _o_bias(attn: nn.Module) -> torch.Tensor | None:
+    """W_o's bias (float32) with the value bias moved in: a constant under attention weights that sum to 1."""
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    w = attn.o_proj.weight.float()
+    bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
+    if attn.v_proj.bias is not None:
+        b_v = attn.v_proj.bias.float().view(-1, d).repeat_interleave(rep, 0).reshape(-1)  # per query head
+        bias = w @ b_v if bias is None else bias + w @ b_v
+    return bias
+
+
 def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
     """W_o with a value latent's up-projection absorbed. ``up`` (G, g·d, r) maps each group's latent to the values
     of its g KV heads; query head h reads the rows of its KV head, so its block of W_o becomes W_o[:, h] @ up_rows.
-    The value bias (a constant under attention weights that sum to 1) moves into the output bias."""
+    The value bias moves into the output bias (``_o_bias``)."""
     d, rep = attn.head_dim, attn.num_key_value_groups
     w = attn.o_proj.weight.float()
-    hidden, n_heads = w.shape[0], w.shape[1] // d
+    n_heads = w.shape[1] // d
     g = up.shape[1] // d
     blocks = []
     for h in range(n_heads):
         kv = h // rep
         rows = up[kv // g, (kv % g) * d:(kv % g + 1) * d].float().to(w.device)  # (d, r)
         blocks.append(w[:, h * d:(h + 1) * d] @ rows)
-    bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
-    if attn.v_proj.bias is not None:
-        b_v = attn.v_proj.bias.float().view(-1, d).repeat_interleave(rep, 0).reshape(-1)  # per query head
-        bias = w @ b_v if bias is None else bias + w @ b_v
-    dtype = attn.o_proj.weight.dtype
+    bias, dtype = _o_bias(attn), attn.o_proj.weight.dtype
     return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
 
 
@@ -120,6 +128,33 @@ def pad_widths(q, k, v, multiple: int = 1):
     return q, k, v
 
 
+class LatentUpOut(nn.Module):
+    """The value path after attention over a value latent, not absorbed: each query head's attended latent (r) times
+    its KV head's rows of the up-projection (d, r) gives the head's d values, then the original W_o (the value bias
+    moved into its bias). Holds n_kv·d·r + hidden·n_heads·d weights where ``latent_o_proj`` holds hidden·n_heads·r.
+
+    Parameters
+    ----------
+    attn : the original attention module.
+    up : (G, g·d, r), as for ``latent_o_proj``.
+    """
+
+    def __init__(self, attn: nn.Module, up: torch.Tensor):
+        super().__init__()
+        w = attn.o_proj.weight
+        self.rep = attn.num_key_value_groups
+        self.up = nn.Parameter(up.reshape(-1, attn.head_dim, up.shape[-1]).to(w).clone())  # (n_kv, d, r)
+        bias = _o_bias(attn)
+        self.o_proj = _linear(w, None if bias is None else bias.to(w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., n_heads·r), query heads of a KV head consecutive -> (..., hidden)."""
+        n_kv, _, r = self.up.shape
+        # One batched matmul per KV head (tokens and the group's query heads as rows): ``up`` is never repeated.
+        v = torch.einsum("...gjr,gdr->...gjd", x.unflatten(-1, (n_kv, self.rep, r)), self.up)
+        return self.o_proj(v.flatten(-3))
+
+
 def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     """Attention of one new token per sequence over the whole cache, at the true widths and without copying the
     cache: q (b, nh, 1, n), k (b, hk, T, n), v (b, hv, T, m), with hk and hv dividing nh (query heads of a group
@@ -137,12 +172,19 @@ def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
         m = None if mask is None else mask[..., -1:, :t]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling, enable_gqa=True).transpose(1, 2)
     scores = (q.reshape(b, hk, nh // hk, n) @ k.transpose(-1, -2)).reshape(b, nh, t) * scaling
+    probs = decode_probs(scores, mask, v.dtype)
+    out = probs.reshape(b, hv, nh // hv, t) @ v  # (b, hv, nh/hv, m)
+    return out.reshape(b, 1, nh, v.shape[-1])
+
+
+def decode_probs(scores: torch.Tensor, mask, dtype: torch.dtype) -> torch.Tensor:
+    """Attention weights of one new token from its scaled scores (b, nh, T): ``mask`` as for ``decode_attention``,
+    softmax in float32, cast to ``dtype``."""
+    t = scores.shape[-1]
     if mask is not None:
         mask = mask[..., -1, :t].reshape(mask.shape[0], 1, t)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    out = probs.reshape(b, hv, nh // hv, t) @ v  # (b, hv, nh/hv, m)
-    return out.reshape(b, 1, nh, v.shape[-1])
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -179,6 +221,13 @@ class CompressedAttention(nn.Module):
         heads than the KV heads (a shared latent): they are repeated to the KV head count."""
         return q, k, v
 
+    def decode(self, q, k, v, mask, past: int = 0) -> torch.Tensor:
+        """Attention of one new token per sequence over the cached tensors (all cache slots), (b, 1, heads, v width):
+        ``expand``, then ``decode_attention``. A module that can attend over what it caches without expanding it
+        overrides this."""
+        q, k, v = self.expand(q, k, v, past)
+        return decode_attention(q, k, v, mask, self.scaling)
+
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
         # The decoder layer passes the cache as `cache` from transformers 5.24 on, as `past_key_values` before.
@@ -190,10 +239,10 @@ class CompressedAttention(nn.Module):
             if self.uses_cache_slots:
                 past = int(cache.get_seq_length(self.layer_idx))
             k, v = cache.update(k, v, self.layer_idx)
-        q, k, v = self.expand(q, k, v, past)
         if q.shape[2] == 1:  # decode: true widths, no copy of the cache
-            out = decode_attention(q, k, v, attention_mask, self.scaling)
+            out = self.decode(q, k, v, attention_mask, past)
             return self.o_proj(out.reshape(*input_shape, -1)), None
+        q, k, v = self.expand(q, k, v, past)
         k, v = _to_heads(k, self.n_kv), _to_heads(v, self.n_kv)
         # The fused SDPA kernels need equal q/k and v widths, else torch runs the math kernel, which materialises
         # every score. Zero-padding the narrower side changes no score and no output and is cheaper even at large

@@ -1,10 +1,10 @@
 """EliteKV-style: per KV head, a few "elite" RoPE pairs keep their rotation and are cached as rotated keys; the
 other key dims lose RoPE and, with V, are factored jointly (J-LRD) into one latent per token shared by all
-heads. The key part of the up-projection is applied to the queries and the value part absorbed into W_o, so
-nothing is rebuilt. Training-free here: the paper's own numbers need uptraining."""
+heads. The key part of the up-projection is applied to the queries and the value part either absorbed into W_o or
+applied per KV head after attention (``value_path``), so nothing is rebuilt. Training-free here: the paper's own
+numbers need uptraining."""
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
-from ..calibration import attention_errors, attention_input_gram, calibration_for, hold_out, rope_elite_order
+from ..calibration import attention_errors, calibration_for, hold_out, rope_elite_order, whitening_grams
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, PairRope, _linear, latent_o_proj, linear_rows
+from ..memory import stage
+from ..metrics import model_device
+from ..models import swap_attention
+from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, decode_probs, latent_o_proj, linear_rows
 from .base import Method
 from .lowrank import factorize
 from .selection import kv_budget
@@ -33,7 +36,9 @@ class EliteAttention(CompressedAttention):
 
     Score of query head h with a cached token: q_elite·k_elite (RoPE'd, own frequencies) + (B_kᵀ q_nope)·c,
     where B_k are the up-projection rows of h's KV head; the K-nope bias is dropped (it adds the same amount
-    to every key's score, which softmax ignores). Values: attention weights times c, then W_o·B_v.
+    to every key's score, which softmax ignores). Values: attention weights times c, then W_o·B_v, with B_v the
+    value rows of h's KV head, either folded into W_o (``fold``: W_o is hidden × n_heads·kv_dim) or applied per KV
+    head before the original W_o (``up``).
 
     Parameters
     ----------
@@ -41,9 +46,11 @@ class EliteAttention(CompressedAttention):
     elite : per KV head, the elite RoPE pairs (equal counts).
     down : (kv_dim, hidden), the joint latent's projection.
     up : (n_kv·(d-2r) + n_kv·d, kv_dim): rows of the non-elite key channels per head, then all value rows.
+    value_path : ``fold`` or ``up``, as ``EliteKV.value_path``.
     """
 
-    def __init__(self, attn: nn.Module, elite: list[list[int]], down: torch.Tensor, up: torch.Tensor):
+    def __init__(self, attn: nn.Module, elite: list[list[int]], down: torch.Tensor, up: torch.Tensor,
+                 value_path: str = "fold"):
         super().__init__(attn)
         d, rep, nkv = self.head_dim, self.num_key_value_groups, self.n_kv
         elite_ch = [pair_channels(p, d) for p in elite]
@@ -56,7 +63,8 @@ class EliteAttention(CompressedAttention):
         self.kv_proj = _linear(down.to(w), None)
         up = up.to(w)
         self.q_absorb = nn.Parameter(up[: nkv * self.n_n].reshape(nkv, self.n_n, self.kv_dim).clone())
-        self.o_proj = latent_o_proj(attn, up[nkv * self.n_n:][None])
+        v_up = up[nkv * self.n_n:][None]  # (1, n_kv·d, kv_dim): one latent for all KV heads
+        self.o_proj = latent_o_proj(attn, v_up) if value_path == "fold" else LatentUpOut(attn, v_up)
         self.rope = PairRope(elite_ch, d, w.device)
 
     def project(self, x, position_embeddings):
@@ -66,7 +74,9 @@ class EliteAttention(CompressedAttention):
         q_e, q_n = q.split([self.n_e, self.n_n], -1)
         tables = self.rope.tables(*position_embeddings)
         q_e = self.rope(q_e, tables)
-        q_lat = (q_n.reshape(b, self.n_kv, rep, s, self.n_n) @ self.q_absorb[None, :, None]).view(b, -1, s, self.kv_dim)
+        # One batched matmul per KV head over its query heads and tokens: q_absorb is not repeated per query head.
+        q_lat = torch.einsum("bgjsn,gnc->bgjsc", q_n.reshape(b, self.n_kv, rep, s, self.n_n), self.q_absorb)
+        q_lat = q_lat.reshape(b, -1, s, self.kv_dim)
         k_e = self.rope(self.k_proj(x).view(*shape, self.n_kv, self.n_e).transpose(1, 2), tables)
         c = self.kv_proj(x).view(*shape, 1, self.kv_dim).transpose(1, 2)
         # Cached as two single-head tensors, the latent in the key slot and every KV head's elite keys side by side
@@ -78,6 +88,20 @@ class EliteAttention(CompressedAttention):
         b, _, t, _ = packed.shape
         k_e = packed.reshape(b, t, self.n_kv, self.n_e).transpose(1, 2)  # a view of the cache
         return q, torch.cat([k_e, c.expand(-1, self.n_kv, -1, -1)], -1), c
+
+    def decode(self, q, c, packed, mask, past: int = 0):
+        """As ``CompressedAttention.decode``, over views of the cache: each score is its elite part (per KV head,
+        against the packed elite keys) plus its latent part (all query heads against the one latent), where
+        ``expand`` would copy the latent per KV head at every step."""
+        b, nh, _, _ = q.shape
+        t = c.shape[2]
+        q_e, q_lat = q[:, :, 0].split([self.n_e, self.kv_dim], -1)  # (b, nh, ·)
+        k_e = packed.reshape(b, t, self.n_kv, self.n_e).transpose(1, 2)  # (b, n_kv, T, n_e)
+        c = c[:, 0]  # (b, T, kv_dim)
+        elite = q_e.reshape(b, self.n_kv, -1, self.n_e) @ k_e.transpose(-1, -2)  # (b, n_kv, rep, T)
+        scores = (elite.reshape(b, nh, t) + q_lat @ c.transpose(-1, -2)) * self.scaling
+        probs = decode_probs(scores, mask, c.dtype)
+        return (probs @ c).view(b, 1, nh, self.kv_dim)
 
 
 @dataclass
@@ -107,6 +131,11 @@ class EliteKV(Method):
         which no statistic is fitted on.
     seed : int
         Sampling of the (query, key) pairs for ``greedy``.
+    value_path : str
+        Where the value part of the up-projection goes: ``fold`` absorbs it into W_o (hidden × n_heads·kv_dim, no
+        extra step), ``up`` applies it per KV head after attention (d × kv_dim each) before the original W_o
+        (hidden × n_heads·d), ``auto`` whichever holds fewer parameters at the plan's kv_dim (``up`` at Llama-3-8B
+        and SmolLM2 shapes). Same outputs up to rounding; the plan records the one resolved (``fold`` if absent).
     """
 
     elite_pairs: int = 0
@@ -115,6 +144,7 @@ class EliteKV(Method):
     search_fractions: list = field(default_factory=lambda: [0.125, 0.25, 0.5])
     search_sequences: int = 4
     seed: int = 0
+    value_path: str = "auto"
     name = "elitekv"
 
     def _candidates(self, config) -> tuple[list[int], int]:
@@ -136,6 +166,8 @@ class EliteKV(Method):
             raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
         if self.decomposition not in ("svd", "whiten"):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        if self.value_path not in ("auto", "fold", "up"):
+            raise ConfigError(f"Unknown value_path '{self.value_path}'; use auto, fold or up.")
         self._candidates(config)
 
     def make_plan(self, model, calibration=None) -> dict:
@@ -148,11 +180,11 @@ class EliteKV(Method):
             calibration, held_out = hold_out(calibration, self.search_sequences)
         order = self._order(model, calibration_for(calibration, "rope_elite"))
         whiten = calibration_for(calibration, "whiten")
-        grams = attention_input_gram(model, whiten) if self.decomposition == "whiten" else None
-        plans = [self._plan(model, r, budget, order, grams) for r in candidates]
+        plans = self._plans(model, candidates, budget, order, whitening_grams(model, whiten, self.decomposition == "whiten"))
         search = {}
         if len(plans) > 1:
-            search = {p["elite_pairs"]: _calibration_ppl(model, p, held_out) for p in plans}
+            with stage("EliteKV r search"):
+                search = {p["elite_pairs"]: _calibration_ppl(model, p, held_out) for p in plans}
             plans = [min(plans, key=lambda p: search[p["elite_pairs"]])]
         plan = plans[0]
         plan["search_ppl"] = {str(k): v for k, v in search.items()}
@@ -169,36 +201,64 @@ class EliteKV(Method):
             return [[row.argsort(descending=True).tolist() for row in s] for s in signed]
         return [[None] * nkv for _ in range(L)]  # uniform: spacing depends on r
 
-    def _plan(self, model, r, budget, order, grams) -> dict:
+    def resolve_value_path(self, config, kv_dim: int) -> str:
+        """``fold`` or ``up``: ``value_path``, with ``auto`` the one with fewer parameters (``fold`` on a tie).
+
+        Parameters
+        ----------
+        config : the model config.
+        kv_dim : the joint latent's width.
+        """
+        if self.value_path != "auto":
+            return self.value_path
+        h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        return "up" if nkv * d * kv_dim + h * nh * d < h * nh * kv_dim else "fold"
+
+    def _plans(self, model, candidates: list[int], budget: int, order, grams) -> list[dict]:
+        """One plan per candidate r, in one pass over the layers.
+
+        Parameters
+        ----------
+        model : the uncompressed model.
+        candidates : the elite pair counts r.
+        budget : cache elements per layer.
+        order : per layer and KV head, the RoPE pairs in order of preference (``_order``).
+        grams : ``(i, Gram of layer i's attention input)`` for every layer in order, or ``(i, None)`` for plain SVD
+            (``calibration.whitening_grams``): one layer's is read, serves every r and is dropped before the next.
+        """
         cfg, layers = model.config, model.model.layers
         d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
-        half = d // 2
-        kv_dim = min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size)
-        spaced = torch.linspace(0, half - 1, r).long().tolist()  # truncated, as the official code
-        out, tensors = [], {}
-        for i, layer in enumerate(layers):
-            a = layer.self_attn
-            elite = [sorted(o[:r]) if o is not None else spaced for o in order[i]]
-            nope = [[c for c in range(d) if c not in set(pair_channels(e, d))] for e in elite]
-            rows = [g * d + c for g in range(nkv) for c in nope[g]]
-            w = torch.cat([a.k_proj.weight[rows], a.v_proj.weight])
-            down, up = factorize(w, kv_dim, None if grams is None else grams[i])
-            tensors.update({f"down.{i}": down, f"up.{i}": up})
-            out.append({"elite_pairs": elite, "kv_dim": kv_dim})
-        return {"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
-                "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "layers": out, "tensors": tensors}
+        kv_dims = [min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size) for r in candidates]
+        spaced = {r: torch.linspace(0, d // 2 - 1, r).long().tolist() for r in candidates}  # truncated, as the official code
+        out, tensors = [[] for _ in candidates], [{} for _ in candidates]
+        for i, gram in grams:
+            a = layers[i].self_attn
+            for j, (r, kv_dim) in enumerate(zip(candidates, kv_dims)):
+                elite = [sorted(o[:r]) if o is not None else spaced[r] for o in order[i]]
+                nope = [[c for c in range(d) if c not in set(pair_channels(e, d))] for e in elite]
+                rows = [g * d + c for g in range(nkv) for c in nope[g]]
+                w = torch.cat([a.k_proj.weight[rows], a.v_proj.weight])
+                down, up = factorize(w, kv_dim, gram)
+                tensors[j].update({f"down.{i}": down, f"up.{i}": up})
+                out[j].append({"elite_pairs": elite, "kv_dim": kv_dim})
+            del gram  # before the next layer's is read
+        return [{"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
+                 "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "value_path": self.resolve_value_path(cfg, kv_dim),
+                 "layers": lp, "tensors": t} for r, kv_dim, lp, t in zip(candidates, kv_dims, out, tensors)]
 
     @staticmethod
     def apply(model, plan: dict):
-        t = plan["tensors"]
+        t, value_path = plan["tensors"], plan.get("value_path", "fold")  # plans from before the option folded
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
-            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"])
+            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"], value_path)
         return model
 
     @staticmethod
     def check_plan(config, plan: dict) -> dict[str, tuple]:
         d, nkv, h = plan["head_dim"], config.num_key_value_heads, config.hidden_size
         r = positive_int(entry(plan, "elite_pairs", "the plan"), "elite_pairs", d // 2)
+        if plan.get("value_path", "fold") not in ("fold", "up"):
+            raise PlanError(f"its value_path={plan['value_path']!r} is not fold or up")
         tensors = {}
         for i, lp in enumerate(plan["layers"]):
             n = per_head_indices(entry(lp, "elite_pairs", f"layer {i}"), nkv, d // 2, f"layer {i} elite_pairs")
@@ -211,12 +271,17 @@ class EliteKV(Method):
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, plan["head_dim"]
-        qkv_bias = has_qkv_bias(config)
+        qkv_bias, fold = has_qkv_bias(config), plan.get("value_path", "fold") == "fold"
         shapes = []
         for lp in plan["layers"]:
             n_e, c = 2 * len(lp["elite_pairs"][0]), lp["kv_dim"]
-            weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c + nh * c * h
+            # W_q, the key up-projection applied to the queries, W_k (elite), the latent's down-projection
+            weights = h * nh * d + nh * (d - n_e) * c + h * nkv * n_e + h * c
             params = weights - nh * (d - n_e) * c + nkv * (d - n_e) * c  # q_absorb is stored once per KV head
+            if fold:  # W_o·B_v per query head
+                weights, params = weights + nh * c * h, params + nh * c * h
+            else:  # B_v per query head (stored per KV head), then W_o
+                weights, params = weights + nh * c * d + h * nh * d, params + nkv * d * c + h * nh * d
             bias = (nh * d + nkv * n_e) * qkv_bias + h * has_latent_o_bias(config)
             shapes.append(AttentionShape(nh, n_e + c, c, nkv * n_e + c, weights, params + bias))
         return shapes
@@ -224,8 +289,13 @@ class EliteKV(Method):
 
 @torch.no_grad()
 def _calibration_ppl(model, plan: dict, batch: torch.Tensor) -> float:
-    """Perplexity of the model compressed by ``plan`` on calibration sequences (a copy; ``model`` is untouched)."""
-    m = EliteKV.apply(copy.deepcopy(model), plan)
-    dev = next(m.parameters()).device
-    nll = sum(m(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
+    """Perplexity on calibration sequences of ``model`` compressed by ``plan``: the plan's attention modules are
+    built in place of the originals, which are put back afterwards (no model copy; ``model`` is left as it was)."""
+    originals = [layer.self_attn for layer in model.model.layers]
+    try:
+        EliteKV.apply(model, plan)
+        dev = model_device(model)
+        nll = sum(model(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
+    finally:
+        swap_attention(model, originals)
     return math.exp(nll / len(batch))
