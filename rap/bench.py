@@ -43,6 +43,8 @@ SHAPES = {
                                         rope_theta=1e6), 32),
     "qwen2.5-7b": ("tiny-qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
                                       rope_theta=1e6), 28),
+    "llama3-70b": ("tiny-llama", dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                                      rope_theta=5e5), 80),
 }
 BUDGETS = {"24GiB": 24 * 2**30, "80GB": 80 * 10**9}
 

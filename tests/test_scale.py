@@ -174,3 +174,21 @@ def test_loss_chunk_must_be_positive():
 
     with pytest.raises(ConfigError, match="loss_chunk=0"):
         validate(compose("model=tiny-llama", "loss_chunk=0"))
+
+
+def test_scale_benchmark_writes_stages_and_extrapolation(tmp_path):
+    import csv
+    import sys
+
+    sys.path.insert(0, str(__import__("conftest").REPO / "experiments"))
+    import scale
+
+    scale.main(["--shapes", "tiny", "--vocab", "259", "--samples", "6", "--seqlen", "16", "--runs", "palu",
+                "rap:fisher+checkpointing", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "scale.csv")))
+    assert {(r["layers"], r["run"]) for r in rows} == {(str(n), run) for n in (1, 2) for run in ("palu", "rap:fisher+checkpointing")}
+    palu = {r["stage"] for r in rows if r["run"] == "palu"}
+    assert {"calibration (gradients)", "calibration (attention inputs)", "low-rank factorisation", "apply plan", "total"} <= palu
+    est = list(csv.DictReader(open(tmp_path / "scale_extrapolated.csv")))
+    assert {e["layers_real"] for e in est} == {"2"} and all(float(e["est_s"]) >= 0 for e in est)
+    assert (tmp_path / "scale.md").read_text().count("\n") == len(est) + 2
