@@ -57,10 +57,12 @@ def untrained_recipe(row) -> str:
         r = get("elite_pairs") or "r searched"
         r = r if isinstance(r, str) else f"r={r}"
         head = "EliteKV + whitening" if get("decomposition") == "whiten" else "EliteKV"
-        # A run from before value_path existed (no value, or NaN beside newer runs) folded B_v into W_o; auto, the
-        # default, is left unsaid (the plan records what it resolved to).
         vp = get("value_path")
-        path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp if isinstance(vp, str) else "fold")
+        if vp == "auto":  # named by what it resolved to (metrics.json's value_path); unsaid where not recorded
+            vp = row.get("value_path")
+        elif not isinstance(vp, str):  # a run from before value_path existed (no value, or NaN): it folded B_v into W_o
+            vp = "fold"
+        path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp) if isinstance(vp, str) else None
         return f"{head} ({', '.join([str(get('selection')), str(r), *([path] if path else [])])})"
     return str(get("tag", name))
 

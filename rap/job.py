@@ -6,7 +6,7 @@
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
   load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
   weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
-  (``auto`` resolved).
+  (``auto`` resolved); ``value_path``, EliteKV's value path as it ran (``auto`` resolved).
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
@@ -400,8 +400,9 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         originals = [layer.self_attn for layer in model.model.layers] if heal is not None else None
         model, plan = compress_model(model, tok, method, cfg, data_dir, given_plan)
         times["compress"] = time.time() - t
-        if plan is not None and "round_to" in plan:
-            results["round_to"] = plan["round_to"]
+        for key in ("round_to", "value_path"):  # options that resolve by device or shape (``auto``) as they ran
+            if plan is not None and key in plan:
+                results[key] = plan[key]
         heal_curves = None
         if heal is not None and not plan.get("heal"):  # a given plan that was healed brought its healed weights
             t = time.time()

@@ -80,6 +80,8 @@ def test_baseline_jobs_match_rap_budget(tmp_path, data_dir, method):
     assert plan["method"] == method and (tmp_path / method / "plan.safetensors").exists()
     assert m["kv_bytes_per_token_ratio"] == 0.75 and m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
     assert m["flops_decode"] == m["flops_decode_formula"] and m["ppl_wikitext2"] > 1
+    if method == "elitekv":  # value_path=auto, as it resolved
+        assert m["value_path"] == plan["value_path"] in ("fold", "up")
 
 
 def test_failed_job_leaves_no_metrics(tmp_path):
@@ -160,6 +162,8 @@ def test_elitekv_value_path_is_named_when_it_is_not_the_default():
     assert "_elitekv-greedy-e0-svd-vfold_r0.2_" in names["fold"] and "_elitekv-greedy-e0-svd-vup_r0.2_" in names["up"]
     row = {"method": "elitekv", "cfg.method.selection": "greedy", "cfg.method.elite_pairs": 0}
     assert untrained_recipe({**row, "cfg.method.value_path": "auto"}) == "EliteKV (greedy, r searched)"
+    # auto is named by what it resolved to, where metrics.json records it
+    assert untrained_recipe({**row, "cfg.method.value_path": "auto", "value_path": "up"}) == "EliteKV (greedy, r searched, V up-projection)"
     assert untrained_recipe({**row, "cfg.method.value_path": "up"}) == "EliteKV (greedy, r searched, V up-projection)"
     assert untrained_recipe(row) == untrained_recipe({**row, "cfg.method.value_path": float("nan")}) == \
         "EliteKV (greedy, r searched, W_o folded)"
