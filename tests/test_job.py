@@ -252,3 +252,15 @@ def test_every_preset_composes_with_its_method_and_sweep(preset, method):
     cfg = compose(f"+experiment={preset}", "ratio=0.2")
     assert cfg.method.name == method and cfg.sweep == preset.replace("elitekv_options", "baseline_options")
     assert method in cfg.run_name or method == "rap"
+
+
+def test_memory_savers_change_no_plan_and_no_identity(tmp_path, data_dir):
+    """gradient_checkpointing and loss_chunk change how the Fisher pass runs, not what it finds: the same pairs are
+    kept, and a result computed with them counts as finished for a config without them (and the reverse)."""
+    base = ("method=rap", "ratio=0.25", "criterion=fisher", "eval.zeroshot.tasks=[]", "calibration.n_samples=2",
+            "calibration.seqlen=32")
+    run_job(tiny_cfg(tmp_path, *base), tmp_path / "plain")
+    run_job(tiny_cfg(tmp_path, *base, "gradient_checkpointing=true", "loss_chunk=7"), tmp_path / "saver")
+    plain, saver = (json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("plain", "saver"))
+    assert plain == saver
+    assert job_module.finished(tmp_path / "saver", job_module.job_config(tiny_cfg(tmp_path, *base)))
