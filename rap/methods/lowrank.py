@@ -21,7 +21,8 @@ def group_size_for(n_kv: int, group_size: int) -> int:
 
 @torch.no_grad()  # the weights require grad: a graph would keep every temporary (and the Gram) alive with the factors
 def factorize(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None):
-    """``weight`` (out, in) ≈ up @ down with down (rank, in) and up (out, rank), computed in float64.
+    """``weight`` (out, in) ≈ up @ down with down (rank, in) and up (out, rank), computed in float64 on the weight's
+    device and returned on the CPU in the weight's dtype.
 
     Without ``gram``: truncated SVD, up = U_r √Σ_r, down = √Σ_r V_rᵀ. With ``gram`` = XᵀX of the layer inputs
     (SVD-LLM whitening): the factors that minimise ‖(W - up·down) X‖ rather than ‖W - up·down‖. With S the
@@ -32,7 +33,10 @@ def factorize(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None)
     this took 0.3-0.9 s against 2.1-3.8 s for the Cholesky route, with the same error.
     """
     with stage("low-rank factorisation"):
-        return _factorize(weight, rank, gram)
+        down, up = _factorize(weight, rank, gram)
+    # The factors go into the plan, which is saved and applied from the CPU: on a GPU they would otherwise hold a
+    # second copy of the compressed weights beside the modules built from them.
+    return down.cpu(), up.cpu()
 
 
 LINALG_THREADS = 1  # CPU threads for eigh/svd (matmuls keep torch's): see ``linalg_threads``
