@@ -258,6 +258,8 @@ def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[
     def keep_kwargs(i):
         def pre(_m, args, kw):
             kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if i == 0:
+                hidden.append(args[0] if args else kw["hidden_states"])
         return pre
 
     def stop(_m, args, kw):
@@ -266,13 +268,13 @@ def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[
 
     handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        model.model(batch[:1].to(dev), use_cache=False)  # one full pass: each layer's own arguments
+        model.model(batch[:1].to(dev), use_cache=False)  # one full pass: each layer's own arguments, and row 0's input
     finally:
         for h in handles:
             h.remove()
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        for row in batch:
+        for row in batch[1:]:
             try:
                 model.model(row[None].to(dev), use_cache=False)
             except _Stop:

@@ -92,8 +92,8 @@ BASELINE_METHOD = {"name": "none", "tag": "none"}
 # Where a result is written and how it was computed (threads, recorded as env_threads; memory savers that change
 # no value), not what it is: a moved result, or one rerun with other such settings, still counts as finished.
 LOCATION_KEYS = ("out_dir", "sweep", "threads", "gradient_checkpointing", "loss_chunk")
-UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
-GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting  # settings that cannot change an uncompressed result
+UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")  # settings that cannot change an uncompressed result
+GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
 
 
 def method_options(cfg: DictConfig) -> dict:

@@ -24,6 +24,11 @@ from .selection import kv_budget
 from .validation import entry, per_head_indices, positive_int
 
 
+def plan_value_path(plan: dict) -> str:
+    """The value path a plan was made with: plans from before ``value_path`` existed folded B_v into W_o."""
+    return plan.get("value_path", "fold")
+
+
 def pair_channels(pairs: list[int], head_dim: int) -> list[int]:
     """RoPE pairs -> their channels (i and i + d/2), in the order RAP keeps them."""
     pairs = sorted(pairs)
@@ -248,7 +253,7 @@ class EliteKV(Method):
 
     @staticmethod
     def apply(model, plan: dict):
-        t, value_path = plan["tensors"], plan.get("value_path", "fold")  # plans from before the option folded
+        t, value_path = plan["tensors"], plan_value_path(plan)
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
             layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"], value_path)
         return model
@@ -257,7 +262,7 @@ class EliteKV(Method):
     def check_plan(config, plan: dict) -> dict[str, tuple]:
         d, nkv, h = plan["head_dim"], config.num_key_value_heads, config.hidden_size
         r = positive_int(entry(plan, "elite_pairs", "the plan"), "elite_pairs", d // 2)
-        if plan.get("value_path", "fold") not in ("fold", "up"):
+        if plan_value_path(plan) not in ("fold", "up"):
             raise PlanError(f"its value_path={plan['value_path']!r} is not fold or up")
         tensors = {}
         for i, lp in enumerate(plan["layers"]):
@@ -271,7 +276,7 @@ class EliteKV(Method):
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, plan["head_dim"]
-        qkv_bias, fold = has_qkv_bias(config), plan.get("value_path", "fold") == "fold"
+        qkv_bias, fold = has_qkv_bias(config), plan_value_path(plan) == "fold"
         shapes = []
         for lp in plan["layers"]:
             n_e, c = 2 * len(lp["elite_pairs"][0]), lp["kv_dim"]
