@@ -1,5 +1,6 @@
 """Entry point: `python run.py [overrides]`, or `python run.py -m ratio=0.2,0.3 ...` for a sweep."""
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,4 +25,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = _resolvers.unknown_model_presets(sys.argv[1:], Path(__file__).parent / "conf")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

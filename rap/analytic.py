@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .architecture import has_qk_norm, sliding_layers
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -34,6 +36,11 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def qk_norm_params(config) -> int:
+    """Weights of a QK-norm model's q_norm and k_norm (one gain per channel of a head each)."""
+    return 2 * head_dim(config) if has_qk_norm(config) else 0
+
+
 def has_qkv_bias(config) -> bool:
     return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
 
@@ -52,8 +59,7 @@ def dense_attention_shape(config) -> AttentionShape:
     h, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     weights = 2 * h * nh * d + 2 * h * nkv * d
     bias = (nh * d + 2 * nkv * d) * has_qkv_bias(config) + h * has_o_bias(config)
-    norms = 2 * d if config.model_type == "qwen3" else 0  # Qwen3 q_norm/k_norm
-    return AttentionShape(nh, d, d, 2 * nkv * d, weights, weights + bias + norms)
+    return AttentionShape(nh, d, d, 2 * nkv * d, weights, weights + bias + qk_norm_params(config))
 
 
 def attention_shapes(config, plan: dict | None = None) -> list[AttentionShape]:
@@ -70,7 +76,21 @@ def mlp_weights(config) -> int:
 
 
 def kv_bytes_per_token(config, plan=None, bytes_per_element: int = 4) -> int:
+    """Bytes one token adds to every layer's cache (before any sliding window drops old tokens)."""
     return sum(s.cache_elements for s in attention_shapes(config, plan)) * bytes_per_element
+
+
+def tokens_held(config, context_len: int) -> list[int]:
+    """Per layer, the tokens its cache holds after ``context_len`` tokens: all of them, or on a sliding-window layer
+    at most ``sliding_window - 1`` (transformers' sliding cache keeps what the next token's window can see)."""
+    window = getattr(config, "sliding_window", None)
+    return [min(context_len, window - 1) if sliding else context_len for sliding in sliding_layers(config)]
+
+
+def kv_bytes(config, context_len: int, plan=None, bytes_per_element: int = 4) -> int:
+    """Bytes the whole cache holds after ``context_len`` tokens (sliding-window layers hold at most their window)."""
+    return sum(s.cache_elements * n for s, n in zip(attention_shapes(config, plan), tokens_held(config, context_len),
+                                                     strict=True)) * bytes_per_element
 
 
 def attention_params(config, plan=None) -> int:
@@ -80,16 +100,18 @@ def attention_params(config, plan=None) -> int:
 def total_params(config, plan=None) -> int:
     h, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     mlp_bias = (2 * config.intermediate_size + h) if getattr(config, "mlp_bias", False) else 0
-    per_layer_rest = mlp_weights(config) + mlp_bias + 2 * h  # MLP + two RMSNorms
+    norms = 4 if config.model_type == "gemma3_text" else 2  # Gemma 3 also norms after attention and after the MLP
+    per_layer_rest = mlp_weights(config) + mlp_bias + norms * h  # MLP + RMSNorms
     lm_head = 0 if config.tie_word_embeddings else v * h
     return v * h + lm_head + attention_params(config, plan) + L * per_layer_rest + h
 
 
 def attention_decode_flops(config, context_len: int, plan=None) -> int:
-    """FLOPs of all attention modules for one new token whose cache holds ``context_len`` tokens."""
-    keys = context_len + 1  # the new token attends to itself too
-    return sum(2 * s.linear_weights + 2 * keys * (s.rebuild_weights + s.n_heads * (s.qk_dim + s.v_dim))
-               for s in attention_shapes(config, plan))
+    """FLOPs of all attention modules for one new token after ``context_len`` tokens (a sliding-window layer attends
+    to what its cache holds)."""
+    # the new token attends to itself too
+    return sum(2 * s.linear_weights + 2 * (held + 1) * (s.rebuild_weights + s.n_heads * (s.qk_dim + s.v_dim))
+               for s, held in zip(attention_shapes(config, plan), tokens_held(config, context_len), strict=True))
 
 
 def decode_flops(config, context_len: int, plan=None) -> int:

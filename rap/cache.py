@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .architecture import sliding_layers
 from .compat import cache_kwargs
 from .errors import ConfigError
 from .metrics import model_device
@@ -149,7 +150,11 @@ def make_cache(spec: CacheSpec, model):
     from transformers import DynamicCache, QuantizedCache
 
     if spec.kind == "dynamic":
-        return DynamicCache()
+        return DynamicCache(config=model.config)  # sliding-window layers keep their window, as the model's own cache
+    windows = sum(sliding_layers(model.config))
+    if windows:  # transformers' QuantizedCache builds full-attention layers only
+        raise ConfigError(f"cache=quantized holds full-attention layers only, and this {model.config.model_type} model has "
+                          f"{windows} sliding-window layers; use cache=dynamic.")
     axis = AXIS[spec.backend]
     kwargs = dict(nbits=spec.nbits, axis_key=axis, axis_value=axis, q_group_size=spec.q_group_size,
                   residual_length=spec.residual_length)

@@ -58,7 +58,8 @@ def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
 @torch.no_grad()
 def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Mean squared output per channel of q_proj, k_proj and v_proj, per layer: ``{"q","k","v"}`` -> list of
-    (out_features,) tensors. Pre-RoPE: a RoPE rotation preserves the energy of each (i, i+d/2) pair."""
+    (out_features,) tensors. Pre-RoPE: a RoPE rotation preserves the energy of each (i, i+d/2) pair. With QK-norm
+    (Qwen3, Gemma 3) also ``q_post`` and ``k_post``, the same after q_norm/k_norm: what RoPE rotates and scores read."""
     sums = {n: [None] * len(_layers(model)) for n in ("q", "k", "v")}
     handles = []
     for i, layer in enumerate(_layers(model)):
@@ -67,6 +68,16 @@ def channel_energy(model, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
                 s = out.detach().float().pow(2).reshape(-1, out.shape[-1]).sum(0)
                 sums[n][i] = s if sums[n][i] is None else sums[n][i] + s
             handles.append(getattr(layer.self_attn, f"{n}_proj").register_forward_hook(hook))
+    if hasattr(_layers(model)[0].self_attn, "k_norm"):  # QK-norm: also the normalised q and k that RoPE rotates
+        for n in ("q_post", "k_post"):
+            sums[n] = [None] * len(_layers(model))
+        for i, layer in enumerate(_layers(model)):
+            def post(_m, args, kwargs, i=i, attn=layer.self_attn):
+                _, q, k, _, _, _ = _heads_pre_rope(attn, args, kwargs)
+                for n, t in (("q_post", q), ("k_post", k)):
+                    s = t.pow(2).sum((0, 2)).reshape(-1)  # (heads·d), head-major as the projection's rows
+                    sums[n][i] = s if sums[n][i] is None else sums[n][i] + s
+            handles.append(layer.self_attn.register_forward_pre_hook(post, with_kwargs=True))
     _forward_each(model, batch, handles, "calibration (energy)")
     return {n: [s / batch.numel() for s in v] for n, v in sums.items()}
 
@@ -161,12 +172,16 @@ def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), row
 
 
 def _heads_pre_rope(attn, args, kwargs):
-    """In a self_attn forward pre-hook: the input x and the pre-RoPE q, k, v as (b, heads, s, d) float, cos, sin."""
+    """In a self_attn forward pre-hook: the input x and the pre-RoPE q, k, v as (b, heads, s, d) float (q and k after
+    the model's q_norm/k_norm, if it has them), cos, sin."""
     x = kwargs.get("hidden_states", args[0] if args else None)
     cos, sin = kwargs["position_embeddings"]
     b, s, _ = x.shape
     d = attn.head_dim
-    q, k, v = (getattr(attn, f"{n}_proj")(x).view(b, s, -1, d).transpose(1, 2).float() for n in "qkv")
+    q, k, v = (getattr(attn, f"{n}_proj")(x).view(b, s, -1, d) for n in "qkv")
+    if hasattr(attn, "k_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
     return x, q, k, v, cos.float(), sin.float()
 
 

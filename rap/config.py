@@ -44,6 +44,30 @@ def grouping(group_size) -> str:
     return "joint" if g <= 0 else "head" if g == 1 else f"g{g}"
 
 
+def hub_name(path) -> str:
+    """A hub checkpoint's short name for result folders: the last part of its id or directory, lower-cased
+    (``Qwen/Qwen3-8B`` -> ``qwen3-8b``); ``hub`` while no path is set (the job then asks for one)."""
+    if path is None or not str(path).strip("/"):
+        return "hub"
+    return str(path).rstrip("/").split("/")[-1].lower()
+
+
+def unknown_model_presets(argv: list[str], conf_dir) -> str | None:
+    """One sentence for a ``model=<x>`` override that names no preset in ``conf/model`` (Hydra's own error says only
+    that it could not find it), pointing a hub id or a directory at ``model=hub``; None when every choice exists."""
+    from pathlib import Path
+
+    presets = sorted(p.stem for p in (Path(conf_dir) / "model").glob("*.yaml"))
+    for arg in argv:
+        if not arg.startswith("model="):
+            continue
+        for choice in arg[len("model="):].split(","):
+            if choice and choice not in presets:
+                return (f"model={choice} is not a model preset ({', '.join(presets)}); for a hub id or a local "
+                        f"directory use model=hub model.path={choice}.")
+    return None
+
+
 class CheckOutputDir(Callback):
     """Before Hydra creates a job's folder (which fails with a stack trace), check that the output folder can be
     written, and end with rap's one sentence if not."""
@@ -70,3 +94,4 @@ OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 OmegaConf.register_new_resolver("grouping", grouping, replace=True)
 OmegaConf.register_new_resolver("heal_tag", heal_tag, replace=True)
 OmegaConf.register_new_resolver("tag_option", tag_option, replace=True)
+OmegaConf.register_new_resolver("hub_name", hub_name, replace=True)

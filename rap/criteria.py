@@ -26,10 +26,16 @@ def _shape(model):
     return model.config.num_key_value_heads, a.head_dim, a.num_key_value_groups
 
 
-def key_energy(model, batch, seed=0):
-    """E[k_i² + k_{i+d/2}²] per pair; E[v_c²] per value channel."""
-    nkv, _, _ = _shape(model)
+def _energy(model, batch) -> dict:
+    """``calibration.channel_energy`` with q and k as RoPE sees them: after q_norm/k_norm on QK-norm models."""
     e = calibration.channel_energy(model, batch)
+    return {"q": e.get("q_post", e["q"]), "k": e.get("k_post", e["k"]), "v": e["v"]}
+
+
+def key_energy(model, batch, seed=0):
+    """E[k_i² + k_{i+d/2}²] per pair (after k_norm, if any); E[v_c²] per value channel."""
+    nkv, _, _ = _shape(model)
+    e = _energy(model, batch)
     return {"k": [_pairs(_per_head(k, nkv)) for k in e["k"]], "v": [_per_head(v, nkv) for v in e["v"]]}
 
 
@@ -37,7 +43,7 @@ def qk_energy(model, batch, seed=0):
     """Query-aware: E‖q_pair‖² summed over the group's query heads times E‖k_pair‖². Output-aware V:
     E[v_c²] times the squared norm of the W_o columns channel c feeds, over the group's heads."""
     nkv, d, rep = _shape(model)
-    e = calibration.channel_energy(model, batch)
+    e = _energy(model, batch)
     k, v = [], []
     for i, layer in enumerate(model.model.layers):
         q = _pairs(_per_head(e["q"][i], nkv * rep)).view(nkv, rep, -1).sum(1)
@@ -90,7 +96,7 @@ def random(model, batch=None, seed=0):
 def rope_blind(model, batch, seed=0):
     """The control: key energy of single channels, blind to RoPE pairs (V as ``key_energy``)."""
     nkv, _, _ = _shape(model)
-    e = calibration.channel_energy(model, batch)
+    e = _energy(model, batch)
     return {"k_channels": [_per_head(k, nkv) for k in e["k"]], "k": [_pairs(_per_head(k, nkv)) for k in e["k"]],
             "v": [_per_head(v, nkv) for v in e["v"]]}
 

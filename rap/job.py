@@ -6,7 +6,8 @@
   ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
   load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
   weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
-  (``auto`` resolved); ``value_path``, EliteKV's value path as it ran (``auto`` resolved).
+  (``auto`` resolved); ``value_path``, EliteKV's value path as it ran (``auto`` resolved); ``qk_norm``, RAP's QK-norm
+  mode on a QK-norm model (Qwen3, Gemma 3) as it ran (null resolved).
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
@@ -237,7 +238,7 @@ def check_before_loading(cfg: DictConfig, method, data_dir) -> dict | None:
     check_rope_config(config)
     if method is not None:
         method.validate(config)
-    check_data(cfg, method, data_dir)
+    check_data(cfg, method, data_dir, config)
     if method is None or not cfg.get("plan"):
         return None
     from .methods import load_plan, validate_plan
@@ -250,7 +251,7 @@ def check_before_loading(cfg: DictConfig, method, data_dir) -> dict | None:
     return plan
 
 
-def check_data(cfg: DictConfig, method, data_dir) -> None:
+def check_data(cfg: DictConfig, method, data_dir, config=None) -> None:
     """Read the local data files the job will use (before any model is loaded): a bad file fails at once."""
     if data_dir is None:
         return
@@ -259,7 +260,7 @@ def check_data(cfg: DictConfig, method, data_dir) -> None:
         from .zeroshot import check_task_files
 
         check_task_files(data_dir, list(cfg.eval.zeroshot.tasks))
-    if method is not None and not cfg.get("plan") and method.needs_calibration():
+    if method is not None and not cfg.get("plan") and method.needs_calibration(config):
         calibration_documents(data_dir, cfg.calibration.source)
     heal = heal_settings(cfg)
     if heal is not None:
@@ -276,7 +277,7 @@ def compress_model(model, tokenizer, method, cfg: DictConfig, data_dir, plan: di
     if plan is not None:
         return apply_plan(model, plan), plan
     calib = None
-    if method.needs_calibration():
+    if method.needs_calibration(model.config):
         c = cfg.calibration
         sizes = {"default": (c.n_samples, c.seqlen)}
         sizes.update({stat: calibration_size(c, stat) for stat in STATISTICS if c.get(stat) is not None})
@@ -299,7 +300,8 @@ def ppl_mode(cfg: DictConfig, spec) -> str:
 
 def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
     return {
-        "kv_bytes_per_token_formula": analytic.kv_bytes_per_token(config, plan, bytes_per_element),
+        "kv_bytes_formula": analytic.kv_bytes(config, context_len, plan, bytes_per_element),
+        "kv_bytes_per_token_formula": analytic.kv_bytes(config, context_len, plan, bytes_per_element) / context_len,
         "params_total_formula": analytic.total_params(config, plan),
         "params_attention_formula": analytic.attention_params(config, plan),
         "flops_decode_formula": analytic.decode_flops(config, context_len, plan),
@@ -400,7 +402,7 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         originals = [layer.self_attn for layer in model.model.layers] if heal is not None else None
         model, plan = compress_model(model, tok, method, cfg, data_dir, given_plan)
         times["compress"] = time.time() - t
-        for key in ("round_to", "value_path"):  # options that resolve by device or shape (``auto``) as they ran
+        for key in ("round_to", "value_path", "qk_norm"):  # options that resolve by device or model (``auto``) as they ran
             if plan is not None and key in plan:
                 results[key] = plan[key]
         heal_curves = None

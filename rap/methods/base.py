@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..analytic import AttentionShape, head_dim
+from ..architecture import check_config, check_method
 from .selection import kv_budget
 
 
@@ -24,10 +25,13 @@ class Method:
     def validate(self, config) -> None:
         """Cheap checks from the model config alone (options, the KV budget at ``ratio``), so a bad setting fails
         before any model is loaded or timed. ``make_plan`` runs it first; methods with options extend it."""
+        check_config(config)
+        check_method(config, self.name)
         kv_budget(self.ratio, head_dim(config))
 
-    def needs_calibration(self) -> bool:
-        """Whether ``make_plan`` reads calibration data (the job loads it only then)."""
+    def needs_calibration(self, config=None) -> bool:
+        """Whether ``make_plan`` reads calibration data for a model with ``config`` (None: any model); the job loads
+        it only then."""
         return True
 
     def make_plan(self, model, calibration=None) -> dict:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
+from ..architecture import check_config, check_method
 from ..calibration import attention_errors, calibration_for, hold_out, rope_elite_order, whitening_grams
 from ..errors import ConfigError, PlanError
 from ..memory import stage
@@ -173,6 +174,8 @@ class EliteKV(Method):
             raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
         if self.value_path not in ("auto", "fold", "up"):
             raise ConfigError(f"Unknown value_path '{self.value_path}'; use auto, fold or up.")
+        check_config(config)
+        check_method(config, self.name)
         self._candidates(config)
 
     def make_plan(self, model, calibration=None) -> dict:

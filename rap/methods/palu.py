@@ -4,16 +4,17 @@ rebuilt from its latent for every cached token at every step, then rotated: the 
 up-projection is absorbed into W_o (attention weights multiply the latent)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias
+from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
 from ..calibration import calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, _linear, latent_o_proj
+from .attention import CompressedAttention, _linear, latent_o_proj, layer_rope
 from .base import Method
 from .lowrank import fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
@@ -27,7 +28,10 @@ class LowRankAttention(CompressedAttention):
     ----------
     attn : the original attention module (weights are copied).
     k_latent, v_latent : ``(down, up)`` with down (G·r, hidden) and up (G, g·d, r) (``lowrank.group_factors``).
-    rotary : the model's rotary embedding (its ``inv_freq`` and ``attention_scaling`` are copied).
+    rotary : the model's rotary embedding (this layer's ``inv_freq`` and ``attention_scaling`` are copied).
+
+    A QK-norm model's q_norm is applied to the queries and its k_norm to every rebuilt key (over the full head, as
+    the original does), before RoPE.
 
     Every tensor lives on the original attention's device, as a parameter or a (non-persistent) buffer, so the
     module runs where its layer was placed and moves with ``.to()``.
@@ -45,9 +49,11 @@ class LowRankAttention(CompressedAttention):
         self.v_heads, self.r_v = v_up.shape[0], v_up.shape[2]
         self.v_proj = _linear(v_down.to(attn.v_proj.weight), None)
         self.o_proj = latent_o_proj(attn, v_up)
+        self.q_norm = copy.deepcopy(attn.q_norm) if hasattr(attn, "q_norm") else None
+        self.k_norm = copy.deepcopy(attn.k_norm) if hasattr(attn, "k_norm") else None
         dev = attn.q_proj.weight.device  # the rotary module may sit on another device than this layer
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().to(dev, copy=True), persistent=False)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        inv_freq, self.rope_scale = layer_rope(rotary, attn)
+        self.register_buffer("inv_freq", inv_freq.detach().float().to(dev, copy=True), persistent=False)
         # cos/sin for cache positions 0..n-1, grown by doubling
         self.register_buffer("cos_table", torch.empty(0, 2 * self.inv_freq.shape[0], device=dev), persistent=False)
         self.register_buffer("sin_table", torch.empty(0, 2 * self.inv_freq.shape[0], device=dev), persistent=False)
@@ -62,7 +68,8 @@ class LowRankAttention(CompressedAttention):
 
     def project(self, x, position_embeddings):
         shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(*shape, -1, self.head_dim)
+        q = (self.q_norm(q) if self.q_norm is not None else q).transpose(1, 2)
         c_k = self.k_proj(x).view(*shape, self.k_heads, self.r_k).transpose(1, 2)
         c_v = self.v_proj(x).view(*shape, self.v_heads, self.r_v).transpose(1, 2)
         return q, c_k, c_v  # RoPE waits for the rebuilt keys (expand)
@@ -76,10 +83,15 @@ class LowRankAttention(CompressedAttention):
         k = k.view(b, self.k_heads, n, -1, d).transpose(2, 3).reshape(b, self.n_kv, n, d)
         if self.k_bias is not None:
             k = k + self.k_bias.view(1, self.n_kv, 1, d)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         # RoPE at cache slots (slot i holds the i-th cached token; a static cache has unfilled, masked slots after
-        # them): scores depend only on query-key offsets, which this keeps, also under left padding.
-        cos, sin = self._cos_sin(max(n, past + q.shape[2]), q.dtype)
-        qc, qs = cos[past:past + q.shape[2]], sin[past:past + q.shape[2]]
+        # them): scores depend only on query-key offsets, which this keeps, also under left padding. A sliding-window
+        # layer returns at most window - 1 earlier tokens before the new ones, so the queries sit in its last slots.
+        s = q.shape[2]
+        first = min(past, n - s)
+        cos, sin = self._cos_sin(max(n, first + s), q.dtype)
+        qc, qs = cos[first:first + s], sin[first:first + s]
         cos, sin = cos[:n], sin[:n]
         return q * qc + rotate_half(q) * qs, k * cos + rotate_half(k) * sin, c_v
 
@@ -117,7 +129,7 @@ class Palu(Method):
     floor: int = 1
     name = "palu"
 
-    def needs_calibration(self) -> bool:
+    def needs_calibration(self, config=None) -> bool:
         return self.decomposition == "whiten" or self.rank_allocation == "fisher_uniform"
 
     def validate(self, config) -> None:
@@ -194,5 +206,6 @@ class Palu(Method):
             weights = h * nh * d + h * G * rk + h * G * rv + nh * rv * h
             rebuild = nkv * d * rk  # up-projection of every cached token's K latent
             bias = (nh * d + nkv * d) * qkv_bias + h * has_latent_o_bias(config)
-            shapes.append(AttentionShape(nh, d, rv, G * (rk + rv), weights, weights + rebuild + bias, rebuild))
+            params = weights + rebuild + bias + qk_norm_params(config)  # k_norm runs over every rebuilt key too
+            shapes.append(AttentionShape(nh, d, rv, G * (rk + rv), weights, params, rebuild))
         return shapes

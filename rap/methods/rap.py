@@ -9,7 +9,8 @@ import torch
 
 from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
-from ..calibration import attention_output_gram, calibration_for, whitening_grams
+from ..architecture import check_config, has_qk_norm
+from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
 from ..errors import ConfigError, PlanError
 from ..metrics import model_device
 from .attention import PrunedAttention
@@ -17,6 +18,27 @@ from .base import Method
 from .lowrank import group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
 from .validation import entry, per_head_indices, positive_int
+
+
+QK_NORMS = ("exact", "kept")
+DEFAULT_QK_NORM = "exact"  # docs/qk_norm.md: measured against ``kept`` on Gemma 3 270M
+
+
+def resolve_qk_norm(qk_norm, config) -> str | None:
+    """The QK-norm mode a plan runs with: None on models without q_norm/k_norm, else ``qk_norm`` or the default."""
+    if qk_norm is not None and qk_norm not in QK_NORMS:
+        raise ConfigError(f"qk_norm={qk_norm!r} is not one of {', '.join(QK_NORMS)} (or null for {DEFAULT_QK_NORM}).")
+    if not has_qk_norm(config):
+        return None
+    return qk_norm or DEFAULT_QK_NORM
+
+
+def qk_rho(energy: torch.Tensor, channels: list[list[int]]) -> torch.Tensor:
+    """Per head, E[mean over the head of x²] / E[mean over its kept channels of x²], from the mean squared
+    pre-norm projection per channel (heads·d,): the factor that rescales the kept channels' RMS to the full head's."""
+    e = energy.float().view(len(channels), -1)
+    kept = torch.stack([e[h, c].mean() for h, c in enumerate(channels)])
+    return e.mean(1) / kept.clamp_min(1e-30)
 
 
 def resolve_round_to(round_to, device) -> int:
@@ -61,6 +83,12 @@ class RAP(Method):
         With ``v_path=channels``: refit W_o by least squares on calibration attention outputs so the kept V channels also carry
         what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
         with the plan (``plan.safetensors``).
+    qk_norm : str or None
+        Models with q_norm/k_norm (Qwen3, Gemma 3), whose RMS runs over the whole head: ``exact`` projects q and k at
+        full width, normalises them as the original and keeps the chosen channels (the cache and the attention
+        shrink, the q/k projections do not); ``kept`` projects only the kept rows and normalises over them, the
+        statistic rescaled per head by a factor calibrated on the ``scores`` batch (everything shrinks; the norm is
+        approximate). None: ``DEFAULT_QK_NORM``. Ignored on models without QK-norm.
     seed : int
         For the ``random`` criterion.
     """
@@ -75,14 +103,17 @@ class RAP(Method):
     group_size: int = 1
     decomposition: str = "whiten"
     v_refit: bool = False
+    qk_norm: str | None = None
     seed: int = 0
     name = "rap"
 
-    def needs_calibration(self) -> bool:
+    def needs_calibration(self, config=None) -> bool:
         lowrank_data = self.v_path == "lowrank" and self.decomposition == "whiten"
-        return self.criterion in criteria.NEEDS_DATA or self.v_refit or lowrank_data
+        kept_norm = (config is None or has_qk_norm(config)) and (self.qk_norm or DEFAULT_QK_NORM) == "kept"
+        return self.criterion in criteria.NEEDS_DATA or self.v_refit or lowrank_data or kept_norm
 
     def validate(self, config) -> None:
+        check_config(config)
         if self.criterion not in criteria.CRITERIA:
             raise ConfigError(f"Unknown criterion '{self.criterion}'; choose one of {', '.join(sorted(criteria.CRITERIA))}.")
         if self.allocation not in ("uniform", "global"):
@@ -95,6 +126,7 @@ class RAP(Method):
             raise ConfigError("v_refit refits pruned V channels; it does not apply to v_path=lowrank.")
         if self.v_path == "lowrank":
             group_size_for(config.num_key_value_heads, self.group_size)
+        resolve_qk_norm(self.qk_norm, config)
         # auto is checked as 1: a larger multiple keeps at least that many dims, so it never empties the budget
         kv_budget(self.ratio, head_dim(config), resolve_round_to(self.round_to, "cpu"), self.prune_k, self.prune_v)
 
@@ -119,12 +151,26 @@ class RAP(Method):
             layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
         plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
                 "round_to": round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
+        qk_norm = resolve_qk_norm(self.qk_norm, model.config)
+        if qk_norm is not None:
+            plan["qk_norm"] = qk_norm
+        if qk_norm == "kept":
+            batch = calibration_for(calibration, "scores")
+            if batch is None:
+                raise ConfigError("qk_norm=kept calibrates its norm correction; pass calibration=<token batch> or use exact.")
+            e = channel_energy(model, batch)
+            rep = attn.num_key_value_groups
+            plan["tensors"] = {}
+            for i, lp in enumerate(layers):
+                plan["tensors"][f"q_rho.{i}"] = qk_rho(e["q"][i], [lp["k_channels"][h // rep] for h in range(len(lp["k_channels"]) * rep)])
+                plan["tensors"][f"k_rho.{i}"] = qk_rho(e["k"][i], lp["k_channels"])
         if self.v_path == "lowrank":
             g = group_size_for(model.config.num_key_value_heads, self.group_size)
             if self.decomposition == "whiten" and calibration is None:
                 raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use svd.")
             whiten = calibration_for(calibration, "whiten")
-            plan.update(group_size=g, decomposition=self.decomposition, tensors={})
+            plan.update(group_size=g, decomposition=self.decomposition)
+            plan.setdefault("tensors", {})
             for i, gram in whitening_grams(model, whiten, self.decomposition == "whiten"):
                 w, lp = model.model.layers[i].self_attn.v_proj.weight, layers[i]
                 rank = min(g * len(lp["v_channels"][0]), w.shape[1])  # RAP's V budget
@@ -137,9 +183,9 @@ class RAP(Method):
                 raise ConfigError("v_refit needs calibration data; pass calibration=<token batch>.")
             rep = model.model.layers[0].self_attn.num_key_value_groups
             grams = attention_output_gram(model, calibration_for(calibration, "default"))
-            plan["tensors"] = {f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
-                                                           for h, g in enumerate(grams[i])])
-                               for i, lp in enumerate(layers)}
+            plan.setdefault("tensors", {}).update({f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
+                                                                              for h, g in enumerate(grams[i])])
+                                                  for i, lp in enumerate(layers)})
         return plan
 
     @staticmethod
@@ -147,17 +193,24 @@ class RAP(Method):
         tensors = plan.get("tensors", {})
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
             v_latent = (tensors[f"v_down.{i}"], tensors[f"v_up.{i}"]) if lp.get("v_rank") else None
+            rho = (tensors[f"q_rho.{i}"], tensors[f"k_rho.{i}"]) if plan.get("qk_norm") == "kept" else None
             layer.self_attn = PrunedAttention(layer.self_attn, lp["k_channels"], lp["v_channels"],
-                                              tensors.get(f"o_maps.{i}"), v_latent)
+                                              tensors.get(f"o_maps.{i}"), v_latent, plan.get("qk_norm"), rho)
         return model
 
     @staticmethod
     def check_plan(config, plan: dict) -> dict[str, tuple]:
         d, nkv, nh, h = plan["head_dim"], config.num_key_value_heads, config.num_attention_heads, config.hidden_size
         pairs = plan.get("criterion") != "rope_blind"
+        qk_norm = plan.get("qk_norm")
+        if qk_norm not in (None, *QK_NORMS) or (qk_norm is None) == has_qk_norm(config):
+            raise PlanError(f"its qk_norm={qk_norm!r} does not fit a {config.model_type} model (QK-norm: "
+                            f"{'one of ' + ', '.join(QK_NORMS) if has_qk_norm(config) else 'none'})")
         tensors = {}
         for i, lp in enumerate(plan["layers"]):
             where = f"layer {i}"
+            if qk_norm == "kept":
+                tensors.update({f"q_rho.{i}": (nh,), f"k_rho.{i}": (nkv,)})
             per_head_indices(entry(lp, "k_channels", where), nkv, d, f"{where} k_channels")
             for g, ch in enumerate(lp["k_channels"] if pairs else []):
                 first = ch[: len(ch) // 2]
@@ -180,14 +233,18 @@ class RAP(Method):
         h, nh, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         shapes = []
         qkv_bias, o_bias = has_qkv_bias(config), has_o_bias(config)
+        qk_norm, d = plan.get("qk_norm"), plan["head_dim"]
         for lp in plan["layers"]:
             nk = len(lp["k_channels"][0])
+            # exact QK-norm: q and k projected at full width (and normalised there) before the kept channels are taken
+            nqk = d if qk_norm == "exact" else nk
+            norms = {"exact": 2 * d, "kept": (nh + nkv) * nk}.get(qk_norm, 0)
             if lp.get("v_rank"):  # a latent per group; the value bias moves into W_o's bias
                 nv, v_rows = lp["v_rank"], nkv // plan["group_size"] * lp["v_rank"]
-                bias = (nh * nk + nkv * nk) * qkv_bias + h * has_latent_o_bias(config)
+                bias = (nh * nqk + nkv * nqk) * qkv_bias + h * has_latent_o_bias(config)
             else:
                 nv, v_rows = len(lp["v_channels"][0]), nkv * len(lp["v_channels"][0])
-                bias = (nh * nk + nkv * nk + v_rows) * qkv_bias + h * o_bias
-            weights = h * nh * nk + h * nkv * nk + h * v_rows + nh * nv * h
-            shapes.append(AttentionShape(nh, nk, nv, nkv * nk + v_rows, weights, weights + bias))
+                bias = (nh * nqk + nkv * nqk + v_rows) * qkv_bias + h * o_bias
+            weights = h * nh * nqk + h * nkv * nqk + h * v_rows + nh * nv * h
+            shapes.append(AttentionShape(nh, nk, nv, nkv * nk + v_rows, weights, weights + bias + norms))
         return shapes

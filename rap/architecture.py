@@ -1,0 +1,115 @@
+"""The one architecture gate: what the compression methods can reproduce faithfully, checked before any model is
+changed (``rap.compress``, ``apply_plan`` and the job all run it). Anything else stops with one sentence naming
+what is missing.
+
+Supported: decoder layers whose attention projects q, k and v separately, applies HF rotate_half RoPE to the whole
+head (optionally after a per-head RMS norm, ``q_norm``/``k_norm``: Qwen3, Gemma 3), scores with its own softmax
+scale, and may attend within a sliding window on some layers (Gemma 3's local layers, each with its own RoPE base).
+"""
+from __future__ import annotations
+
+from .errors import ModelError
+
+# model_type -> the attention class transformers builds for it.
+ATTENTION_CLASSES = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
+                     "qwen3": "Qwen3Attention", "gemma3_text": "Gemma3Attention"}
+ROPE_MODEL_TYPES = tuple(ATTENTION_CLASSES)
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# RoPE types whose tables are fixed by the config (inv_freq and one attention scaling): Palu recomputes them.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Multimodal wrappers around a supported text model: their decoder is not ``model.model.layers``.
+TEXT_ONLY = {"gemma3": "gemma3_text (a text-only Gemma 3 checkpoint, e.g. model=gemma3-1b or model=gemma3-270m)"}
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def has_qk_norm(config) -> bool:
+    """Whether the attention RMS-normalises each query and key head before RoPE (Qwen3, Gemma 3)."""
+    return getattr(config, "model_type", None) in QK_NORM_TYPES
+
+
+def rope_types(config) -> set[str]:
+    """Every RoPE type the config uses (one per layer type when layers have their own RoPE parameters)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    per_type = [p for p in params.values() if isinstance(p, dict)] if "rope_type" not in params else [params]
+    return {p.get("rope_type", "default") for p in per_type} or {"default"}
+
+
+def sliding_layers(config) -> list[bool]:
+    """Per layer, whether it attends within ``config.sliding_window`` (and its cache holds at most that window)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return [False] * config.num_hidden_layers
+    if types is None:  # Mistral-style: one window for every layer
+        return [True] * config.num_hidden_layers
+    return [t == "sliding_attention" for t in types]
+
+
+def check_config(config) -> None:
+    """The checks that need the config alone (the job runs them before loading any weights)."""
+    mt = getattr(config, "model_type", "?")
+    if getattr(config, "kv_lora_rank", None):
+        raise ModelError(f"{mt} caches a shared low-rank KV latent (MLA, kv_lora_rank={config.kv_lora_rank}), not "
+                         "per-head RoPE keys, so there are no RoPE pairs to prune.")
+    if mt in TEXT_ONLY:
+        raise ModelError(f"Model type '{mt}' is a multimodal wrapper; compress its text model as {TEXT_ONLY[mt]}.")
+    if mt not in ROPE_MODEL_TYPES:
+        raise ModelError(f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
+                         f"supported model types: {', '.join(ROPE_MODEL_TYPES)}.")
+    d = head_dim(config)
+    if d % 2:
+        raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
+    params = getattr(config, "rope_parameters", None) or {}
+    partial = [p.get("partial_rotary_factor", 1.0) for p in ([params] if "rope_type" in params else params.values())
+               if isinstance(p, dict)] + [getattr(config, "partial_rotary_factor", 1.0) or 1.0]
+    if min(partial) < 1.0:
+        raise ModelError(f"{mt} rotates only part of each head (partial_rotary_factor={min(partial)}); RoPE pairs of the "
+                         "unrotated dims have no frequency, which the methods need.")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ModelError(f"{mt} soft-caps attention logits (attn_logit_softcapping), which the compressed attention "
+                         "does not apply.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ModelError(f"{mt} is configured with bidirectional attention; the compressed attention is causal.")
+
+
+def check_model(model) -> None:
+    """Refuse, with one sentence, any model whose attention the methods cannot compress faithfully."""
+    cfg = model.config
+    check_config(cfg)
+    mt = cfg.model_type
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model.model, "rotary_emb"):
+        raise ModelError(f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
+                         f"supported model types: {', '.join(ROPE_MODEL_TYPES)}.")
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        name = type(attn).__name__
+        if getattr(model, "rap_plan", None) is None and name != ATTENTION_CLASSES[mt]:
+            if any(hasattr(attn, p) for p in ("qkv_proj", "Wqkv", "c_attn")):
+                raise ModelError(f"Layer {i} of this {mt} model projects q, k and v fused ({name}); the methods need "
+                                 "separate q/k/v projections.")
+            raise ModelError(f"Layer {i} of this {mt} model has the attention class {name}, not transformers' "
+                             f"{ATTENTION_CLASSES[mt]}, so rap cannot tell what it computes.")
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise ModelError(f"Model type '{mt}' has no separate q/k/v/o projections, which compression needs.")
+        if hasattr(attn, "sinks"):
+            raise ModelError(f"Layer {i} of this {mt} model has attention sinks, which the compressed attention does "
+                             "not apply.")
+        if attn.head_dim % 2:
+            raise ModelError(f"head_dim={attn.head_dim} is odd, so keys cannot be split into RoPE pairs.")
+        if has_qk_norm(cfg) != (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
+            raise ModelError(f"Layer {i} of this {mt} model {'lacks' if has_qk_norm(cfg) else 'has'} the q_norm/k_norm "
+                             f"that {mt} models {'have' if has_qk_norm(cfg) else 'lack'}.")
+
+
+def check_method(config, method: str) -> None:
+    """What one method needs beyond ``check_config``."""
+    if method == "palu" and not rope_types(config) <= set(STATIC_ROPE_TYPES):
+        raise ModelError(f"Palu recomputes RoPE tables for its rebuilt keys, which needs a static RoPE type "
+                         f"({', '.join(STATIC_ROPE_TYPES)}); this model uses {', '.join(sorted(rope_types(config)))}.")
+    if method == "elitekv" and has_qk_norm(config):
+        raise ModelError(f"EliteKV folds the non-elite key dims of every head into one shared latent, so the per-head "
+                         f"k_norm of {config.model_type} (an RMS over the whole key head) cannot be applied; use rap or palu.")
