@@ -41,6 +41,12 @@ def recipe(row) -> str:
     return untrained_recipe(row)
 
 
+def _qk_norm(row) -> str | None:
+    """RAP's QK-norm mode as it ran (metrics.json's ``qk_norm``; absent on models without QK-norm)."""
+    mode = row.get("qk_norm")
+    return f"QK-norm {mode}" if isinstance(mode, str) else None
+
+
 def untrained_recipe(row) -> str:
     get = lambda k, default=None: row.get(f"cfg.method.{k}", default)  # noqa: E731
     name = row.get("method")
@@ -49,7 +55,7 @@ def untrained_recipe(row) -> str:
     if name == "rap":
         extra = [x for x in (get("allocation") if get("allocation") != "uniform" else None,
                              "low-rank V" if get("v_path") == "lowrank" else None,
-                             "W_o refit" if get("v_refit") else None) if x]
+                             "W_o refit" if get("v_refit") else None, _qk_norm(row)) if x]
         return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
     if name == "palu":
         return f"Palu ({get('decomposition')}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"

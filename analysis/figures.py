@@ -162,15 +162,18 @@ def kept_pairs(plan: dict) -> np.ndarray:
 
 
 def kept_frequency(df: pd.DataFrame) -> dict:
-    """One heatmap figure per ratio: a panel per criterion, layer x pair index (pair 0 rotates fastest)."""
+    """One heatmap figure per ratio: a panel per criterion (and QK-norm mode), layer x pair index (pair 0 rotates
+    fastest). On a model with local and global layers (Gemma 3) the global layers' rows are marked "G" at the right."""
     rap = df[df["method"] == "rap"]
     figs = {}
     for ratio, group in rap.groupby("ratio"):
-        plans = {}
+        plans, kinds = {}, {}
         for _, r in group.sort_values("criterion").iterrows():
             f = Path(str(r["path"])) / "plan.json"
-            if f.exists() and r["criterion"] not in plans:
-                plans[r["criterion"]] = kept_pairs(json.loads(f.read_text()))
+            plan = json.loads(f.read_text()) if f.exists() else None
+            label = r["criterion"] + (f", QK-norm {plan['qk_norm']}" if plan and plan.get("qk_norm") else "")
+            if plan is not None and label not in plans:
+                plans[label], kinds[label] = kept_pairs(plan), plan.get("layer_kinds")
         if not plans:
             continue
         n = len(plans)
@@ -182,6 +185,9 @@ def kept_frequency(df: pd.DataFrame) -> dict:
         for ax, (criterion, grid) in zip(axes.flat, plans.items()):
             im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(criterion)
+            for i, kind in enumerate(kinds[criterion] or []):
+                if kind == "global":
+                    ax.annotate("G", (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=6)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         for ax in axes[:, 0]:

@@ -48,6 +48,20 @@ def sliding_layers(config) -> list[bool]:
     return [t == "sliding_attention" for t in types]
 
 
+def layer_kinds(config) -> list[str]:
+    """Per layer, ``local`` (sliding window) or ``global``: how per-layer tables and frequency maps tell them apart."""
+    return ["local" if s else "global" for s in sliding_layers(config)]
+
+
+def layer_rope_bases(config) -> list[float]:
+    """Per layer, the RoPE base (theta) its rotary tables use: Gemma 3's local and global layers have their own."""
+    params = getattr(config, "rope_parameters", None) or {}
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if "rope_theta" in params:
+        return [float(params["rope_theta"])] * config.num_hidden_layers
+    return [float((params.get(t) or {}).get("rope_theta", getattr(config, "rope_theta", 10000.0))) for t in types]
+
+
 def check_config(config) -> None:
     """The checks that need the config alone (the job runs them before loading any weights)."""
     mt = getattr(config, "model_type", "?")

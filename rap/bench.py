@@ -1,7 +1,7 @@
 """Latency and memory benchmark at real layer shapes, as ratios measured within one run.
 
 One attention layer with random weights of a real model's shapes (SmolLM2-135M, Llama-3-8B, Mistral-7B,
-Qwen2.5-7B), compressed through the public API (``rap.compress``), so the code timed is the code evaluated.
+Qwen2.5-7B, Gemma 3 270M's global and local layers), compressed through the public API (``rap.compress``), so the code timed is the code evaluated.
 Variants, all timed in the same process in interleaved rounds (A B C ... A B C ...) after a warm-up:
 
 - ``stock``: the model's own transformers attention;
@@ -30,7 +30,7 @@ import torch
 
 from .compat import CACHE_ARG
 from .cache import cached_widths
-from .metrics import _Timer, kernel_used, kv_bytes
+from .metrics import _Timer, kernel_used, kv_bytes, rewindable
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -45,6 +45,13 @@ SHAPES = {
                                       rope_theta=1e6), 28),
     "llama3-70b": ("tiny-llama", dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
                                       rope_theta=5e5), 80),
+    # Gemma 3 270M: a global layer (3 of its 18) and a local one (512-token window, 15 of 18); QK-norm, so EliteKV is
+    # left out of its variants.
+    "gemma3-270m": ("tiny-gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                        query_pre_attn_scalar=256, sliding_window=512, layer_types=["full_attention"]), 18),
+    "gemma3-270m-local": ("tiny-gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                              query_pre_attn_scalar=256, sliding_window=512,
+                                              layer_types=["sliding_attention"]), 18),
 }
 BUDGETS = {"24GiB": 24 * 2**30, "80GB": 80 * 10**9}
 
@@ -84,6 +91,7 @@ def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
     """``stock``, ``rap-full`` and every compressed variant, each as its own attention modules. The model keeps its
     original modules: each variant is compressed in place and its modules swapped out again (no model copy)."""
     from .analytic import head_dim
+    from .architecture import has_qk_norm
     from .methods import compress
 
     layers = model.model.layers
@@ -103,7 +111,7 @@ def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
     for ratio in ratios:
         for rt in round_tos:
             for m in methods:
-                if m == "elitekv" and rt != 1:
+                if m == "elitekv" and (rt != 1 or has_qk_norm(model.config)):  # EliteKV refuses QK-norm
                     continue
                 name = f"{m}-r{ratio}" + (f"-round{rt}" if rt != 1 else "")
                 out.append(Variant(name, m, ratio, rt, compressed(m, ratio, **method_options(m, d, rt))))
@@ -118,7 +126,7 @@ def use(model, variant: Variant):
 def _cache(kind: str, model, max_len: int):
     from transformers import DynamicCache, StaticCache
 
-    return DynamicCache() if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
 
 
 def filled_cache(kind: str, model, batch: int, context: int, shapes):
@@ -134,7 +142,7 @@ def filled_cache(kind: str, model, batch: int, context: int, shapes):
 
 def decode_op(model, batch: int, context: int, kind: str):
     """One decode step at exactly ``context`` cached tokens: (the op, the KV bytes it reads per token per layer)."""
-    cache = filled_cache(kind, model, batch, context, cached_widths(model, batch))
+    cache = rewindable(filled_cache(kind, model, batch, context, cached_widths(model, batch)))
     held = kv_bytes(cache)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     pos = torch.full((batch, 1), context, device=model.device)

