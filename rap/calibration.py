@@ -264,6 +264,27 @@ def _on(x, device):
 
 
 @torch.no_grad()
+def layer_arguments(model, ids: torch.Tensor) -> list[dict]:
+    """Per decoder layer, the position embeddings and attention mask the model passes it for ``ids`` (1, seqlen):
+    each layer's own (Gemma 3's local layers have their RoPE base and a sliding-window mask). The mask has batch 1,
+    so it serves any batch of rows of that length."""
+    kwargs = [None] * len(_layers(model))
+
+    def keep(i):
+        def pre(_m, args, kw):
+            kwargs[i] = {k: kw.get(k) for k in ("position_embeddings", "attention_mask")}
+        return pre
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(_layers(model))]
+    try:
+        model.model(ids.to(model_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return kwargs
+
+
+@torch.no_grad()
 def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     """Every calibration sequence's input to the first decoder layer, and the keyword arguments the model passes to
     each decoder layer (mask, position embeddings...: the same for every sequence of one length)."""

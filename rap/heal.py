@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import layer_arguments
 from .metrics import model_device
 from .models import swap_attention
 
 HEAL_PREFIX = "heal."
 
 
-def _call(module, x, position_embeddings):
-    out = module(x, position_embeddings=position_embeddings, attention_mask=None)
+def _call(module, x, position_embeddings, attention_mask=None):
+    out = module(x, position_embeddings=position_embeddings, attention_mask=attention_mask)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -42,17 +43,19 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         x = model.model.embed_tokens(batch.to(dev))
-        pos = model.model.rotary_emb(x, torch.arange(x.shape[1], device=dev)[None])
+    arguments = layer_arguments(model, batch[:1])  # each layer's RoPE tables and mask (sliding windows on Gemma 3)
     curves, before, after, n_params = [], [], [], 0
     for i, layer in enumerate(tqdm(layers, desc="heal layerwise", leave=False)):
         attn = layer.self_attn
         dev = layer.input_layernorm.weight.device  # this layer's, in a model spread over devices
-        x, pos = x.to(dev), tuple(p.to(dev) for p in pos)
+        pos = tuple(p.to(dev) for p in arguments[i]["position_embeddings"])
+        mask = arguments[i]["attention_mask"]
+        x, mask = x.to(dev), mask.to(dev) if mask is not None else None
         with torch.no_grad():
             h = layer.input_layernorm(x)
-            target = _call(originals[i], h, pos)
+            target = _call(originals[i], h, pos, mask)
             scale = target.float().pow(2).mean().clamp_min(1e-12)
-            before.append((F.mse_loss(_call(attn, h, pos).float(), target.float()) / scale).item())
+            before.append((F.mse_loss(_call(attn, h, pos, mask).float(), target.float()) / scale).item())
         originals[i] = None  # this layer's uncompressed attention is no longer needed
         params = [p for p in attn.parameters()]
         n_params += sum(p.numel() for p in params)
@@ -63,7 +66,7 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
         with torch.enable_grad():
             for _ in range(steps):
                 rows = torch.randperm(len(h), generator=gen)[:batch_size].to(dev)
-                loss = F.mse_loss(_call(attn, h[rows], pos).float(), target[rows].float()) / scale
+                loss = F.mse_loss(_call(attn, h[rows], pos, mask).float(), target[rows].float()) / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -72,8 +75,8 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
             p.requires_grad_(False)
         curves.append(curve)
         with torch.no_grad():
-            after.append((F.mse_loss(_call(attn, h, pos).float(), target.float()) / scale).item())
-            out = layer(x, position_embeddings=pos, attention_mask=None, use_cache=False)
+            after.append((F.mse_loss(_call(attn, h, pos, mask).float(), target.float()) / scale).item())
+            out = layer(x, position_embeddings=pos, attention_mask=mask, use_cache=False)
             x = out[0] if isinstance(out, tuple) else out
     return {"loss": curves, "before": before, "after": after, "params": n_params, "time_s": time.time() - t0}
 

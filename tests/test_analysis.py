@@ -199,3 +199,29 @@ def test_figures_and_table_logged_to_an_offline_wandb_run(sweep, tmp_path, monke
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     logged = read_offline_run(run_dir)["history_keys"]
     assert {"ratio_curves", "pareto", "criteria_ablation", "report"} <= logged
+
+
+def test_pair_compares_two_runs_on_the_same_windows_and_refuses_others(tmp_path, capsys):
+    import math
+
+    from analysis.pair import main, pair
+
+    def run(name, nll, acc, **extra):
+        folder = tmp_path / name
+        folder.mkdir()
+        m = {"run_name": name, "model": "m", "eval_profile": "quick", "seed": 0, "ppl_seqlen": 8, "ppl_windows": 3, **extra}
+        (folder / "metrics.json").write_text(json.dumps(m))
+        (folder / "per_sample.json").write_text(json.dumps(
+            {"ppl": {"window_nll": nll}, "zeroshot": {"piqa": {"doc_id": [0, 1, 2, 3], "acc": acc}}}))
+        return folder
+
+    a = run("a", [1.0, 2.0, 1.5], [1, 0, 1, 1])
+    b = run("b", [x + math.log(2) for x in (1.0, 2.0, 1.5)], [1, 1, 1, 1])
+    p = pair(a, b)
+    assert p["ppl_ratio"].estimate == pytest.approx(2.0) and p["ppl_ratio"].low == pytest.approx(2.0)
+    assert p["acc_diff"].estimate == pytest.approx(0.25)
+    main([str(a), str(b)])
+    assert "b against a: ppl x 2.000 [2.000, 2.000]*, Δacc +0.250" in capsys.readouterr().out
+    c = run("c", [1.0, 2.0, 1.5], [1, 0, 1, 1], eval_profile="standard")
+    with pytest.raises(SystemExit, match="differ in eval_profile"):
+        pair(a, c)

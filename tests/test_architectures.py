@@ -263,3 +263,24 @@ def test_gemma3_job_records_qk_norm_and_kv_bytes_at_its_context(tmp_path, data_d
     shapes = analytic.attention_shapes(tiny_config("tiny-gemma3"), load_plan(tmp_path / "job" / "plan.json"))
     assert m["kv_bytes"] == 4 * sum(s.cache_elements * n for s, n in zip(shapes, (7, 7, 32)))
     assert json.loads((tmp_path / "job" / "plan.json").read_text())["qk_norm"] == "kept"
+
+
+@pytest.mark.parametrize("heal", ["layerwise", "e2e"])
+@pytest.mark.parametrize("method, options", [("rap", {"qk_norm": "kept"}), ("palu", {})], ids=["rap-kept", "palu"])
+def test_gemma3_heals_and_its_healed_plan_rebuilds_the_healed_model(tmp_path, method, options, heal):
+    from rap.heal import HEALERS, healed_tensors
+
+    model, _ = build_tiny("tiny-gemma3")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, method, 0.3, calibration=calibration(), **options)
+    batch = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    out = HEALERS[heal](model, originals, batch, steps=8, lr=1e-3, batch_size=2)
+    assert sum(out["after"]) < sum(out["before"])
+    plan = get_plan(model)
+    plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
+    plan["heal"] = {"mode": heal, "steps": 8}
+    save_plan(model, tmp_path / "plan.json")
+    rebuilt = apply_plan(build_tiny("tiny-gemma3")[0], tmp_path / "plan.json")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids()).logits, model(ids()).logits)
+

@@ -18,7 +18,7 @@ CASES = [
     ("ratio with method=none", ["method=none", "ratio=0.3"], {}, "method=none keeps the model uncompressed, so ratio must be 0", 2, "last"),
     ("unknown method", ["method=foo"], {}, "In 'config': Could not find 'method/foo'", 1, "first"),
     ("unknown criterion", ["criterion=foo"], {}, "In 'config': Could not find 'criterion/foo'", 1, "first"),
-    ("unknown model", ["model=no-such-model"], {}, "In 'config': Could not find 'model/no-such-model'", 1, "first"),
+    ("unknown model", ["model=no-such-model"], {}, "model=no-such-model is not a model preset", 2, "last"),
     ("unknown eval profile", ["eval=foo"], {}, "In 'config': Could not find 'eval/foo'", 1, "first"),
     ("unknown launcher", ["hydra/launcher=foo"], {}, "In 'hydra/config': Could not find 'hydra/launcher/foo'", 1, "first"),
     ("config key typo", ["ratoi=0.2"], {}, "Could not override 'ratoi'.", 1, "first"),
