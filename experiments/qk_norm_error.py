@@ -37,9 +37,9 @@ def layer_errors(model, plan, batch) -> list[dict]:
 
         def hook(_m, args, kwargs, i=i, versions=versions):
             x = kwargs.get("hidden_states", args[0] if args else None)
-            ref = versions["exact"]._qk(x)
+            ref = versions["exact"].queries_keys(x)
             for mode in ("kept", "kept_rho1"):
-                for name, a, b in zip("qk", versions[mode]._qk(x), ref):
+                for name, a, b in zip("qk", versions[mode].queries_keys(x), ref):
                     s = sums[i].setdefault(f"{mode}_{name}", [0.0, 0.0])
                     s[0] += (a - b).float().pow(2).sum().item()
                     s[1] += b.float().pow(2).sum().item()

@@ -372,7 +372,7 @@ class PrunedAttention(CompressedAttention):
             self.o_proj = _linear(w_o, attn.o_proj.bias)
         self.rope = PairRope(k_channels, d, attn.q_proj.weight.device)
 
-    def _qk(self, x):
+    def queries_keys(self, x):
         """Queries and keys (b, heads, s, n_k) before RoPE, normalised as ``qk_norm`` says."""
         shape = x.shape[:-1]
         if self.qk_norm == "exact":
@@ -389,7 +389,7 @@ class PrunedAttention(CompressedAttention):
 
     def project(self, x, position_embeddings):
         shape = x.shape[:-1]
-        q, k = self._qk(x)
+        q, k = self.queries_keys(x)
         v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)
         tables = self.rope.tables(*position_embeddings)
         return self.rope(q, tables), self.rope(k, tables), v
