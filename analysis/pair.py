@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from analysis.report import interval_text
 from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
 
 SAME = ("model", "eval_profile", "seed", "ppl_seqlen", "ppl_windows")
@@ -40,8 +41,7 @@ def pair(a: str | Path, b: str | Path) -> dict:
 
 
 def fmt(i, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"{f.format(i.estimate)} [{f.format(i.low)}, {f.format(i.high)}]{'*' if i.significant else ''}"
+    return interval_text(i.estimate, i.low, i.high, i.significant, "+.3f" if signed else ".3f")
 
 
 def main(argv=None) -> None:

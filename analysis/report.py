@@ -156,7 +156,7 @@ def _fmt(x, spec=".3f") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _interval(est, low, high, significant, spec=".3f") -> str:
+def interval_text(est, low, high, significant, spec=".3f") -> str:
     """``est [low, high]``, ``*`` where the interval excludes no change; blank without an estimate."""
     if est is None or (isinstance(est, float) and math.isnan(est)):
         return ""
@@ -182,7 +182,7 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
         out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""), "ratio": _fmt(r["ratio"], ".2f")}
         for col in value_cols:
             if col in ("ppl_ratio", "acc_diff"):
-                s = _interval(r.get(col), r.get(col + "_low"), r.get(col + "_high"), r.get(col + "_significant") == 1.0,
+                s = interval_text(r.get(col), r.get(col + "_low"), r.get(col + "_high"), r.get(col + "_significant") == 1.0,
                               ".3f" if col == "ppl_ratio" else "+.3f")
             else:
                 s = _fmt(r[col], ".2f" if col == "ppl_wikitext2" else ".3f")
@@ -215,7 +215,7 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
                "closed form": f"{r['kv_bytes_per_token_formula']:,.0f}", "ppl": _fmt(r["ppl_wikitext2"], ".3f"),
                "ppl mode": r.get("ppl_mode", "")}
         for name, col in (("ppl x [95% CI]", "ppl_ratio"), ("Δ long [95% CI]", "long_diff")):
-            out[name] = _interval(r[col], r[col + "_low"], r[col + "_high"], r[col + "_significant"] == 1)
+            out[name] = interval_text(r[col], r[col + "_low"], r[col + "_high"], r[col + "_significant"] == 1)
         for c in sorted(c for c in df if c.startswith("ruler_") and c != "ruler_limit" and isinstance(r[c], float)
                         and not pd.isna(r[c])):
             out[c.replace("ruler_", "")] = _fmt(r[c])
@@ -245,7 +245,7 @@ def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
             out[f"avg@{n}"] = _fmt(float(np.mean([np.mean(cells[k]["score"]) for k in at])))
             if base_cells is not None:
                 iv = paired_accuracy_difference(base_cells, cells, "score", tasks=at, n_boot=n_boot)
-                out[f"Δ@{n} [95% CI]"] = _interval(iv.estimate, iv.low, iv.high, iv.significant, "+.3f")
+                out[f"Δ@{n} [95% CI]"] = interval_text(iv.estimate, iv.low, iv.high, iv.significant, "+.3f")
         for k in sorted(cells, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
             task, n = k.rsplit("_", 1)
             out[f"{task}@{n}"] = _fmt(float(np.mean(cells[k]["score"])), ".2f")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import has_qk_norm, sliding_layers
+from .architecture import has_qk_norm, head_dim, sliding_layers
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class AttentionShape:
     linear_weights: int
     params: int
     rebuild_weights: int = 0
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def qk_norm_params(config) -> int:

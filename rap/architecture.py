@@ -30,11 +30,20 @@ def has_qk_norm(config) -> bool:
     return getattr(config, "model_type", None) in QK_NORM_TYPES
 
 
-def rope_types(config) -> set[str]:
-    """Every RoPE type the config uses (one per layer type when layers have their own RoPE parameters)."""
+def rope_parameter_sets(config) -> list[dict]:
+    """The config's RoPE parameters: one dict, or one per layer type when layers have their own (Gemma 3)."""
     params = getattr(config, "rope_parameters", None) or {}
-    per_type = [p for p in params.values() if isinstance(p, dict)] if "rope_type" not in params else [params]
-    return {p.get("rope_type", "default") for p in per_type} or {"default"}
+    return [params] if "rope_type" in params or "rope_theta" in params else [p for p in params.values() if isinstance(p, dict)]
+
+
+def rope_types(config) -> set[str]:
+    """Every RoPE type the config uses."""
+    return {p.get("rope_type", "default") for p in rope_parameter_sets(config)} or {"default"}
+
+
+def unsupported_layout(model_type: str) -> ModelError:
+    return ModelError(f"Model type '{model_type}' does not use rotary position embeddings in the supported layout; "
+                      f"supported model types: {', '.join(ROPE_MODEL_TYPES)}.")
 
 
 def sliding_layers(config) -> list[bool]:
@@ -71,14 +80,12 @@ def check_config(config) -> None:
     if mt in TEXT_ONLY:
         raise ModelError(f"Model type '{mt}' is a multimodal wrapper; compress its text model as {TEXT_ONLY[mt]}.")
     if mt not in ROPE_MODEL_TYPES:
-        raise ModelError(f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
-                         f"supported model types: {', '.join(ROPE_MODEL_TYPES)}.")
+        raise unsupported_layout(mt)
     d = head_dim(config)
     if d % 2:
         raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
-    params = getattr(config, "rope_parameters", None) or {}
-    partial = [p.get("partial_rotary_factor", 1.0) for p in ([params] if "rope_type" in params else params.values())
-               if isinstance(p, dict)] + [getattr(config, "partial_rotary_factor", 1.0) or 1.0]
+    partial = [p.get("partial_rotary_factor", 1.0) for p in rope_parameter_sets(config)]
+    partial.append(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
     if min(partial) < 1.0:
         raise ModelError(f"{mt} rotates only part of each head (partial_rotary_factor={min(partial)}); RoPE pairs of the "
                          "unrotated dims have no frequency, which the methods need.")
@@ -96,8 +103,7 @@ def check_model(model) -> None:
     mt = cfg.model_type
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(model.model, "rotary_emb"):
-        raise ModelError(f"Model type '{mt}' does not use rotary position embeddings in the supported layout; "
-                         f"supported model types: {', '.join(ROPE_MODEL_TYPES)}.")
+        raise unsupported_layout(mt)
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         name = type(attn).__name__
