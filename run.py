@@ -6,14 +6,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rap import config as _resolvers  # noqa: F401  (registers the resolvers the configs use)
+from rap.harness import resolvers  # registers the resolvers the configs use
 from rap.errors import RapError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from rap.job import run_job
-    from rap.report import print_summary
+    from rap.harness.job import run_job
+    from rap.harness.summary import print_summary
 
     try:
         hydra_cfg = HydraConfig.get()
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = _resolvers.unknown_model_presets(sys.argv[1:], Path(__file__).parent / "conf")
+    problem = resolvers.unknown_model_presets(sys.argv[1:], Path(__file__).parent / "conf")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

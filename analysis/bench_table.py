@@ -1,4 +1,4 @@
-"""The latency grid of ``python -m rap.bench layer`` as one table per ratio: per shape and cell (mode, length, batch,
+"""The latency grid of ``python -m rap.harness.bench layer`` as one table per ratio: per shape and cell (mode, length, batch,
 cache), each method's median ratio to rap's full-width path with its interquartile range, the ideal ratio (kept KV
 fraction) and rap-full against the stock attention.
 
@@ -42,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the markdown table here")
     a = ap.parse_args(argv)
     if not Path(a.csv).exists():
-        raise SystemExit(f"error: {a.csv} does not exist (write it with python -m rap.bench layer)")
+        raise SystemExit(f"error: {a.csv} does not exist (write it with python -m rap.harness.bench layer)")
     text = bench_table(a.csv, a.ratio).to_markdown(index=False)
     print(text)
     if a.out:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rap.config import grouping
-from rap.files import lock_state
-from rap.job import FAILURE_FILE, flat_config
+from rap.harness.resolvers import grouping
+from rap.harness.results import FAILURE_FILE, flat_config, lock_state
 
 
 def _config(path: Path) -> dict:
@@ -28,7 +27,7 @@ def _config(path: Path) -> dict:
 
 
 def _grouping(g) -> str:
-    """The run name's grouping (``rap.config.grouping``) in words: joint, per head, g=4."""
+    """The run name's grouping (``rap.harness.resolvers.grouping``) in words: joint, per head, g=4."""
     return {"head": "per head", "joint": "joint"}.get(grouping(g), f"g={int(g)}")
 
 

@@ -9,7 +9,7 @@ Figures (each drawn only when the runs hold what it needs):
 - ``criteria_ablation``: RAP's perplexity against ratio, one line per scoring criterion;
 - ``kept_frequency_r<ratio>``: which RoPE pairs each criterion keeps (layer x pair index), from saved plans;
 - ``latency_decode``, ``latency_prefill``: attention latency against context (with the ideal line) and against
-  sequence length, per layer shape, from the CSV of ``python -m rap.bench`` (``--latency``).
+  sequence length, per layer shape, from the CSV of ``python -m rap.harness.bench`` (``--latency``).
 Error bars are the 95% paired bootstrap intervals against the baseline (``analysis.report``).
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _bench(csv_path: str | Path, mode: str) -> pd.DataFrame:
     lat = pd.read_csv(csv_path)
     need = {"shape", "mode", "length", "batch", "cache", "variant", "method", "ratio", "round_to", "status", "median_ms"}
     if not need <= set(lat.columns):
-        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))} (write it with python -m rap.bench)")
+        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))} (write it with python -m rap.harness.bench)")
     return lat[(lat["status"] == "ok") & (lat["mode"] == mode)]
 
 
@@ -233,14 +233,14 @@ def _latency_panels(lat: pd.DataFrame, ratio: float, ylabel: str, xlabel: str, i
 
 
 def latency_decode(csv_path: str | Path, ratio: float = 0.3, batch: int = 1, cache: str = "dynamic"):
-    """Decode attention latency per step against context, with the ideal line, from ``python -m rap.bench``."""
+    """Decode attention latency per step against context, with the ideal line, from ``python -m rap.harness.bench``."""
     lat = _bench(csv_path, "decode")
     lat = lat[(lat["batch"] == batch) & (lat["cache"] == cache)]
     return _latency_panels(lat, ratio, f"decode attention (ms/step, batch {batch})", "context (tokens)", ideal=True) if len(lat) else None
 
 
 def latency_prefill(csv_path: str | Path, ratio: float = 0.3, cache: str = "dynamic"):
-    """Prefill attention latency against sequence length, from ``python -m rap.bench``."""
+    """Prefill attention latency against sequence length, from ``python -m rap.harness.bench``."""
     lat = _bench(csv_path, "prefill")
     lat = lat[lat["cache"] == cache]
     return _latency_panels(lat, ratio, "prefill attention (ms)", "sequence length (tokens)", ideal=False) if len(lat) else None
@@ -282,7 +282,7 @@ def save(figs: dict, out: str | Path) -> list[Path]:
 
 def log_to_wandb(files: list[Path], table: pd.DataFrame, project: str, group: str | None) -> None:
     """The figures and the report table, in a W&B run of their own (offline unless WANDB_MODE says otherwise)."""
-    from rap.tracking import init_wandb_run
+    from rap.harness.tracking import init_wandb_run
 
     run = init_wandb_run(Path(files[0]).parent, project=project, group=group, name="figures", job_type="analysis")
     import wandb
@@ -296,7 +296,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="*", help="result folders (none: only the latency figures of --latency)")
     ap.add_argument("--out", required=True, help="folder for the PNG and PDF files")
-    ap.add_argument("--latency", help="CSV of python -m rap.bench, for latency_decode and latency_prefill")
+    ap.add_argument("--latency", help="CSV of python -m rap.harness.bench, for latency_decode and latency_prefill")
     ap.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="draw only these figures")
     ap.add_argument("--wandb", action="store_true", help="also log the figures and the report table to W&B")
     ap.add_argument("--project", default="rap")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rap import apply_plan, metrics
+from rap import apply_plan, measure
 from rap.models import swap_attention
-from rap.job import model_spec
+from rap.harness.settings import model_spec
 from rap.models import load_model
 
 KEYS = ["latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms"]
@@ -38,7 +38,7 @@ def main():
     base, _ = load_model(model_spec(cfg))
 
     def timed(model) -> dict:
-        m = metrics.measure_latency(model, a.context, repeats=a.repeats, warmup=1, decode_steps=a.decode_steps)
+        m = measure.measure_latency(model, a.context, repeats=a.repeats, warmup=1, decode_steps=a.decode_steps)
         return {k: m[k] for k in KEYS}
 
     rows = [{"run": "baseline (before)", **timed(base)}]

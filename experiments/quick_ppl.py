@@ -20,7 +20,7 @@ import yaml
 
 from rap import compress
 from rap.data import calibration_batch, resolve_data_dir, wikitext2_test_text, window_bos
-from rap.evaluation import perplexity
+from rap.harness.perplexity import perplexity
 from rap.models import ModelSpec, load_model
 
 

@@ -23,10 +23,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rap.bench import SHAPES  # noqa: E402
+from rap.harness.bench import SHAPES  # noqa: E402
 from rap.calibration import gradient_settings  # noqa: E402
 from rap.memory import recording, stage  # noqa: E402
-from rap.methods import make_method, validate_plan  # noqa: E402
+from rap.methods import make_method  # noqa: E402
+from rap.plans import validate_plan  # noqa: E402
 from rap.methods import lowrank  # noqa: E402
 from rap.models import swap_attention, tiny_config  # noqa: E402
 

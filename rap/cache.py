@@ -20,7 +20,7 @@ import torch
 from .architecture import sliding_layers
 from .compat import cache_kwargs
 from .errors import ConfigError
-from .metrics import model_device
+from .devices import model_device
 
 BACKEND_BITS = {"hqq": (2, 4, 8), "quanto": (2, 4)}
 BACKEND_PACKAGE = {"hqq": "hqq", "quanto": "optimum.quanto"}

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .memory import stage
-from .metrics import model_device
+from .devices import model_device
 
 
 # Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).

@@ -112,17 +112,19 @@ def window_bos(tokenizer) -> int | None:
     return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
 
 
-def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: dict, seed: int = 0) -> dict:
+def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: dict, seed: int = 0,
+                        documents: list[str] | None = None) -> dict:
     """For each ``name: (n_samples, seqlen)`` of ``sizes``, that many random windows of the calibration text as a
     (n, seqlen) LongTensor. The text is read and tokenized once; each size draws its windows from the same seeded
     state, so a size gets the same windows whichever other sizes are asked for.
 
     Documents are concatenated (seeded shuffle) so every window is full length. With a tokenizer that starts every
     text with BOS (``window_bos``: Gemma) each window is BOS and ``seqlen - 1`` text tokens, as the model's inputs are.
+    ``documents``: the source's documents when already read (``calibration_documents``).
     """
     import torch
 
-    docs = calibration_documents(data_dir, source)
+    docs = list(documents) if documents is not None else calibration_documents(data_dir, source)
     rng = random.Random(seed)
     rng.shuffle(docs)
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]

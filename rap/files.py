@@ -1,8 +1,8 @@
-"""Result files: written whole or not at all, and a write that fails (full disk, read-only folder) is one sentence."""
+"""Files written whole or not at all (plans, results, tables), and a write that fails (full disk, read-only folder)
+is one sentence."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,50 +63,15 @@ def writable_dir(folder) -> Path:
     return folder
 
 
-def _holder(owner: Path) -> str:
-    try:
-        return owner.read_text().strip() or "another process"
-    except OSError:
-        return "another process"
+def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """``rows`` as a CSV file (header: ``fieldnames``, else every key in order of first appearance), atomically."""
+    import csv
+    import io
 
-
-@contextmanager
-def job_lock(folder, label: str):
-    """Hold ``<folder>/.rap.lock`` (an OS file lock, ``filelock``) while a job computes, so that two sweeps over the
-    same folder, or parallel launcher workers, never compute one cell at once; the second waits, then finds the
-    result. The kernel drops the lock when its holder dies, so a killed job never blocks the rerun; the owner file
-    it leaves behind tells the rerun that it is taking over."""
-    from filelock import FileLock, Timeout
-
-    folder = Path(folder)
-    lock, owner = FileLock(str(folder / ".rap.lock")), folder / ".rap.owner"
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[rap] {label}: waiting for {_holder(owner)}, which is computing this job", flush=True)
-        lock.acquire()
-    try:
-        if owner.exists():
-            print(f"[rap] {label}: taking over from {_holder(owner)}, which was killed before it finished", flush=True)
-        write_atomic(owner, f"pid {os.getpid()} on {socket.gethostname()}\n")
-        yield
-    finally:
-        owner.unlink(missing_ok=True)
-        lock.release()
-
-
-def lock_state(folder) -> str | None:
-    """``running`` while a process holds the job's lock, ``killed`` when its holder died without releasing it (the
-    owner file is left), None otherwise. Never blocks."""
-    from filelock import FileLock, Timeout
-
-    folder = Path(folder)
-    if not (folder / ".rap.owner").exists():
-        return None
-    lock = FileLock(str(folder / ".rap.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return "running"
-    lock.release()
-    return "killed"
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, out.getvalue())

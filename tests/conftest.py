@@ -27,7 +27,7 @@ def compose(*overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import rap.config  # noqa: F401  (the configs' resolvers)
+    import rap.harness.resolvers  # noqa: F401  (the configs' resolvers)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

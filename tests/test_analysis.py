@@ -191,7 +191,7 @@ def test_kept_pairs_counts_fractions_of_heads():
 
 
 def test_figures_and_table_logged_to_an_offline_wandb_run(sweep, tmp_path, monkeypatch):
-    from rap.tracking import read_offline_run
+    from rap.harness.tracking import read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "figs"

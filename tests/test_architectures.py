@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from rap import analytic, metrics
+from rap import costs, measure
 from rap.architecture import check_config, sliding_layers
 from rap.errors import ConfigError, ModelError, PlanError
-from rap.methods import apply_plan, compress, get_plan, load_plan, save_plan
+from rap.plans import apply_plan, compress, get_plan, load_plan, save_plan
 from rap.methods.rap import qk_rho
 from rap.models import build_tiny, tiny_config
 
@@ -48,21 +48,21 @@ def test_rap_compresses_qk_norm_models_and_their_cache_shrinks_by_the_ratio(name
     model, _ = build_tiny(name)
     x = ids()
     ref = model(x).logits
-    base = metrics.measure_costs(model, 24)
+    base = measure.measure_costs(model, 24)
     compress(model, "rap", 0.3, calibration=calibration(), qk_norm=qk_norm)
     plan = get_plan(model)
     assert plan["qk_norm"] == qk_norm
     out = model(x).logits
     assert torch.isfinite(out).all() and rel(out, ref) > 1e-4
-    m = metrics.measure_costs(model, 24)
+    m = measure.measure_costs(model, 24)
     cfg = model.config
     # head_dim 16 at 0.3: 6 of 8 pairs (12 key dims) and 11 of 16 value channels
-    assert m["kv_bytes"] == analytic.kv_bytes(cfg, 24, plan) == base["kv_bytes"] * (12 + 11) / 32
+    assert m["kv_bytes"] == costs.kv_bytes(cfg, 24, plan) == base["kv_bytes"] * (12 + 11) / 32
     assert abs(m["kv_bytes"] / base["kv_bytes"] - 0.7) < 1 / 16
-    assert m["params_attention"] == analytic.attention_params(cfg, plan) < base["params_attention"]
-    assert m["params_total"] == analytic.total_params(cfg, plan)
-    assert m["flops_decode"] == analytic.decode_flops(cfg, 24, plan) < base["flops_decode"]
-    assert m["flops_decode_attention"] == analytic.attention_decode_flops(cfg, 24, plan)
+    assert m["params_attention"] == costs.attention_params(cfg, plan) < base["params_attention"]
+    assert m["params_total"] == costs.total_params(cfg, plan)
+    assert m["flops_decode"] == costs.decode_flops(cfg, 24, plan) < base["flops_decode"]
+    assert m["flops_decode_attention"] == costs.attention_decode_flops(cfg, 24, plan)
 
 
 def test_exact_qk_norm_keeps_full_width_projections_and_kept_shrinks_them():
@@ -71,8 +71,8 @@ def test_exact_qk_norm_keeps_full_width_projections_and_kept_shrinks_them():
         model, _ = build_tiny("tiny-qwen3")
         compress(model, "rap", 0.5, calibration=calibration(), qk_norm=mode)
         attn = model.model.layers[0].self_attn
-        params[mode] = metrics.count_params(model)["params_attention"]
-        assert params[mode] == analytic.attention_params(model.config, get_plan(model))
+        params[mode] = measure.count_params(model)["params_attention"]
+        assert params[mode] == costs.attention_params(model.config, get_plan(model))
         rows = attn.k_proj.weight.shape[0]
         assert rows == (2 * 16 if mode == "exact" else 2 * 8)  # 2 KV heads x (head_dim 16 | 4 kept pairs = 8 dims)
     assert params["kept"] < params["exact"]
@@ -124,9 +124,9 @@ def test_gemma3_layers_keep_their_window_scale_and_rope_base():
 def test_kv_bytes_closed_form_counts_what_sliding_layers_hold(name):
     model, _ = build_tiny(name)
     for context in (5, 24):
-        cache = metrics.prefill(model, ids(context))
-        assert metrics.kv_bytes(cache) == analytic.kv_bytes(model.config, context)
-    held = analytic.tokens_held(model.config, 24)
+        cache = measure.prefill(model, ids(context))
+        assert measure.kv_bytes(cache) == costs.kv_bytes(model.config, context)
+    held = costs.tokens_held(model.config, 24)
     assert held == ([7, 7, 24] if name == "tiny-gemma3" else [24] * model.config.num_hidden_layers)
 
 
@@ -221,8 +221,8 @@ def test_quantized_cache_on_sliding_layers_is_refused():
 
 def test_hub_preset_is_named_after_the_checkpoint_and_needs_a_path(tmp_path):
     from conftest import REPO, compose
-    from rap.config import unknown_model_presets
-    from rap.job import model_spec
+    from rap.harness.resolvers import unknown_model_presets
+    from rap.harness.settings import model_spec
     from rap.models import load_config
 
     cfg = compose("model=hub", "model.path=Qwen/Qwen3-8B")
@@ -251,7 +251,7 @@ def test_run_py_names_the_hub_preset_for_an_unknown_model(tmp_path):
 
 def test_gemma3_job_records_qk_norm_and_kv_bytes_at_its_context(tmp_path, data_dir):
     from conftest import compose
-    from rap.job import run_job
+    from rap.harness.job import run_job
 
     cfg = compose("model=tiny-gemma3", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", "method=rap-qk-kept",
                   "ratio=0.3", "eval.zeroshot.tasks=[]", "calibration.n_samples=2", "calibration.seqlen=32")
@@ -260,7 +260,7 @@ def test_gemma3_job_records_qk_norm_and_kv_bytes_at_its_context(tmp_path, data_d
     assert m["kv_bytes"] == m["kv_bytes_formula"] and m["kv_bytes_per_token"] == m["kv_bytes_per_token_formula"]
     assert m["params_attention"] == m["params_attention_formula"] and m["flops_decode"] == m["flops_decode_formula"]
     # 2 sliding layers hold 7 of the 32 tokens, the global one all 32
-    shapes = analytic.attention_shapes(tiny_config("tiny-gemma3"), load_plan(tmp_path / "job" / "plan.json"))
+    shapes = costs.attention_shapes(tiny_config("tiny-gemma3"), load_plan(tmp_path / "job" / "plan.json"))
     assert m["kv_bytes"] == 4 * sum(s.cache_elements * n for s, n in zip(shapes, (7, 7, 32)))
     assert json.loads((tmp_path / "job" / "plan.json").read_text())["qk_norm"] == "kept"
 

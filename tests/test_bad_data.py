@@ -2,9 +2,9 @@
 import pytest
 
 from conftest import compose
-from rap import job as job_module
+from rap.harness import job as job_module
 from rap.errors import DataError
-from rap.job import run_job
+from rap.harness.job import run_job
 
 
 def data_with(tmp_path, data_dir, rel: str, content: bytes):

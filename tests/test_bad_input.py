@@ -47,7 +47,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Local model configs (GPT-2; Llama with head_dim 15), a valid and a truncated RAP plan, and a plain file."""
-    from rap.methods import compress, save_plan
+    from rap.plans import compress, save_plan
     from rap.models import build_tiny
 
     d = tmp_path_factory.mktemp("inputs")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY
 from rap.compat import cache_kwargs, output_cache
-from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
+from rap import costs, apply_plan, compress, get_plan, measure, save_plan
 from rap.calibration import attention_errors, attention_input_grams, calibration_for, greedy_order, hold_out
 from rap.methods.lowrank import fisher_uniform_ranks
 from rap.errors import ConfigError
@@ -74,13 +74,13 @@ def test_palu_equals_its_low_rank_reconstruction(name, group_size):
 def test_cache_holds_exactly_the_latents():
     model, _ = build_tiny("tiny-llama")  # 2 KV heads, head_dim 16; ratio 0.3 keeps P=6 pairs, 11 V channels
     palu = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=1, rank_allocation="uniform")
-    layer = metrics.prefill(palu, X[:1]).layers[0]
+    layer = measure.prefill(palu, X[:1]).layers[0]
     assert layer.keys.shape == (1, 2, 24, 12) and layer.values.shape == (1, 2, 24, 11)
     joint = compress(copy.deepcopy(model), "palu", 0.3, calibration=CALIB, group_size=2, rank_allocation="uniform")
-    layer = metrics.prefill(joint, X[:1]).layers[0]
+    layer = measure.prefill(joint, X[:1]).layers[0]
     assert layer.keys.shape == (1, 1, 24, 24) and layer.values.shape == (1, 1, 24, 22)
     elite = compress(copy.deepcopy(model), "elitekv", 0.3, calibration=CALIB, elite_pairs=2)
-    layer = metrics.prefill(elite, X[:1]).layers[0]
+    layer = measure.prefill(elite, X[:1]).layers[0]
     kv_dim = 2 * (12 + 11) - 2 * 4
     assert get_plan(elite)["kv_dim"] == kv_dim
     assert layer.keys.shape == (1, 1, 24, kv_dim) and layer.values.shape == (1, 1, 24, 2 * 4)  # latent; packed elite keys
@@ -94,12 +94,12 @@ def test_equal_budget_and_costs_at_ratio_03():
     for method, opts in AT_30:
         c = compress(copy.deepcopy(model), method, 0.3, calibration=CALIB, **opts)
         plan, cfg = get_plan(c), c.config
-        m = metrics.measure_costs(c, ctx)
-        assert m["kv_bytes_per_token"] == analytic.kv_bytes_per_token(cfg, plan)
-        assert m["params_attention"] == analytic.attention_params(cfg, plan)
-        assert m["params_total"] == analytic.total_params(cfg, plan)
-        assert m["flops_decode"] == analytic.decode_flops(cfg, ctx, plan)
-        assert m["flops_decode_attention"] == analytic.attention_decode_flops(cfg, ctx, plan)
+        m = measure.measure_costs(c, ctx)
+        assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(cfg, plan)
+        assert m["params_attention"] == costs.attention_params(cfg, plan)
+        assert m["params_total"] == costs.total_params(cfg, plan)
+        assert m["flops_decode"] == costs.decode_flops(cfg, ctx, plan)
+        assert m["flops_decode_attention"] == costs.attention_decode_flops(cfg, ctx, plan)
         measured[(method, json.dumps(opts))] = m
     kv = [m["kv_bytes_per_token"] for m in measured.values()]
     assert max(kv) <= 1.02 * min(kv)
@@ -118,7 +118,7 @@ def test_per_head_lowrank_v_costs_what_channel_pruning_costs(name):
     for label, opts in [("channels", {}), ("per_head", dict(v_path="lowrank", group_size=1)),
                         ("joint", dict(v_path="lowrank", group_size=2))]:
         c = compress(copy.deepcopy(model), "rap", 0.3, calibration=CALIB, criterion="key_energy", **opts)
-        costs[label] = metrics.measure_costs(c, 32)
+        costs[label] = measure.measure_costs(c, 32)
     keys = ["kv_bytes_per_token", "params_attention", "flops_decode_attention"]
     assert [costs["per_head"][k] for k in keys] == [costs["channels"][k] for k in keys]
     assert costs["joint"]["kv_bytes_per_token"] == costs["channels"]["kv_bytes_per_token"]
@@ -210,11 +210,11 @@ def test_elitekv_value_paths_give_the_same_model(name):
     assert get_plan(fold)["value_path"] == "fold" and get_plan(up)["value_path"] == "up"
     for a, b in zip(logits_prefill_and_decode(fold, steps=3), logits_prefill_and_decode(up, steps=3)):
         assert torch.allclose(a, b, atol=1e-4)
-    costs = [metrics.measure_costs(m, 24) for m in (fold, up)]
+    costs = [measure.measure_costs(m, 24) for m in (fold, up)]
     assert costs[0]["kv_bytes"] == costs[1]["kv_bytes"] and costs[1]["params_attention"] < costs[0]["params_attention"]
     for m, c in zip((fold, up), costs):
-        assert c["params_attention"] == analytic.attention_params(m.config, get_plan(m))
-        assert c["flops_decode_attention"] == analytic.attention_decode_flops(m.config, 24, get_plan(m))
+        assert c["params_attention"] == costs.attention_params(m.config, get_plan(m))
+        assert c["flops_decode_attention"] == costs.attention_decode_flops(m.config, 24, get_plan(m))
 
 
 @pytest.mark.parametrize("ratio, expected", [(0.3, "up"), (0.7, "fold")])
@@ -224,7 +224,7 @@ def test_elitekv_auto_value_path_holds_fewer_parameters(ratio, expected):
     model, _ = build_tiny("tiny-llama")
     built = {vp: compress(copy.deepcopy(model), "elitekv", ratio, calibration=CALIB, elite_pairs=2, value_path=vp)
              for vp in ("auto", "fold", "up")}
-    params = {vp: metrics.count_params(m)["params_attention"] for vp, m in built.items()}
+    params = {vp: measure.count_params(m)["params_attention"] for vp, m in built.items()}
     assert get_plan(built["auto"])["value_path"] == expected == min(("fold", "up"), key=params.get)
     assert params["auto"] == params[expected]
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import TINY
-from rap import analytic, compress, get_plan, metrics
+from rap import costs, compress, get_plan, measure
 from rap.compat import CACHE_ARG, cache_kwargs, output_cache
 from rap.models import build_tiny
 
@@ -44,7 +44,7 @@ def compressed(name: str, method: str):
 @pytest.mark.parametrize("method", METHODS)
 def test_cache_holds_method_widths_and_cached_decode_equals_full_forward(name, method):
     model = compressed(name, method)
-    shapes = analytic.attention_shapes(model.config, get_plan(model))
+    shapes = costs.attention_shapes(model.config, get_plan(model))
     with torch.no_grad():
         full = model(X, use_cache=False).logits
         out = model(X[:, :PREFILL], use_cache=True)
@@ -131,8 +131,8 @@ def captured_deprecations(caplog):
 
 def test_rap_passes_no_deprecated_cache_argument(captured_deprecations):
     model = compressed("tiny-llama", "rap")
-    metrics.measure_costs(model, 8)
-    metrics.measure_latency(model, 8, repeats=1, warmup=0, decode_steps=1)
+    measure.measure_costs(model, 8)
+    measure.measure_latency(model, 8, repeats=1, warmup=0, decode_steps=1)
     with torch.no_grad():
         out = model(X[:, :8], use_cache=True)
         model(X[:, 8:9], **cache_kwargs(output_cache(out)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY, compose
-from rap import apply_plan, metrics
+from rap import apply_plan, devices
 from rap.errors import ModelError
 from rap.methods import make_method
 from rap.methods.attention import CompressedAttention, pad_widths
@@ -51,9 +51,9 @@ def test_palu_cos_sin_cache_moves_with_the_module():
 
 def test_model_devices_and_inputs_follow_the_layers():
     model = split_model("tiny-llama")
-    assert [d.type for d in metrics.model_devices(model)] == ["cpu", "meta"]
+    assert [d.type for d in devices.model_devices(model)] == ["cpu", "meta"]
     model.model.embed_tokens.to("meta")
-    assert metrics.model_device(model).type == "meta"  # inputs go where the embedding is
+    assert devices.model_device(model).type == "meta"  # inputs go where the embedding is
 
 
 @pytest.mark.parametrize("n_qk, n_v, multiple, width", [(90, 128, 8, 128), (128, 90, 8, 128), (90, 90, 8, 96),
@@ -72,7 +72,7 @@ def test_padding_changes_no_attention_output(n_qk, n_v, multiple, width):
 
 def test_round_to_auto_is_1_on_cpu_and_8_on_cuda():
     assert resolve_round_to("auto", "cpu") == 1 and resolve_round_to("auto", "cuda") == 8 and resolve_round_to(4, "cuda") == 4
-    from rap.job import job_config
+    from rap.harness.settings import job_config
 
     cfg = compose("model=tiny-llama", "ratio=0.3", "device=cpu")
     assert cfg.method.round_to == "auto" and job_config(cfg)["method"]["round_to"] == 1
@@ -90,7 +90,7 @@ def test_device_map_loads_a_checkpoint_in_place(tmp_path):
     ids = CALIB[:1]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
-    assert metrics.model_devices(loaded) == [torch.device("cpu")]
+    assert devices.model_devices(loaded) == [torch.device("cpu")]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -3,7 +3,7 @@ import math
 import torch
 
 from rap.data import wikitext2_test_rows, wikitext2_test_text
-from rap.evaluation import perplexity
+from rap.harness.perplexity import perplexity
 from rap.models import build_tiny
 
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from conftest import REPO, compose
-from rap.job import run_job
+from rap.harness.job import run_job
 
 PHASES = ["load", "compress", "latency", "ppl", "zeroshot", "write:metrics.json", "finish"]
 RATIOS = ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0"]  # one job per phase; the last is the baseline
@@ -33,7 +33,7 @@ def snapshot(root):
 
 def test_killed_sweeps_lose_nothing_and_redo_the_killed_job(tmp_path, capsys):
     from analysis.collect import collect_local
-    from rap.tracking import read_offline_run
+    from rap.harness.tracking import read_offline_run
 
     names = [compose(*COMMON, f"ratio={r}").run_name for r in RATIOS]
     root, redone, kept = tmp_path / "s", 0, 0
@@ -89,7 +89,7 @@ def test_two_sweeps_over_one_folder_compute_each_cell_once(tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import os, signal, sys, time
-    from rap.files import job_lock
+    from rap.harness.results import job_lock
     with job_lock(sys.argv[1], "holder"):
         print("held", flush=True)
         if sys.argv[2] == "kill":

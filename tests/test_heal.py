@@ -9,8 +9,8 @@ from conftest import compose
 from rap.cache import cache_spec
 from rap.errors import PlanError
 from rap.heal import heal_e2e, heal_layerwise, healed_tensors
-from rap.methods import apply_plan, compress, get_plan, save_plan
-from rap.metrics import measure_costs
+from rap.plans import apply_plan, compress, get_plan, save_plan
+from rap.measure import measure_costs
 from rap.models import build_tiny
 
 OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
@@ -97,7 +97,7 @@ def test_a_healed_elitekv_plan_from_before_value_path_rebuilds_folded(tmp_path):
 
 
 def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
-    from rap.job import run_job
+    from rap.harness.job import run_job
 
     common = ("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}",
               "ratio=0.25", "criterion=weight_norm")

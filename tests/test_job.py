@@ -7,9 +7,10 @@ import time
 import pytest
 
 from conftest import REPO, compose
-from rap import job as job_module
+from rap.harness import job as job_module
+from rap.harness import results, settings
 from rap.errors import ConfigError, DataError
-from rap.job import run_job
+from rap.harness.job import run_job
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -92,7 +93,7 @@ def test_failed_job_leaves_no_metrics(tmp_path):
 
 
 def test_wandb_offline_run_mirrors_metrics_json(tmp_path, data_dir):
-    from rap.tracking import read_offline_run
+    from rap.harness.tracking import read_offline_run
 
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=wandb", f"out_dir={tmp_path}", "sweep=exp1")
     run_job(cfg, tmp_path / "job")
@@ -122,7 +123,7 @@ def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monk
 
 
 def test_wandb_online_without_network_falls_back_to_offline(tmp_path, data_dir, monkeypatch, capsys):
-    from rap.tracking import read_offline_run
+    from rap.harness.tracking import read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
@@ -147,8 +148,8 @@ def test_unset_options_leave_the_identity_of_earlier_results():
     """A result computed before an option with a null default existed is the same result."""
     old = {"method": {"name": "rap"}, "calibration": {"source": "wiki", "n_samples": 32}, "ratio": 0.2}
     new = {"method": {"name": "rap"}, "calibration": {"source": "wiki", "n_samples": 32, "whiten": None}, "ratio": 0.2}
-    assert job_module.identity(old) == job_module.identity(new)
-    assert job_module.identity(old) != job_module.identity({**new, "calibration": {**new["calibration"], "whiten": [2, 8]}})
+    assert results.identity(old) == results.identity(new)
+    assert results.identity(old) != results.identity({**new, "calibration": {**new["calibration"], "whiten": [2, 8]}})
 
 
 def test_elitekv_value_path_is_named_when_it_is_not_the_default():
@@ -168,7 +169,7 @@ def test_elitekv_value_path_is_named_when_it_is_not_the_default():
     assert untrained_recipe(row) == untrained_recipe({**row, "cfg.method.value_path": float("nan")}) == \
         "EliteKV (greedy, r searched, W_o folded)"
     old = {"method": {"name": "elitekv", "selection": "greedy"}, "ratio": 0.2}
-    assert job_module.identity(old) != job_module.identity({**old, "method": {**old["method"], "value_path": "auto"}})
+    assert results.identity(old) != results.identity({**old, "method": {**old["method"], "value_path": "auto"}})
 
 
 def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypatch):
@@ -195,7 +196,7 @@ def test_sweep_over_methods_computes_the_baseline_once(tmp_path):
 
 
 def test_threads_per_job_never_oversubscribes():
-    from rap.job import threads_per_job
+    from rap.harness.settings import threads_per_job
 
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert threads_per_job("auto", None, cores=8) is None
@@ -265,4 +266,4 @@ def test_memory_savers_change_no_plan_and_no_identity(tmp_path, data_dir):
     run_job(tiny_cfg(tmp_path, *base, "gradient_checkpointing=true", "loss_chunk=7"), tmp_path / "saver")
     plain, saver = (json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("plain", "saver"))
     assert plain == saver
-    assert job_module.finished(tmp_path / "saver", job_module.job_config(tiny_cfg(tmp_path, *base)))
+    assert results.finished(tmp_path / "saver", settings.job_config(tiny_cfg(tmp_path, *base)))

@@ -9,7 +9,7 @@ from rap.cache import (CacheSpec, cache_bytes, cached_widths, check_group_size, 
                        quantized_tokens)
 from rap.compat import cache_kwargs
 from rap.errors import ConfigError
-from rap.evaluation import perplexity
+from rap.harness.perplexity import perplexity
 from test_cache import CALIB, METHODS, compressed
 
 CORPUS = torch.randint(0, 256, (3 * 24,), generator=torch.Generator().manual_seed(2))
@@ -103,7 +103,7 @@ def test_bad_cache_options_fail_clearly(bad, message):
 
 def test_quantized_cache_job_measures_bytes_and_cached_perplexity(tmp_path, data_dir):
     from conftest import compose
-    from rap.job import run_job
+    from rap.harness.job import run_job
 
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", "ratio=0.25",
                   "eval.zeroshot.tasks=[]", "calibration.n_samples=2", "calibration.seqlen=32", "cache=quantized",
@@ -123,7 +123,7 @@ def test_quantized_cache_job_measures_bytes_and_cached_perplexity(tmp_path, data
 
 
 def test_the_default_cache_leaves_the_identity_of_earlier_results():
-    from rap.job import identity
+    from rap.harness.results import identity
 
     old = {"method": {"name": "rap"}, "ratio": 0.2}
     assert identity(old) == identity({**old, "cache": {"name": "dynamic", "tag": ""}})

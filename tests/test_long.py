@@ -4,7 +4,7 @@ import pytest
 
 from rap.cache import CacheSpec, make_cache
 from rap.errors import ConfigError
-from rap.long import check_tasks, evaluate_long, long_lengths
+from rap.harness.ruler import check_tasks, evaluate_long, long_lengths
 from rap.models import build_tiny
 
 

@@ -52,7 +52,7 @@ def test_remote_code_runs_only_when_the_model_config_asks(monkeypatch):
     import transformers
 
     from conftest import compose
-    from rap.job import model_spec
+    from rap.harness.settings import model_spec
     from rap.models import load_config
 
     seen = []

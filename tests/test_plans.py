@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rap.errors import PlanError
-from rap.methods import apply_plan, compress, load_plan, save_plan
+from rap.plans import apply_plan, compress, load_plan, save_plan
 from rap.models import build_tiny
 
 OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
@@ -148,7 +148,7 @@ TIMING = ("latency_", "base_latency_", "time_", "wall_time_s")
 @pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
 def test_same_config_same_plan_and_metrics(tmp_path, data_dir, method):
     from conftest import compose
-    from rap.job import run_job
+    from rap.harness.job import run_job
 
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", f"method={method}",
                   "ratio=0.25", "calibration.n_samples=3", "calibration.seqlen=32", "calibration.whiten=[2,40]",

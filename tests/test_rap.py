@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY
 from rap.compat import cache_kwargs, output_cache
-from rap import analytic, apply_plan, compress, get_plan, metrics, save_plan
+from rap import costs, apply_plan, compress, get_plan, measure, save_plan
 from rap.criteria import CRITERIA, score
 from rap.errors import ConfigError, ModelError
 from rap.models import build_tiny
@@ -60,19 +60,19 @@ def test_ratio_zero_is_identical():
 @pytest.mark.parametrize("ratio, pairs, v", [(0.2, 6, 13), (0.3, 6, 11), (0.5, 4, 8)])
 def test_cache_widths_and_costs(ratio, pairs, v):
     model, _ = build_tiny("tiny-llama")  # head_dim 16: P = round((1-r)*8), V = round((1-r)*16)
-    base = metrics.measure_costs(model, 16)
+    base = measure.measure_costs(model, 16)
     c = compress(model, "rap", ratio, criterion="weight_norm")
     plan = get_plan(c)
-    cache = metrics.prefill(c, torch.randint(0, 256, (1, 16)))
+    cache = measure.prefill(c, torch.randint(0, 256, (1, 16)))
     for layer in cache.layers:
         assert layer.keys.shape[-1] == 2 * pairs and layer.values.shape[-1] == v
-    m = metrics.measure_costs(c, 16)
+    m = measure.measure_costs(c, 16)
     cfg = c.config
-    assert m["kv_bytes_per_token"] == analytic.kv_bytes_per_token(cfg, plan) == base["kv_bytes_per_token"] * (2 * pairs + v) / 32
-    assert m["params_attention"] == analytic.attention_params(cfg, plan) < base["params_attention"]
-    assert m["params_total"] == analytic.total_params(cfg, plan)
-    assert m["flops_decode"] == analytic.decode_flops(cfg, 16, plan) < base["flops_decode"]
-    assert m["flops_decode_attention"] == analytic.attention_decode_flops(cfg, 16, plan)
+    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(cfg, plan) == base["kv_bytes_per_token"] * (2 * pairs + v) / 32
+    assert m["params_attention"] == costs.attention_params(cfg, plan) < base["params_attention"]
+    assert m["params_total"] == costs.total_params(cfg, plan)
+    assert m["flops_decode"] == costs.decode_flops(cfg, 16, plan) < base["flops_decode"]
+    assert m["flops_decode_attention"] == costs.attention_decode_flops(cfg, 16, plan)
 
 
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
@@ -117,7 +117,7 @@ def test_plan_round_trip(tmp_path):
 
 
 def test_generate_and_lm_eval_on_compressed(tmp_path, data_dir):
-    from rap.zeroshot import evaluate_zero_shot
+    from rap.harness.zeroshot import evaluate_zero_shot
 
     model, tok = build_tiny("tiny-llama")
     c = compress(model, "rap", 0.3, calibration=CALIB, criterion="key_energy")
@@ -153,7 +153,7 @@ def test_pair_rope_rotates_kept_channels_like_full_rope_with_dropped_zeroed(kept
 def test_rope_blind_caches_the_same_budget():
     model, _ = build_tiny("tiny-llama")
     c = compress(model, "rap", 0.3, calibration=CALIB, criterion="rope_blind")
-    cache = metrics.prefill(c, torch.randint(0, 256, (1, 8)))
+    cache = measure.prefill(c, torch.randint(0, 256, (1, 8)))
     assert cache.layers[0].keys.shape[-1] == 12
 
 

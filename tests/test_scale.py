@@ -170,10 +170,10 @@ def test_whitened_factors_match_svd_llm_and_need_no_jitter():
 
 
 def test_loss_chunk_must_be_positive():
-    from rap.job import validate
+    from rap.harness.settings import read_settings
 
     with pytest.raises(ConfigError, match="loss_chunk=0"):
-        validate(compose("model=tiny-llama", "loss_chunk=0"))
+        read_settings(compose("model=tiny-llama", "loss_chunk=0"))
 
 
 def test_scale_benchmark_writes_stages_and_extrapolation(tmp_path):

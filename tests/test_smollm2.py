@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from rap import analytic, metrics
+from rap import costs, measure
 from rap.data import wikitext2_test_text
-from rap.evaluation import perplexity
+from rap.harness.perplexity import perplexity
 from rap.models import ModelSpec, load_model
 
 
@@ -29,10 +29,10 @@ def test_smollm2_perplexity_is_sane(smollm2, data_dir):
 
 def test_smollm2_costs_match_formulas(smollm2):
     model, _ = smollm2
-    m = metrics.measure_costs(model, 64)
-    assert m["kv_bytes_per_token"] == analytic.kv_bytes_per_token(model.config) == 2 * 30 * 3 * 64 * 4
-    assert m["flops_decode"] == analytic.decode_flops(model.config, 64)
-    assert m["params_total"] == analytic.total_params(model.config)
+    m = measure.measure_costs(model, 64)
+    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(model.config) == 2 * 30 * 3 * 64 * 4
+    assert m["flops_decode"] == costs.decode_flops(model.config, 64)
+    assert m["params_total"] == costs.total_params(model.config)
 
 
 def test_smollm2_generates(smollm2):

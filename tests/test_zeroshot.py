@@ -10,7 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from rap.errors import DataError, RapError
-from rap.zeroshot import TASKS, build_local_tasks, evaluate_zero_shot, sample_indices
+from rap.harness.zeroshot import TASKS, build_local_tasks, evaluate_zero_shot, sample_indices
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RAP_DATA_DIR") or REPO.parent / "shared" / "data")

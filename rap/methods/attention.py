@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -29,7 +29,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def linear_rows(lin: nn.Linear, rows: list[int]) -> nn.Linear:
     """A new Linear holding only ``rows`` of ``lin``'s outputs (weight rows and bias)."""
-    return _linear(lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
+    return linear(lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
 
 
 def rope_partners(kept: list[int], head_dim: int) -> tuple[list[int], list[float]]:
@@ -107,7 +107,7 @@ def latent_o_proj(attn: nn.Module, up: torch.Tensor) -> nn.Linear:
         rows = up[kv // g, (kv % g) * d:(kv % g + 1) * d].float().to(w.device)  # (d, r)
         blocks.append(w[:, h * d:(h + 1) * d] @ rows)
     bias, dtype = _o_bias(attn), attn.o_proj.weight.dtype
-    return _linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
+    return linear(torch.cat(blocks, 1).to(dtype), None if bias is None else bias.to(dtype))
 
 
 def norm_gain(norm: nn.Module) -> torch.Tensor:
@@ -193,7 +193,7 @@ class LatentUpOut(nn.Module):
         self.rep = attn.num_key_value_groups
         self.up = nn.Parameter(up.reshape(-1, attn.head_dim, up.shape[-1]).to(w).clone())  # (n_kv, d, r)
         bias = _o_bias(attn)
-        self.o_proj = _linear(w, None if bias is None else bias.to(w.dtype))
+        self.o_proj = linear(w, None if bias is None else bias.to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., n_heads·r), query heads of a KV head consecutive -> (..., hidden)."""
@@ -339,7 +339,7 @@ class PrunedAttention(CompressedAttention):
         q_channels = [k_channels[h // rep] for h in range(n_kv * rep)]
         self.qk_norm = qk_norm if hasattr(attn, "k_norm") else None
         if self.qk_norm == "exact":
-            self.q_proj, self.k_proj = (_linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
+            self.q_proj, self.k_proj = (linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
             self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
             dev = attn.q_proj.weight.device
             self.register_buffer("q_index", torch.tensor(q_channels, device=dev), persistent=False)
@@ -355,7 +355,7 @@ class PrunedAttention(CompressedAttention):
         if v_latent is not None:
             down, up = v_latent
             self.v_heads, self.n_v = up.shape[0], up.shape[2]
-            self.v_proj = _linear(down.to(attn.v_proj.weight), None)
+            self.v_proj = linear(down.to(attn.v_proj.weight), None)
             self.o_proj = latent_o_proj(attn, up)
         else:
             self.v_heads, self.n_v = n_kv, len(v_channels[0])
@@ -369,7 +369,7 @@ class PrunedAttention(CompressedAttention):
                 w = attn.o_proj.weight
                 heads = w.view(w.shape[0], -1, d).transpose(0, 1)  # (n_heads, hidden, d)
                 w_o = (heads.float() @ o_maps.to(w.device).float()).transpose(0, 1).reshape(w.shape[0], -1).to(w.dtype)
-            self.o_proj = _linear(w_o, attn.o_proj.bias)
+            self.o_proj = linear(w_o, attn.o_proj.bias)
         self.rope = PairRope(k_channels, d, attn.q_proj.weight.device)
 
     def queries_keys(self, x):

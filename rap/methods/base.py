@@ -2,10 +2,10 @@
 ``apply`` rebuilds the compressed model from a plan, so a saved plan reproduces the model exactly."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from ..analytic import AttentionShape, head_dim
-from ..architecture import check_config, check_method
+from ..architecture import check_config, check_method, head_dim
+from ..shapes import AttentionShape
 from .selection import kv_budget
 
 
@@ -21,6 +21,28 @@ class Method:
 
     ratio: float = 0.0
     name = "base"
+    recorded = ()  # plan keys that say how an option resolved as it ran (``auto``): results record them
+
+    @classmethod
+    def from_options(cls, ratio: float, options: dict, **shared) -> Method:
+        """The method at ``ratio`` with ``options`` (its own config group) and those of the ``shared`` settings
+        (a run's ``criterion``, ``seed``) that it takes."""
+        taken = {f.name for f in fields(cls)}
+        return cls(ratio=ratio, **options, **{k: v for k, v in shared.items() if k in taken})
+
+    @classmethod
+    def resolve_options(cls, options: dict, device) -> dict:
+        """``options`` as they will run on ``device``: what decides a result, so what its config records."""
+        return options
+
+    def run_tags(self) -> list[str]:
+        """Labels for the tracker (W&B tags) beyond the method and the model."""
+        return []
+
+    @classmethod
+    def plan_record(cls, plan: dict) -> dict:
+        """The ``recorded`` choices of ``plan``, for the run's results."""
+        return {k: plan[k] for k in cls.recorded if k in plan}
 
     def validate(self, config) -> None:
         """Cheap checks from the model config alone (options, the KV budget at ``ratio``), so a bad setting fails

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, head_dim
-from ..architecture import check_config, check_method
+from ..architecture import check_config, check_method, head_dim
 from ..calibration import attention_errors, calibration_for, hold_out, rope_elite_order, whitening_grams
 from ..errors import ConfigError, PlanError
 from ..memory import stage
-from ..metrics import model_device
+from ..devices import model_device
 from ..models import swap_attention
-from .attention import CompressedAttention, LatentUpOut, PairRope, _linear, decode_probs, latent_o_proj, linear_rows
+from .attention import CompressedAttention, LatentUpOut, PairRope, linear, decode_probs, latent_o_proj, linear_rows
 from .base import Method
+from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias
 from .lowrank import factorize
 from .selection import kv_budget
 from .validation import entry, per_head_indices, positive_int
@@ -66,7 +66,7 @@ class EliteAttention(CompressedAttention):
         self.q_proj = linear_rows(attn.q_proj, q_rows)
         self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(nkv) for c in elite_ch[g]])
         w = attn.k_proj.weight
-        self.kv_proj = _linear(down.to(w), None)
+        self.kv_proj = linear(down.to(w), None)
         up = up.to(w)
         self.q_absorb = nn.Parameter(up[: nkv * self.n_n].reshape(nkv, self.n_n, self.kv_dim).clone())
         v_up = up[nkv * self.n_n:][None]  # (1, n_kv·d, kv_dim): one latent for all KV heads
@@ -152,6 +152,7 @@ class EliteKV(Method):
     seed: int = 0
     value_path: str = "auto"
     name = "elitekv"
+    recorded = ("value_path",)
 
     def _candidates(self, config) -> tuple[list[int], int]:
         """The elite pair counts to try and RAP's cache elements per layer (the budget they must fit)."""
@@ -201,7 +202,6 @@ class EliteKV(Method):
     def _order(self, model, calibration):
         """Per layer and KV head, every RoPE pair in order of preference (the first r are elite)."""
         L, nkv = len(model.model.layers), model.config.num_key_value_heads
-        half = model.model.layers[0].self_attn.head_dim // 2
         if self.selection == "greedy":
             return rope_elite_order(model, calibration, seed=self.seed)
         if self.selection == "contribution":

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..analytic import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
+from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
 from ..calibration import calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, _linear, latent_o_proj, layer_rope
+from .attention import CompressedAttention, linear, latent_o_proj, layer_rope
 from .base import Method
 from .lowrank import fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
@@ -39,15 +39,15 @@ class LowRankAttention(CompressedAttention):
 
     def __init__(self, attn: nn.Module, k_latent, v_latent, rotary: nn.Module):
         super().__init__(attn)
-        self.q_proj = _linear(attn.q_proj.weight, attn.q_proj.bias)
+        self.q_proj = linear(attn.q_proj.weight, attn.q_proj.bias)
         k_down, k_up = k_latent
         self.k_heads, self.r_k = k_up.shape[0], k_up.shape[2]
-        self.k_proj = _linear(k_down.to(attn.k_proj.weight), None)
+        self.k_proj = linear(k_down.to(attn.k_proj.weight), None)
         self.k_up = nn.Parameter(k_up.transpose(1, 2).contiguous().to(attn.k_proj.weight))  # (G, r, g·d)
         self.k_bias = nn.Parameter(attn.k_proj.bias.detach().clone()) if attn.k_proj.bias is not None else None
         v_down, v_up = v_latent
         self.v_heads, self.r_v = v_up.shape[0], v_up.shape[2]
-        self.v_proj = _linear(v_down.to(attn.v_proj.weight), None)
+        self.v_proj = linear(v_down.to(attn.v_proj.weight), None)
         self.o_proj = latent_o_proj(attn, v_up)
         self.q_norm = copy.deepcopy(attn.q_norm) if hasattr(attn, "q_norm") else None
         self.k_norm = copy.deepcopy(attn.k_norm) if hasattr(attn, "k_norm") else None

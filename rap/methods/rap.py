@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import criteria
-from ..analytic import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias, head_dim
-from ..architecture import check_config, has_qk_norm, layer_kinds, layer_rope_bases, sliding_layers
+from ..architecture import check_config, has_qk_norm, head_dim, layer_kinds, layer_rope_bases, sliding_layers
 from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
 from ..errors import ConfigError, PlanError
-from ..metrics import model_device
+from ..devices import model_device
+from ..shapes import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias
 from .attention import PrunedAttention
 from .base import Method
 from .lowrank import group_factors, group_size_for
@@ -106,6 +106,16 @@ class RAP(Method):
     qk_norm: str | None = None
     seed: int = 0
     name = "rap"
+    recorded = ("round_to", "qk_norm")
+
+    @classmethod
+    def resolve_options(cls, options: dict, device) -> dict:
+        if options.get("round_to") == "auto":
+            options = {**options, "round_to": resolve_round_to("auto", device)}
+        return options
+
+    def run_tags(self) -> list[str]:
+        return [f"criterion:{self.criterion}"]
 
     def needs_calibration(self, config=None) -> bool:
         lowrank_data = self.v_path == "lowrank" and self.decomposition == "whiten"

@@ -6,6 +6,17 @@ import torch
 from ..errors import ConfigError
 
 
+def check_ratio(ratio) -> float:
+    """``ratio`` as a float in [0, 1), the fraction of KV-cache dimensions removed; one sentence otherwise."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio={ratio!r} is not a number; it is the fraction of KV-cache dimensions removed, in [0, 1).") from None
+    if not 0.0 <= r < 1.0:
+        raise ConfigError(f"ratio={r} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
+    return r
+
+
 def kept_count(ratio: float, units: int, round_to: int = 1, unit_width: int = 1) -> int:
     """Units kept at ``ratio`` (e.g. RoPE pairs: unit_width 2). ``round_to`` rounds kept dims to a multiple."""
     kept = round((1 - ratio) * units)

@@ -3,7 +3,7 @@ tensor is checked against the model before anything is changed. Pure checks; a f
 sentence. Each method states what its plan must hold in ``Method.check_plan``; this module has the shared parts."""
 from __future__ import annotations
 
-from ..analytic import head_dim
+from ..architecture import head_dim
 from ..errors import PlanError
 
 SIGNATURE_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")

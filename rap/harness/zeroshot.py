@@ -1,6 +1,6 @@
 """Zero-shot accuracy with lm-eval on local copies of the standard task files (no hub access needed).
 
-The task YAMLs in ``rap/tasks/`` mirror the stock lm-eval tasks (same prompts, targets, choices and
+The task YAMLs in ``rap/harness/tasks/`` mirror the stock lm-eval tasks (same prompts, targets, choices and
 metrics, so numbers are comparable to stock lm-eval) but read a JSON file through ``dataset_path: json``.
 At run time ``build_local_tasks`` converts the original-format files in ``data_dir`` to the HF field
 names the stock prompts use, fills the absolute file path into each YAML and writes both to ``work_dir``;
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import DataError, RapError
+from ..errors import DataError, RapError
 
 TEMPLATE_DIR = Path(__file__).parent / "tasks"
 

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
+from .devices import model_device, model_devices
 
 aten = torch.ops.aten
 
@@ -29,16 +30,6 @@ SDPA_FLOP_MAPPING = {
     aten._scaled_dot_product_efficient_attention: _sdpa_flops,
     aten._scaled_dot_product_cudnn_attention: _sdpa_flops,
 }
-
-
-def model_device(model) -> torch.device:
-    """Where inputs go: the input embedding's device (a model spread over devices takes its token ids there)."""
-    return model.get_input_embeddings().weight.device
-
-
-def model_devices(model) -> list[torch.device]:
-    """Every device holding a parameter or buffer of ``model``, sorted (one for a model that is not spread)."""
-    return sorted({t.device for t in (*model.parameters(), *model.buffers())}, key=str)
 
 
 def sdpa_kernels(counter: FlopCounterMode) -> str:
@@ -112,7 +103,7 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     }
 
 
-class _Timer:
+class Timer:
     """Wall-clock on CPU, CUDA events on GPU: one event per GPU the model uses, each on that GPU's stream.
 
     A span is the longest of its per-GPU spans. A model spread over GPUs runs its layers one GPU after another,
@@ -142,7 +133,7 @@ class _Timer:
 
 
 @contextmanager
-def attention_timer(model, timer: _Timer):
+def attention_timer(model, timer: Timer):
     """Accumulates the time spent inside every ``self_attn`` module (hooks at entry and exit)."""
     spans, handles = [], []
 
@@ -179,7 +170,7 @@ def measure_latency(model, context_len: int, repeats: int = 5, warmup: int = 1, 
     so every step runs at exactly that context.
     """
     devices = model_devices(model)
-    timer = _Timer(devices)
+    timer = Timer(devices)
     ids = random_ids(model, context_len)
     step_ids = random_ids(model, 1, seed=1)
 

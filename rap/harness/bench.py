@@ -15,22 +15,23 @@ Prefill runs ``seqlen`` tokens into a fresh cache. Per variant a row gives the m
 per-round ratio to ``rap-full`` (and to ``stock``) with the interquartile range, plus what decides the
 ratio: the kept widths and their alignment, the SDPA kernel, the measured KV bytes and the ideal ratio.
 
-    python -m rap.bench layer --shapes llama3-8b --modes decode --contexts 4096 8192 --batches 1 4 --out bench.csv
-    python -m rap.bench model --contexts 512 2048 8192 --out model.csv          # SmolLM2 decode tokens/s
+    python -m rap.harness.bench layer --shapes llama3-8b --modes decode --contexts 4096 8192 --batches 1 4 --out bench.csv
+    python -m rap.harness.bench model --contexts 512 2048 8192 --out model.csv          # SmolLM2 decode tokens/s
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import statistics
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .compat import CACHE_ARG
-from .cache import cached_widths
-from .metrics import _Timer, kernel_used, kv_bytes, rewindable
+from ..compat import CACHE_ARG
+from ..cache import cached_widths
+from ..measure import Timer, kernel_used, kv_bytes, rewindable
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -67,7 +68,7 @@ def one_layer_model(shape: str, dtype=torch.float32, device="cpu"):
     """A one-layer model of ``shape`` with random weights (tiny MLP and vocabulary: only the attention is timed)."""
     from transformers import AutoModelForCausalLM
 
-    from .models import tiny_config
+    from ..models import tiny_config
 
     if shape not in SHAPES:
         raise SystemExit(f"error: unknown shape '{shape}'; choose one of {', '.join(SHAPES)}")
@@ -90,9 +91,9 @@ class Variant:
 def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
     """``stock``, ``rap-full`` and every compressed variant, each as its own attention modules. The model keeps its
     original modules: each variant is compressed in place and its modules swapped out again (no model copy)."""
-    from .analytic import head_dim
-    from .architecture import has_qk_norm
-    from .methods import compress
+    from ..architecture import head_dim
+    from ..architecture import has_qk_norm
+    from ..methods import compress
 
     layers = model.model.layers
     stock = [layer.self_attn for layer in layers]
@@ -187,9 +188,9 @@ def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, 
     """Interleaved rounds over the variants (``ops``: name -> (op, KV bytes per token per layer)): per variant, its
     time in ms per call in each round (the attention modules alone, or the whole ``model`` forward), the kernel
     it ran and the memory after its warm-up."""
-    from .metrics import attention_timer
+    from ..measure import attention_timer
 
-    timer = _Timer(model.device)
+    timer = Timer(model.device)
     times = {v.name: [] for v in variants}
     extra = {}
     with torch.no_grad():
@@ -301,14 +302,9 @@ def layer_rows(shape: str, modes, lengths, contexts, batches, caches, methods, r
 
 def model_rows(contexts, batches, methods, ratios, rounds: int, warmup: int, device="cpu", log=print) -> list[dict]:
     """SmolLM2-135M (the embedded model, all 30 layers) decode tokens per second at each context, per variant."""
-    from omegaconf import OmegaConf
+    from ..models import SMOLLM2, load_model
 
-    from .job import model_spec
-    from .models import load_model
-
-    cfg = OmegaConf.create({"model": OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/smollm2-135m.yaml"),
-                            "device": device, "seed": 0})
-    model, _ = load_model(model_spec(cfg))
+    model, _ = load_model(dataclasses.replace(SMOLLM2, device=device))
     variants = build_variants(model, methods, ratios, [1])
     common = {"shape": "smollm2-135m (whole model)", "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "device": str(model.device), "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup}

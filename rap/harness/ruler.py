@@ -42,7 +42,7 @@ def no_nltk_download():
 
 
 def check_tasks(tasks) -> list[str]:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     tasks = list(tasks)
     hub = [t for t in tasks if t in HUB_ONLY]
@@ -56,8 +56,8 @@ def check_tasks(tasks) -> list[str]:
 
 def long_lengths(lengths, model) -> list[int]:
     """``eval.long.lengths``, or by default 1024, 2048, 4096, and on GPU doubling on up to the model's context."""
-    from .errors import ConfigError
-    from .metrics import model_device
+    from ..errors import ConfigError
+    from ..devices import model_device
 
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     if lengths is None:
@@ -76,7 +76,7 @@ def cached_generation_lm(model, tokenizer, make_cache, max_length: int, batch_si
     model's own DynamicCache)."""
     from lm_eval.models.huggingface import HFLM
 
-    from .compat import cache_kwargs
+    from ..compat import cache_kwargs
 
     class CachedHFLM(HFLM):
         def _model_generate(self, context, max_length, stop, **generation_kwargs):

@@ -80,8 +80,8 @@ class CheckOutputDir(Callback):
 
     @staticmethod
     def _check(folder) -> None:
-        from .errors import RapError
-        from .files import writable_dir
+        from ..errors import RapError
+        from ..files import writable_dir
 
         try:
             writable_dir(folder)

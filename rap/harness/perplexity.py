@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .metrics import model_device
+from ..devices import model_device
 
 
 def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache=None) -> torch.Tensor:
@@ -19,7 +19,7 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
         return model(ids, use_cache=False).logits
     from transformers import DynamicCache
 
-    from .compat import cache_kwargs
+    from ..compat import cache_kwargs
 
     cache = make_cache() if make_cache is not None else DynamicCache()
     out = [model(ids[:, i:i + chunk], use_cache=True, **cache_kwargs(cache)).logits for i in range(0, ids.shape[1], chunk)]

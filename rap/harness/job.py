@@ -1,0 +1,346 @@
+"""One experiment job, as phases: settings (checked before anything loads) -> skip if done -> load -> compress
+(-> heal) -> costs -> latency -> evaluate -> commit -> mirror to the tracker.
+
+``metrics.json`` keys (flat):
+
+- run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
+  ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
+  load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
+  weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
+  (``auto`` resolved); ``value_path``, EliteKV's value path as it ran (``auto`` resolved); ``qk_norm``, RAP's QK-norm
+  mode on a QK-norm model (Qwen3, Gemma 3) as it ran (null resolved).
+- healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
+  ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
+  parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
+  attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
+- environment (``rap.harness.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
+  ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
+  ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
+- perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
+  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
+  ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.harness.perplexity.window_bos``).
+- long context (``eval=long``, ``rap.harness.ruler``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
+  ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
+- zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
+  ``acc_norm_avg``, ``zs_limit``, ``zs_seed``.
+- ``per_sample.json`` beside it: ``{"ppl": {"window_nll": [...], "seqlen": n}, "zeroshot": {task: {"doc_id": [...],
+  "acc": [...], "acc_norm": [...]}}}``, each window's mean NLL and each document's 0/1 scores, for paired
+  comparisons between runs on the same documents (``rap.stats``, ``analysis.report``).
+- costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, its parts ``kv_bytes_full`` / ``_packed`` /
+  ``_scales`` and ``kv_cache`` (``fp`` or the quantized cache's label), ``params_total``, ``params_attention``,
+  ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), each count also as ``<key>_formula``
+  from the config alone; ``sdpa_kernel`` and ``sdpa_kernel_prefill``, the attention kernels of that decode step
+  and of the prefill before it (SDPA kernel names, or ``matmul`` for rap's own decode path).
+- compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
+  for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json`` (``plan=<file>`` applies a saved one).
+
+Faults: ``metrics.json`` is written last, by one atomic rename (the commit point); a job that fails writes
+``failure.json`` instead, and one that is killed leaves neither. The job holds ``<out_dir>/.rap.lock`` while it
+computes (``rap.harness.results.job_lock``). ``RAP_KILL_AT`` injects kills for the tests (``rap.faults``).
+- latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
+  ``latency_decode_attention_ms`` with ``latency_device`` (every device the model uses), ``latency_dtype``,
+  ``latency_threads``.
+"""
+from __future__ import annotations
+
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .. import costs, measure
+from ..cache import cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
+from ..calibration import gradient_settings
+from ..data import WIKITEXT_TEST, calibration_batches, check_window, resolve_data_dir, wikitext2_test_text, window_bos
+from ..devices import model_devices, resolve_device, resolve_dtype
+from ..faults import kill_point, set_current_run
+from ..files import remove_temp_files, writable_dir, write_atomic
+from ..heal import HEALERS, healed_tensors
+from ..models import load_model
+from ..plans import apply_plan, save_plan
+from .environment import describe_environment
+from .perplexity import perplexity
+from .results import (CONFIG_FILE, METRICS_FILE, PLAN_FILE, commit, finished, flat_config, job_lock, read_metrics,
+                      record_failure, result_tables)
+from .settings import Settings, check_before_loading, read_settings
+from .tracking import make_tracker
+
+RATIO_KEYS = ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode", "flops_decode_attention",
+              "latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms")
+
+
+@dataclass
+class Run:
+    """What a job has produced so far, as its phases add to it."""
+
+    s: Settings
+    out_dir: Path
+    data_dir: Path | None
+    results: dict
+    per_sample: dict = field(default_factory=dict)
+    times: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)  # the uncompressed model's costs and latency, for the *_ratio keys
+    heal_curves: dict | None = None
+    t0: float = field(default_factory=time.time)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the block as ``time_<name>_s``; ``RAP_KILL_AT=<name>`` kills the job as it starts (``rap.faults``)."""
+        t = time.time()
+        kill_point(name)
+        yield
+        self.times[name] = time.time() - t
+
+
+def run_job(cfg, out_dir: Path, launcher: dict | None = None) -> dict:
+    """Run one job into ``out_dir``; returns the metrics. Writes ``metrics.json`` only when everything succeeded.
+    ``launcher`` is Hydra's launcher config (it bounds the torch threads of parallel jobs). The job holds the folder's
+    lock while it computes (``job_lock``), so a cell is computed once however many sweeps reach it."""
+    out_dir = Path(out_dir)
+    s = read_settings(cfg, launcher)
+    writable_dir(out_dir)
+    if finished(out_dir, s.config):
+        return skip(s, out_dir)
+    with job_lock(out_dir, s.run_name):
+        if finished(out_dir, s.config):  # another process computed it while this one waited
+            return skip(s, out_dir)
+        remove_temp_files(out_dir)  # a killed writer's leftovers
+        set_current_run(s.run_name)
+        try:
+            return compute_job(s, out_dir)
+        finally:
+            set_current_run(None)
+
+
+def skip(s: Settings, out_dir: Path) -> dict:
+    print(f"[rap] skipping {s.run_name}: {out_dir / METRICS_FILE} exists for this config", flush=True)
+    return read_metrics(out_dir)
+
+
+def compute_job(s: Settings, out_dir: Path) -> dict:
+    data_dir = resolve_data_dir(s.cfg.data.dir)
+    if data_dir is not None and s.model.source != "hub":
+        # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    given_plan, documents = check_before_loading(s, data_dir)
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    run = start(s, out_dir, data_dir)
+    tracker = open_tracker(run)
+    write_atomic(out_dir / CONFIG_FILE, OmegaConf.to_yaml(s.config))
+    try:
+        model, tok = load(run)
+        model, plan = compress(run, model, tok, given_plan, documents)
+        measure_costs(run, model, plan)
+        measure_latency(run, model, plan)
+        evaluate(run, model, tok)
+        run.results.update({f"time_{k}_s": v for k, v in run.times.items()})
+        run.results["wall_time_s"] = time.time() - run.t0
+        run.results["status"] = "complete"
+        commit(out_dir, run.results, run.per_sample)  # the commit point
+    except BaseException as e:
+        record_failure(out_dir, e)  # no metrics.json: the folder never looks complete
+        tracker.finish(exit_code=1)  # W&B shows the run as failed
+        raise
+    mirror(run, tracker, model.config, plan)
+    return run.results
+
+
+def start(s: Settings, out_dir: Path, data_dir: Path | None) -> Run:
+    """The run's first keys: what it is and where it runs."""
+    device = resolve_device(s.model.device)
+    print(f"[rap] computing {s.run_name} in {out_dir}", flush=True)
+    results = {"model": s.model.name, "method": s.config["method"]["name"], "ratio": s.ratio,
+               "eval_profile": s.cfg.eval.name, "seed": s.cfg.seed, "run_name": s.run_name,
+               **describe_environment(device, resolve_dtype(s.model.dtype, device))}
+    return Run(s=s, out_dir=out_dir, data_dir=data_dir, results=results)
+
+
+def open_tracker(run: Run):
+    s, t = run.s, run.s.cfg.tracking
+    if t.backend == "none":
+        return make_tracker("none")
+    return make_tracker(t.backend, out_dir=run.out_dir, project=t.project, entity=t.get("entity"), mode=t.get("mode"),
+                        group=s.cfg.sweep, name=s.run_name, config={**flat_config(s.config), **run.results},
+                        tags=[f"method:{run.results['method']}", f"model:{s.model.name}"]
+                        + (s.method.run_tags() if s.method is not None else []))
+
+
+def load(run: Run):
+    """Load the model; with a method and ``eval.measure.baseline_latency``, time it uncompressed in the same process
+    and conditions, for the latency ``*_ratio`` keys."""
+    with run.phase("load"):
+        model, tok = load_model(run.s.model)
+    run.results["model_devices"] = ",".join(str(d) for d in model_devices(model))  # a scalar, as W&B summaries take
+    m = run.s.cfg.eval.measure
+    if run.s.method is not None and m.baseline_latency:
+        with run.phase("baseline"):
+            run.base.update(measure.measure_latency(model, m.context_len, repeats=m.latency_repeats,
+                                                    warmup=m.latency_warmup, decode_steps=m.decode_steps))
+    return model, tok
+
+
+def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
+    """Apply the method (or the given plan), heal it when asked, and save the plan; ``(model, None)`` for the
+    baseline."""
+    s = run.s
+    if s.method is None:
+        return model, None
+    with run.phase("compress"):
+        originals = [layer.self_attn for layer in model.model.layers] if s.heal is not None else None
+        if given_plan is not None:
+            plan = given_plan
+        else:
+            calib = None
+            if s.method.needs_calibration(model.config):
+                c = s.cfg.calibration
+                calib = calibration_batches(tok, run.data_dir, c.source, s.calibration, seed=s.cfg.seed,
+                                            documents=documents.get(c.source))
+            with gradient_settings(checkpointing=bool(s.cfg.get("gradient_checkpointing")),
+                                   loss_chunk=s.cfg.get("loss_chunk", 1024)):
+                plan = s.method.make_plan(model, calib)
+        model = apply_plan(model, plan)
+    run.results.update(s.method.plan_record(plan))  # options that resolve by device or model (``auto``) as they ran
+    if s.heal is not None and not plan.get("heal"):  # a given plan that was healed brought its healed weights
+        with run.phase("heal"):
+            heal(run, model, tok, originals, plan, documents)
+    save_plan(model, run.out_dir / PLAN_FILE)
+    return model, plan
+
+
+def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> None:
+    """Heal the compressed ``model`` in place (``rap.heal``) and record the healed weights and the settings in
+    ``plan``; the ``heal_*`` metrics go to the results, the per-step losses to ``per_sample.json`` and W&B."""
+    h, seed = run.s.heal, run.s.cfg.seed
+    batch = calibration_batches(tok, run.data_dir, h["source"], {"heal": (h["n_samples"], h["seqlen"])}, seed=seed,
+                                documents=documents.get(h["source"]))["heal"]
+    out = HEALERS[h["mode"]](model, originals, batch, h["steps"], h["lr"], h["batch_size"], seed=seed)
+    plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
+    plan["heal"] = dict(h)
+    run.results.update({f"heal_{k}": v for k, v in h.items() if k != "mode"})
+    run.results.update(heal=h["mode"], heal_tokens=h["n_samples"] * h["seqlen"], heal_params=out["params"],
+                       heal_time_s=out["time_s"], heal_loss_before=sum(out["before"]) / len(out["before"]),
+                       heal_loss_after=sum(out["after"]) / len(out["after"]))
+    run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
+
+
+def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
+    kv = costs.kv_bytes(config, context_len, plan, bytes_per_element)
+    return {
+        "kv_bytes_formula": kv,
+        "kv_bytes_per_token_formula": kv / context_len,
+        "params_total_formula": costs.total_params(config, plan),
+        "params_attention_formula": costs.attention_params(config, plan),
+        "flops_decode_formula": costs.decode_flops(config, context_len, plan),
+        "flops_decode_attention_formula": costs.attention_decode_flops(config, context_len, plan),
+    }
+
+
+def measure_costs(run: Run, model, plan: dict | None) -> None:
+    """KV bytes, parameters and FLOPs, measured on the model and in closed form."""
+    spec, n = run.s.cache, run.s.cfg.eval.measure.context_len
+    with run.phase("measure"):
+        shapes = cached_widths(model)
+        widths = sorted({w[3] for kv in shapes for w in kv})
+        if model.device.type == "cuda" and any(w % 8 for w in widths):
+            # docs/bench/gpu_h100.md: unaligned widths reach no cuDNN kernel and run slower than full width
+            print(f"[rap] warning: cached widths {widths} are not all multiples of 8; on a GPU set method.round_to=8, "
+                  "else the compressed attention can be slower than the original")
+        check_group_size(spec, model, shapes)
+        run.results.update(measure.measure_costs(model, n, spec))
+        bytes_per_element = next(model.parameters()).element_size()
+        run.results.update(formula_costs(model.config, plan, n, bytes_per_element))
+        if spec.kind == "quantized":
+            held = quantized_cache_bytes(shapes, spec, *measured_split(spec, n), bytes_per_element)
+            run.results["kv_bytes_per_token_formula"] = held["total"] / n
+            run.results.update({f"kv_bytes_{k}_formula": held[k] for k in ("full", "packed", "scales")})
+        if plan is not None or spec.kind == "quantized":
+            # Cost baselines (uncompressed, full-precision cache) are exact in closed form (tests assert measured ==
+            # formula); latency must be measured.
+            dense = formula_costs(model.config, None, n, bytes_per_element)
+            run.base.update({k: dense[f"{k}_formula"] for k in RATIO_KEYS if f"{k}_formula" in dense})
+
+
+def measure_latency(run: Run, model, plan: dict | None) -> None:
+    """Prefill and decode latency, then every ``*_ratio`` key against the uncompressed model."""
+    m = run.s.cfg.eval.measure
+    with run.phase("latency"):
+        run.results.update(measure.measure_latency(model, m.context_len, repeats=m.latency_repeats,
+                                                   warmup=m.latency_warmup, decode_steps=m.decode_steps))
+    for k in RATIO_KEYS:
+        if run.base.get(k) is not None:
+            run.results[f"base_{k}"] = run.base[k]
+            run.results[f"{k}_ratio"] = run.results[k] / run.base[k]
+
+
+def evaluate(run: Run, model, tok) -> None:
+    evaluate_perplexity(run, model, tok)
+    if run.s.cfg.eval.zeroshot.tasks:
+        evaluate_zero_shot(run, model, tok)
+    long = run.s.cfg.eval.get("long")
+    if long is not None and long.tasks:
+        evaluate_long(run, model, tok)
+
+
+def evaluate_perplexity(run: Run, model, tok) -> None:
+    p, spec = run.s.cfg.eval.ppl, run.s.cache
+    with run.phase("ppl"):
+        ids = tok(wikitext2_test_text(run.data_dir), return_tensors="pt").input_ids[0]
+        check_window(ids.numel(), p.seqlen, "WikiText-2 test" if run.data_dir is None else run.data_dir / WIKITEXT_TEST)
+        mode = run.s.ppl_mode
+        chunk = (p.get("chunk") or 256) if mode == "cached" else None
+        bos = window_bos(tok)
+        ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
+                         make_cache=lambda: make_cache(spec, model), bos_id=bos)
+    run.results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
+                        "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
+                        "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {}),
+                        **({"ppl_bos": True} if bos is not None else {})})
+    run.per_sample.update({"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}})
+    if run.heal_curves is not None:
+        run.per_sample["heal"] = run.heal_curves
+
+
+def evaluate_zero_shot(run: Run, model, tok) -> None:
+    from .zeroshot import evaluate_zero_shot as zero_shot
+
+    z, seed = run.s.cfg.eval.zeroshot, run.s.cfg.seed
+    with run.phase("zeroshot"), tempfile.TemporaryDirectory(prefix="rap_tasks_") as work:
+        zs = zero_shot(model, tok, list(z.tasks), run.data_dir, limit=z.limit, seed=seed, batch_size=z.batch_size,
+                       work_dir=work)
+    run.per_sample["zeroshot"] = zs.pop("zs_per_doc")
+    run.results.update(zs)
+    run.results.update({"zs_limit": z.limit, "zs_seed": seed})
+
+
+def evaluate_long(run: Run, model, tok) -> None:
+    from .ruler import evaluate_long as ruler, long_lengths
+
+    lc, spec = run.s.cfg.eval.long, run.s.cache
+    with run.phase("long"):
+        lengths = long_lengths(lc.get("lengths"), model)
+        lr = ruler(model, tok, list(lc.tasks), lengths, lc.limit, seed=run.s.cfg.seed,
+                   make_cache=lambda: make_cache(spec, model))
+    run.per_sample["long"] = lr.pop("ruler_per_doc")
+    run.results.update(lr)
+    run.results.update({"ruler_limit": lc.limit, "ruler_lengths": lengths})
+
+
+def mirror(run: Run, tracker, model_config, plan: dict | None) -> None:
+    """The result is complete; the W&B mirror follows. Its failure loses no result (``wandb sync`` can redo it)."""
+    kill_point("finish")
+    try:
+        tracker.log_summary(run.results)
+        tracker.log_tables(result_tables(run.results, model_config, plan, run.heal_curves))
+        tracker.finish()
+    except Exception as e:
+        print(f"[rap] warning: the W&B mirror of {run.s.run_name} failed ({type(e).__name__}: {e}); "
+              f"{run.out_dir / METRICS_FILE} is complete.", flush=True)

@@ -1,0 +1,202 @@
+"""A job's settings, read from the Hydra config once and checked before anything is loaded: the ratio, the method,
+the healing budget, the cache, the evaluation modes, the model and where it runs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..cache import CacheSpec, cache_spec
+from ..calibration import STATISTICS
+from ..data import calibration_documents, check_wikitext2_test
+from ..devices import resolve_device
+from ..errors import ConfigError
+from ..methods import Method, get_method, make_method
+from ..methods.selection import check_ratio
+from ..models import ModelSpec, check_rope_config, load_config
+from ..plans import load_plan, validate_plan
+from .resolvers import is_baseline_ratio
+from .results import BASELINE_METHOD
+
+HEAL_MODES = ("none", "layerwise", "e2e")
+HEAL_BUDGET = (("n_samples", int), ("seqlen", int), ("steps", int), ("batch_size", int), ("lr", float))
+
+
+@dataclass
+class Settings:
+    """What a job does, as plain values. ``cfg`` stays for the evaluation groups (``cfg.eval``) and names."""
+
+    cfg: DictConfig
+    config: dict  # the resolved config that identifies the result (``job_config``)
+    ratio: float
+    method: Method | None  # None: the uncompressed baseline
+    model: ModelSpec
+    heal: dict | None
+    cache: CacheSpec
+    ppl_mode: str
+    calibration: dict  # statistic -> (n_samples, seqlen); "default" for the rest
+    threads: int | None
+
+    @property
+    def run_name(self) -> str:
+        return self.cfg.run_name
+
+
+def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
+    """Every setting of the job, checked; a bad one ends here in one sentence, before any model is loaded."""
+    ratio = check_ratio(cfg.ratio)
+    chunk = cfg.get("loss_chunk", 1024)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ConfigError(f"loss_chunk={chunk!r} is not a positive number of positions.")
+    if cfg.method.name == "none" and ratio != 0.0:
+        raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); "
+                          "pick a method or set ratio=0.")
+    config = job_config(cfg)
+    spec = cache_spec(cfg.get("cache"))
+    return Settings(cfg=cfg, config=config, ratio=ratio, method=build_method(cfg, config), model=model_spec(cfg),
+                    heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
+                    calibration=calibration_sizes(cfg.calibration),
+                    threads=threads_per_job(cfg.get("threads", "auto"), launcher))
+
+
+def is_baseline(cfg: DictConfig) -> bool:
+    """Ratio 0 is the uncompressed model whatever the method: one result, shared by every method's sweep."""
+    return cfg.method.name == "none" or is_baseline_ratio(cfg.ratio)
+
+
+def method_options(cfg: DictConfig) -> dict:
+    """``cfg.method`` as plain values, resolved as they will run on the job's device (``Method.resolve_options``):
+    the resolved value decides the result, so it is what the config records."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    return get_method(cfg.method.name).resolve_options(options, resolve_device(cfg.device))
+
+
+def job_config(cfg: DictConfig) -> dict:
+    """The resolved job config without Hydra's own settings: what identifies a result. A baseline (ratio 0)
+    is recorded as ``method: none`` whichever method's sweep ran it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["ratio"] = float(config["ratio"])
+    config["method"] = dict(BASELINE_METHOD) if is_baseline(cfg) else method_options(cfg)
+    return config
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    return ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.seed)
+
+
+def build_method(cfg: DictConfig, config: dict) -> Method | None:
+    """The configured method at the job's ratio (None for the baseline); a bad option fails here."""
+    if config["method"]["name"] == "none":
+        return None
+    options = {k: v for k, v in config["method"].items() if k not in ("name", "tag")}
+    return make_method(cfg.method.name, config["ratio"], shared={"criterion": cfg.criterion.name, "seed": cfg.seed},
+                       **options)
+
+
+def calibration_sizes(c: DictConfig) -> dict:
+    """``calibration`` as statistic -> (n_samples, seqlen): ``default`` and each statistic given its own size."""
+    sizes = {"default": (c.n_samples, c.seqlen)}
+    for statistic in STATISTICS:
+        size = c.get(statistic)
+        if size is None:
+            continue
+        try:
+            n, seqlen = (int(x) for x in size)
+            assert n > 0 and seqlen > 1
+        except (TypeError, ValueError, AssertionError):
+            raise ConfigError(f"calibration.{statistic}={size} is not [n_samples, seqlen] with positive sizes; "
+                              f"e.g. calibration.{statistic}=[256,2048].") from None
+        sizes[statistic] = (n, seqlen)
+    return sizes
+
+
+def heal_settings(cfg: DictConfig) -> dict | None:
+    """The healing budget (``conf/heal``) as plain values, or None when nothing is healed (also at ratio 0)."""
+    h = cfg.get("heal")
+    if h is None or h.name == "none" or is_baseline(cfg):
+        return None
+    if h.name not in HEAL_MODES:
+        raise ConfigError(f"heal={h.name} is not one of {', '.join(HEAL_MODES)}.")
+    out = {"mode": h.name, "source": str(h.source)}
+    for key, kind in HEAL_BUDGET:
+        try:
+            out[key] = kind(h[key])
+            assert out[key] > 0 and (kind is float or out[key] == h[key])
+        except (TypeError, ValueError, AssertionError):
+            raise ConfigError(f"heal.{key}={h.get(key)!r} is not a positive {kind.__name__}.") from None
+    if out["seqlen"] < 2:
+        raise ConfigError(f"heal.seqlen={out['seqlen']} is too short; use at least 2 tokens.")
+    return out
+
+
+def ppl_mode(cfg: DictConfig, spec: CacheSpec) -> str:
+    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache ``spec`` (a one-forward perplexity never
+    reads it)."""
+    mode = cfg.eval.ppl.get("mode")
+    if mode is None:
+        return "cached" if spec.kind == "quantized" else "forward"
+    if mode not in ("forward", "cached"):
+        raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
+    return mode
+
+
+def threads_per_job(threads, launcher: dict | None = None, cores: int | None = None) -> int | None:
+    """Torch threads for one job: ``threads`` when it is a number; with ``auto``, the cores shared by the jobs that
+    a parallel launcher runs at once (joblib's ``n_jobs``, submitit's ``cpus_per_task``), so that jobs x threads
+    never exceeds the cores. None leaves torch's default (one job at a time)."""
+    if threads not in (None, "auto"):
+        return max(1, int(threads))
+    target = (launcher or {}).get("_target_", "")
+    cores = cores or os.cpu_count() or 1
+    if "joblib" in target.lower():
+        n = launcher.get("n_jobs") or -1
+        n = cores + 1 + n if n < 0 else n  # joblib: -1 = all cores, -2 = all but one, ...
+        return max(1, cores // max(1, min(n, cores)))
+    if "submitit" in target.lower():
+        return int(launcher.get("cpus_per_task") or 1)
+    return None
+
+
+def check_before_loading(s: Settings, data_dir: Path | None) -> tuple[dict | None, dict]:
+    """Everything that can be checked from the model config and the data files alone: RoPE layout, the method's
+    options and budget, the data files the job will read, and a given plan file. Returns the plan (loaded and
+    validated) and the calibration documents by source, so that each is read once."""
+    cfg = s.cfg
+    if cfg.eval.get("long") is not None:
+        from .ruler import check_tasks
+
+        check_tasks(cfg.eval.long.tasks)
+    config = load_config(s.model)
+    check_rope_config(config)
+    if s.method is not None:
+        s.method.validate(config)
+    documents = check_data(s, data_dir, config)
+    if s.method is None or not cfg.get("plan"):
+        return None, documents
+    plan = load_plan(cfg.plan)
+    if plan.get("method") != s.method.name or plan.get("ratio") != s.ratio:
+        raise ConfigError(f"plan={cfg.plan} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the job "
+                          f"asks for method={s.method.name} at ratio={cfg.ratio}; set method= and ratio= to match it.")
+    validate_plan(config, plan)
+    return plan, documents
+
+
+def check_data(s: Settings, data_dir: Path | None, config) -> dict:
+    """Read the local data files the job will use (before any model is loaded): a bad file fails at once. Returns
+    the calibration documents by source."""
+    if data_dir is None:
+        return {}
+    cfg = s.cfg
+    check_wikitext2_test(data_dir, cfg.eval.ppl.seqlen)
+    if cfg.eval.zeroshot.tasks:
+        from .zeroshot import check_task_files
+
+        check_task_files(data_dir, list(cfg.eval.zeroshot.tasks))
+    sources = []
+    if s.method is not None and not cfg.get("plan") and s.method.needs_calibration(config):
+        sources.append(cfg.calibration.source)
+    if s.heal is not None:
+        sources.append(s.heal["source"])
+    return {source: calibration_documents(data_dir, source) for source in dict.fromkeys(sources)}
