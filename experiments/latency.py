@@ -9,14 +9,14 @@ re-times every plan with nothing else running. One model is loaded: each plan sw
 the original ones back (no copy of the model, which a large one would not have room for).
 """
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from rap import apply_plan, measure
-from rap.models import swap_attention
+from rap.files import write_csv
+from rap.modules import swapped_attention
 from rap.harness.settings import model_spec
 from rap.models import load_model
 
@@ -46,12 +46,11 @@ def main():
     for run in runs:
         if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
             continue
-        originals = [layer.self_attn for layer in base.model.layers]
         try:
-            apply_plan(base, run / "plan.json")
-            rows.append({"run": str(run), **timed(base)})
-        finally:  # the uncompressed model again, for the next plan
-            swap_attention(base, originals)
+            with swapped_attention(base):  # the uncompressed model again afterwards, for the next plan
+                apply_plan(base, run / "plan.json")
+                rows.append({"run": str(run), **timed(base)})
+        finally:
             base.__dict__.pop("rap_plan", None)
         print(rows[-1], flush=True)
     rows.append({"run": "baseline (after)", **timed(base)})
@@ -59,10 +58,7 @@ def main():
     ref = {k: (rows[0][k] + rows[-1][k]) / 2 for k in KEYS}
     for r in rows:
         r.update({f"{k}_ratio": r[k] / ref[k] for k in KEYS})
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(a.out, rows)
     print(f"threads={torch.get_num_threads()} context={a.context}; wrote {a.out}")
 
 

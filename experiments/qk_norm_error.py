@@ -9,7 +9,6 @@ queries and keys that RoPE rotates.
     python experiments/qk_norm_error.py --model gemma3-270m --ratios 0.2 0.3 --out docs/qk_norm_error.csv
 """
 import argparse
-import csv
 from pathlib import Path
 
 import torch
@@ -18,6 +17,8 @@ from common import REPO
 
 from rap.architecture import layer_kinds
 from rap.data import calibration_batch, resolve_data_dir
+from rap.files import write_csv
+from rap.hooks import temporary_hooks
 from rap.methods.attention import PrunedAttention
 from rap.methods.rap import RAP
 from rap.models import ModelSpec, load_model
@@ -44,13 +45,9 @@ def layer_errors(model, plan, batch) -> list[dict]:
                     s[0] += (a - b).float().pow(2).sum().item()
                     s[1] += b.float().pow(2).sum().item()
         handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for row in batch:
-                model(row[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with temporary_hooks(handles), torch.no_grad():
+        for row in batch:
+            model(row[None], use_cache=False)
     return [{k: (v[0] / v[1]) ** 0.5 for k, v in s.items()} for s in sums]
 
 
@@ -80,10 +77,7 @@ def main():
                   f"kept {mean['kept_q']:.4f} / {mean['kept_k']:.4f}, "
                   f"kept without rho {mean['kept_rho1_q']:.4f} / {mean['kept_rho1_k']:.4f}", flush=True)
     if a.out:
-        with open(a.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(a.out, rows)
         print(Path(a.out))
 
 

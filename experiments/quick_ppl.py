@@ -12,7 +12,6 @@ With ``--ratios`` empty and ``--windows 0`` it gives the full-test-set baseline 
 """
 import argparse
 import copy
-import csv
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import yaml
 
 from rap import compress
 from rap.data import calibration_batch, resolve_data_dir, wikitext2_test_text, window_bos
+from rap.files import write_csv
 from rap.harness.perplexity import perplexity
 from rap.models import ModelSpec, load_model
 
@@ -60,10 +60,7 @@ def main():
             ppl = perplexity(c, ids, a.seqlen, a.windows, bos_id=bos)["ppl"]
             rows.append({"cell": spec, "ratio": ratio, "ppl": ppl, "time_s": round(dt, 1)})
             print(rows[-1], f"(+{100 * (ppl / rows[0]['ppl'] - 1):.1f}%)", flush=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(a.out, rows)
 
 
 if __name__ == "__main__":

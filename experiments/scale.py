@@ -13,7 +13,6 @@ per stage, seconds per layer and the peak at 1 and 2 layers, then the estimate a
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,13 @@ sys.path.insert(0, str(REPO))
 
 from rap.harness.bench import SHAPES  # noqa: E402
 from rap.calibration import gradient_settings  # noqa: E402
+from rap.files import write_csv  # noqa: E402
 from rap.memory import recording, stage  # noqa: E402
 from rap.methods import make_method  # noqa: E402
 from rap.plans import validate_plan  # noqa: E402
 from rap.methods import lowrank  # noqa: E402
-from rap.models import swap_attention, tiny_config  # noqa: E402
+from rap.models import tiny_config  # noqa: E402
+from rap.modules import swapped_attention  # noqa: E402
 
 INTERMEDIATE = {"llama3-8b": 14336, "mistral-7b": 14336, "qwen2.5-7b": 18944, "llama3-70b": 28672,
                 "smollm2-135m": 1536, "tiny": 128}
@@ -55,16 +56,12 @@ def measure(model, run: str, ratio: float, calibration: torch.Tensor) -> list[di
     """Make the plan and build the compressed modules under ``recording``; the model's own modules are put back."""
     name, options = RUNS[run]
     method = make_method(name, ratio, **options)
-    originals = [layer.self_attn for layer in model.model.layers]
     t0 = time.perf_counter()
     with recording() as stages, gradient_settings(checkpointing=run.endswith("+checkpointing")):
         with stage("total"):
             plan = method.make_plan(model, calibration)
-            try:
-                with stage("apply plan"):
-                    validate_plan(model.config, plan).apply(model, plan)
-            finally:
-                swap_attention(model, originals)
+            with swapped_attention(model), stage("apply plan"):
+                validate_plan(model.config, plan).apply(model, plan)
     del plan
     rows = [dict(r) for r in stages.rows.values()]
     print(f"  {run}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -136,7 +133,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     if a.threads:
         rows = [r for s in a.shapes for r in thread_rows(s, rounds=3)]
-        _write(rows, a.out / "threads.csv")
+        write_csv(a.out / "threads.csv", rows)
         for s in a.shapes:
             for t in sorted({r["linalg_threads"] for r in rows}):
                 secs = sorted(r["seconds"] for r in rows if r["shape"] == s and r["linalg_threads"] == t)
@@ -152,20 +149,12 @@ def main(argv=None):
                 for r in measure(model, run, a.ratio, calibration):
                     rows.append({"shape": shape, "run": run, "layers": layers, "ratio": a.ratio,
                                  "calibration_tokens": a.samples * a.seqlen, "threads": torch.get_num_threads(), **r})
-                _write(rows, a.out / "scale.csv")  # after every run: a long grid keeps what it has
+                write_csv(a.out / "scale.csv", rows)  # after every run: a long grid keeps what it has
             del model
     est = extrapolate(rows)
-    _write(est, a.out / "scale_extrapolated.csv")
+    write_csv(a.out / "scale_extrapolated.csv", est)
     (a.out / "scale.md").write_text(markdown(est))
     print(markdown(est))
-
-
-def _write(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .hooks import layer_by_layer, temporary_hooks
 from .memory import stage
+from .modules import trainable_only
 from .devices import model_device
 
 
@@ -46,13 +48,15 @@ def _layers(model):
 def _forward_each(model, batch: torch.Tensor, handles: list, desc: str) -> None:
     """Run every calibration sequence through the model (hooks collect the statistics), then remove the hooks."""
     dev = model_device(model)
-    try:
-        with stage(desc):
-            for row in tqdm(batch, desc=desc, leave=False):
-                model(row[None].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with temporary_hooks(handles), stage(desc):
+        for row in tqdm(batch, desc=desc, leave=False):
+            model(row[None].to(dev), use_cache=False)
+
+
+def _hook_attention(model, make_hook) -> list:
+    """A forward pre-hook (with kwargs) ``make_hook(i, attn)`` on every layer's attention; returns the handles."""
+    return [layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True)
+            for i, layer in enumerate(_layers(model))]
 
 
 @torch.no_grad()
@@ -144,30 +148,20 @@ def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), row
             p.grad = None
         return hook
 
-    was = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    handles = []
-    for i, n, w in targets:
-        w.requires_grad_(True)
-        handles.append(w.register_post_accumulate_grad_hook(fold(i, n, w)))
     training = model.training
     if GRADIENTS.checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; these models have no dropout in use
     try:
-        with stage("calibration (gradients)"):
+        with trainable_only(model, [w for _, _, w in targets]), stage("calibration (gradients)"), \
+                temporary_hooks([w.register_post_accumulate_grad_hook(fold(i, n, w)) for i, n, w in targets]):
             for row in tqdm(batch, desc="calibration (gradients)", leave=False):
                 lm_loss(model, row[None].to(dev), GRADIENTS.loss_chunk).backward()
     finally:
-        for h in handles:
-            h.remove()
         if GRADIENTS.checkpointing:
             model.activation_checkpointing_disable()
         model.train(training)
         model.zero_grad(set_to_none=True)
-        for p, r in was.items():
-            p.requires_grad_(r)
     return out
 
 
@@ -185,27 +179,33 @@ def _heads_pre_rope(attn, args, kwargs):
     return x, q, k, v, cos.float(), sin.float()
 
 
+def _sampled_heads(attn, args, kwargs, n_queries: int):
+    """In a self_attn pre-hook: ``_heads_pre_rope``'s x, q, k, v, then q and k after RoPE, and ``n_queries`` query
+    positions spread over the last three quarters of the sequence (the first tokens attend to little)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x, q, k, v, cos, sin = _heads_pre_rope(attn, args, kwargs)
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    s = x.shape[1]
+    return x, q, k, v, qr, kr, torch.linspace(s // 4, s - 1, min(n_queries, s)).long().to(x.device)
+
+
 @torch.no_grad()
 def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[str, list[torch.Tensor]]:
     """Per layer: ``k`` (n_kv, d/2), the mean |pre-softmax logit change| when RoPE pair i of a KV head is dropped
     (its exact contribution to q·k, over the group's query heads and causal query/key pairs); ``k_signed``, the
     same contribution summed with its sign (EliteKV's "contribution" score); ``v`` (n_kv, d),
     the mean |attention output| of value channel c times the norm of the W_o columns it feeds."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     L = len(_layers(model))
     acc = {"k": [None] * L, "k_signed": [None] * L, "v": [None] * L}
-    handles = []
 
     def make_hook(i, attn):
         d, rep = attn.head_dim, attn.num_key_value_groups
 
         def hook(_m, args, kwargs):
-            x, q, k, v, cos, sin = _heads_pre_rope(attn, args, kwargs)
+            x, _, _, v, q, k, qi = _sampled_heads(attn, args, kwargs, n_queries)
             b, s, _ = x.shape
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             nkv = k.shape[1]
-            qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long().to(x.device)  # skip the first tokens
             qs = q[:, :, qi].view(b, nkv, rep, len(qi), d)
             causal = (torch.arange(s, device=x.device)[None, :] <= qi[:, None]).float()  # (nq, s)
             half = d // 2
@@ -223,9 +223,7 @@ def attention_errors(model, batch: torch.Tensor, n_queries: int = 64) -> dict[st
 
         return hook
 
-    for i, layer in enumerate(_layers(model)):
-        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
-    _forward_each(model, batch, handles, "calibration (attention error)")
+    _forward_each(model, batch, _hook_attention(model, make_hook), "calibration (attention error)")
     return {n: [t / len(batch) for t in v] for n, v in acc.items()}
 
 
@@ -246,99 +244,6 @@ def attention_output_gram(model, batch: torch.Tensor) -> list[torch.Tensor]:
         handles.append(a.o_proj.register_forward_pre_hook(pre))
     _forward_each(model, batch, handles, "calibration (attention outputs)")
     return grams
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once it has what it came for."""
-
-
-def _on(x, device):
-    """``x`` (a tensor, or a tuple or dict of them) on ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_on(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _on(v, device) for k, v in x.items()}
-    return x
-
-
-@torch.no_grad()
-def layer_arguments(model, ids: torch.Tensor) -> list[dict]:
-    """Per decoder layer, the position embeddings and attention mask the model passes it for ``ids`` (1, seqlen):
-    each layer's own (Gemma 3's local layers have their RoPE base and a sliding-window mask). The mask has batch 1,
-    so it serves any batch of rows of that length."""
-    kwargs = [None] * len(_layers(model))
-
-    def keep(i):
-        def pre(_m, args, kw):
-            kwargs[i] = {k: kw.get(k) for k in ("position_embeddings", "attention_mask")}
-        return pre
-
-    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(_layers(model))]
-    try:
-        model.model(ids.to(model_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return kwargs
-
-
-@torch.no_grad()
-def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
-    """Every calibration sequence's input to the first decoder layer, and the keyword arguments the model passes to
-    each decoder layer (mask, position embeddings...: the same for every sequence of one length)."""
-    layers, dev = _layers(model), model_device(model)
-    kwargs, hidden = [None] * len(layers), []
-
-    def keep_kwargs(i):
-        def pre(_m, args, kw):
-            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
-            if i == 0:
-                hidden.append(args[0] if args else kw["hidden_states"])
-        return pre
-
-    def stop(_m, args, kw):
-        hidden.append(args[0] if args else kw["hidden_states"])
-        raise _Stop
-
-    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.model(batch[:1].to(dev), use_cache=False)  # one full pass: each layer's own arguments, and row 0's input
-    finally:
-        for h in handles:
-            h.remove()
-    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for row in batch[1:]:
-            try:
-                model.model(row[None].to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return hidden, kwargs
-
-
-@torch.no_grad()
-def layer_by_layer(model, batch: torch.Tensor, desc: str):
-    """Yield ``(i, layer, run)`` for each decoder layer in order; ``run()`` passes every calibration sequence
-    through layer i (hooks on it fire) on the layer's own device, and keeps the outputs as the next layer's
-    inputs. What is held between layers is the calibration hidden states (n, seqlen, hidden), never a
-    statistic of every layer: as sequential compression methods do, each layer's is computed and consumed
-    before the next one's."""
-    hidden, kwargs = _layer_inputs(model, batch)
-    for i, layer in enumerate(tqdm(_layers(model), desc=desc, leave=False)):
-        dev = next(layer.parameters()).device
-        kw = _on(kwargs[i], dev)
-
-        @torch.no_grad()  # run by the caller, outside this generator's no_grad: without it autograd would keep
-        def run(layer=layer, kw=kw, dev=dev):  # every layer's activations, chained through the hidden states
-            for j, x in enumerate(hidden):
-                out = layer(x.to(dev), **kw)
-                hidden[j] = out[0] if isinstance(out, tuple) else out
-
-        yield i, layer, run
 
 
 def attention_input_grams(model, batch: torch.Tensor):
@@ -394,23 +299,17 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
     changes the pre-softmax logit q·k by (its unrotated term − its rotated term); each round adds to the elite
     set the pair whose rotation most reduces the mean |logit error| against full RoPE, over the group's query
     heads and sampled causal (query, key) pairs of up to ``max_sequences`` calibration sequences."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    L = len(_layers(model))
-    orders: list = [None] * L
+    orders: list = [None] * len(_layers(model))
     gen = torch.Generator().manual_seed(seed)
-    handles = []
 
     def make_hook(i, attn):
         d, rep = attn.head_dim, attn.num_key_value_groups
 
         def hook(_m, args, kwargs):
-            x, q, k, _, cos, sin = _heads_pre_rope(attn, args, kwargs)
+            x, q, k, _, qr, kr, qi = _sampled_heads(attn, args, kwargs, n_queries)
             b, s, _ = x.shape
-            qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
             nkv, half = k.shape[1], d // 2
-            qi = torch.linspace(s // 4, s - 1, min(n_queries, s)).long()
-            kj = (torch.rand(len(qi), n_keys, generator=gen) * (qi[:, None] + 1)).long().clamp(max=s - 1)  # causal
+            kj = (torch.rand(len(qi), n_keys, generator=gen) * (qi.cpu()[:, None] + 1)).long().clamp(max=s - 1)
 
             def terms(qq, kk):  # per pair: (b, nkv, rep, nq, nk, half)
                 qs = qq[:, :, qi].view(b, nkv, rep, len(qi), 1, d)
@@ -423,13 +322,6 @@ def rope_elite_order(model, batch: torch.Tensor, n_queries: int = 16, n_keys: in
 
         return hook
 
-    for i, layer in enumerate(_layers(model)):
-        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True))
-    try:
-        dev = model_device(model)
-        with stage("calibration (RoPElite order)"):
-            model(batch[:max_sequences].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with temporary_hooks(_hook_attention(model, make_hook)), stage("calibration (RoPElite order)"):
+        model(batch[:max_sequences].to(model_device(model)), use_cache=False)
     return orders

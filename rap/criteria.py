@@ -85,7 +85,7 @@ def attn_error(model, batch, seed=0):
     return calibration.attention_errors(model, batch)
 
 
-def random(model, batch=None, seed=0):
+def random_scores(model, batch=None, seed=0):
     """Seeded uniform scores (the floor any criterion must beat)."""
     nkv, d, _ = _shape(model)
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +101,8 @@ def rope_blind(model, batch, seed=0):
             "v": [_per_head(v, nkv) for v in e["v"]]}
 
 
-CRITERIA = {f.__name__: f for f in (key_energy, qk_energy, weight_norm, fisher, gradient, attn_error, random, rope_blind)}
+CRITERIA = {"key_energy": key_energy, "qk_energy": qk_energy, "weight_norm": weight_norm, "fisher": fisher,
+            "gradient": gradient, "attn_error": attn_error, "random": random_scores, "rope_blind": rope_blind}
 NEEDS_DATA = {"key_energy", "qk_energy", "fisher", "gradient", "attn_error", "rope_blind"}
 
 

@@ -68,6 +68,7 @@ def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> No
     import csv
     import io
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if fieldnames is None:
         fieldnames = list(dict.fromkeys(k for r in rows for k in r))
     out = io.StringIO()

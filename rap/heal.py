@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import layer_arguments
+from .hooks import layer_arguments
 from .devices import model_device
-from .models import swap_attention
+from .modules import swapped_attention, trainable_only
 
 HEAL_PREFIX = "heal."
 
@@ -59,11 +59,9 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
         originals[i] = None  # this layer's uncompressed attention is no longer needed
         params = [p for p in attn.parameters()]
         n_params += sum(p.numel() for p in params)
-        for p in params:
-            p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
         curve = []
-        with torch.enable_grad():
+        with torch.enable_grad(), trainable_only(model, params):
             for _ in range(steps):
                 rows = torch.randperm(len(h), generator=gen)[:batch_size].to(dev)
                 loss = F.mse_loss(_call(attn, h[rows], pos, mask).float(), target[rows].float()) / scale
@@ -71,8 +69,6 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
                 loss.backward()
                 opt.step()
                 curve.append(loss.item())
-        for p in params:
-            p.requires_grad_(False)
         curves.append(curve)
         with torch.no_grad():
             after.append((F.mse_loss(_call(attn, h, pos, mask).float(), target.float()) / scale).item())
@@ -84,12 +80,8 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
 def _kl(model, ids, originals, chunk: int = 1024) -> torch.Tensor:
     """Mean KL(teacher || student) per token, the teacher being ``model`` with ``originals`` swapped in. Computed over
     ``chunk`` positions at a time from the last hidden states, so full-vocabulary logits never exist for every token."""
-    with torch.no_grad():
-        compressed = swap_attention(model, originals)
-        try:
-            teacher = model.model(ids).last_hidden_state
-        finally:
-            swap_attention(model, compressed)
+    with torch.no_grad(), swapped_attention(model, originals):
+        teacher = model.model(ids).last_hidden_state
     student = model.model(ids).last_hidden_state
     head, total, n = model.lm_head, 0.0, student.shape[0] * student.shape[1]
     t, s = teacher.reshape(n, -1), student.reshape(n, -1)
@@ -110,11 +102,6 @@ def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float,
     gen = torch.Generator().manual_seed(seed)
     batch = batch.to(dev)
     params = [p for layer in model.model.layers for p in layer.self_attn.parameters()]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
 
     def kl_all():
@@ -123,20 +110,14 @@ def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float,
                        for i in range(0, len(batch), batch_size)) / len(batch)
 
     before, curve = kl_all(), []
-    try:
-        with torch.enable_grad():
-            for _ in tqdm(range(steps), desc="heal e2e", leave=False):
-                rows = torch.randperm(len(batch), generator=gen)[:batch_size].to(dev)
-                loss = _kl(model, batch[rows], originals)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                curve.append(loss.item())
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-        for p in frozen:  # as they were
-            p.requires_grad_(True)
+    with torch.enable_grad(), trainable_only(model, params):
+        for _ in tqdm(range(steps), desc="heal e2e", leave=False):
+            rows = torch.randperm(len(batch), generator=gen)[:batch_size].to(dev)
+            loss = _kl(model, batch[rows], originals)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
     after = kl_all()
     originals.clear()
     return {"loss": [curve], "before": [before], "after": [after], "params": sum(p.numel() for p in params),

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
 from .devices import model_device, model_devices
+from .hooks import temporary_hooks
 
 aten = torch.ops.aten
 
@@ -146,11 +147,8 @@ def attention_timer(model, timer: Timer):
     for layer in model.model.layers:
         handles.append(layer.self_attn.register_forward_pre_hook(pre))
         handles.append(layer.self_attn.register_forward_hook(post))
-    try:
+    with temporary_hooks(handles):
         yield spans
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def rewindable(cache):

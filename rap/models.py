@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,27 +34,6 @@ TINY_ARCHS = {
                                     "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
 }
-
-
-def swap_attention(model, modules: list) -> list:
-    """Put ``modules`` in as the layers' attention; returns the ones taken out (swap them back with this too)."""
-    out = [layer.self_attn for layer in model.model.layers]
-    for layer, m in zip(model.model.layers, modules, strict=True):
-        layer.self_attn = m
-    return out
-
-
-@contextmanager
-def swapped_attention(model, modules: list | None = None):
-    """Within the block the layers' attention is ``modules`` (or whatever the block puts in, when None); on exit,
-    however it ends, the modules that were there before are back. Yields those modules."""
-    before = [layer.self_attn for layer in model.model.layers]
-    if modules is not None:
-        swap_attention(model, modules)
-    try:
-        yield before
-    finally:
-        swap_attention(model, before)
 
 
 @dataclass

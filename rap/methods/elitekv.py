@@ -16,7 +16,7 @@ from ..calibration import attention_errors, calibration_for, hold_out, rope_elit
 from ..errors import ConfigError, PlanError
 from ..memory import stage
 from ..devices import model_device
-from ..models import swap_attention
+from ..modules import swapped_attention
 from .attention import CompressedAttention, LatentUpOut, PairRope, linear, decode_probs, latent_o_proj, linear_rows
 from .base import Method
 from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias
@@ -299,11 +299,8 @@ class EliteKV(Method):
 def _calibration_ppl(model, plan: dict, batch: torch.Tensor) -> float:
     """Perplexity on calibration sequences of ``model`` compressed by ``plan``: the plan's attention modules are
     built in place of the originals, which are put back afterwards (no model copy; ``model`` is left as it was)."""
-    originals = [layer.self_attn for layer in model.model.layers]
-    try:
+    with swapped_attention(model):
         EliteKV.apply(model, plan)
         dev = model_device(model)
         nll = sum(model(row[None].to(dev), labels=row[None].to(dev), use_cache=False).loss.item() for row in batch)
-    finally:
-        swap_attention(model, originals)
     return math.exp(nll / len(batch))
