@@ -6,8 +6,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rap.harness import resolvers  # registers the resolvers the configs use
 from rap.errors import RapError
+from rap.harness import resolvers  # registers the resolvers the configs use
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -1,6 +1,6 @@
-"""The latency grid of ``python -m rap.harness.bench layer`` as one table per ratio: per shape and cell (mode, length, batch,
-cache), each method's median ratio to rap's full-width path with its interquartile range, the ideal ratio (kept KV
-fraction) and rap-full against the stock attention.
+"""The latency grid of ``python -m rap.harness.bench layer`` as one table per ratio: per shape and cell (mode, length,
+batch, cache), each method's median ratio to rap's full-width path with its interquartile range, the ideal ratio (kept
+KV fraction) and rap-full against the stock attention.
 
     python -m analysis.bench_table outputs/bench/grid.csv --ratio 0.3 --out docs/bench/grid_r0.3.md
 """

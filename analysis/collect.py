@@ -5,7 +5,8 @@
     python -m analysis.collect outputs/main_table --csv runs.csv
 
 Jobs that failed (``failure.json``) or never finished (``config.yaml`` without ``metrics.json``: ``running`` while a
-process holds the job's lock, ``killed`` when its holder died, else ``unfinished``) are listed on stderr and returned by ``collect`` as a second table, never dropped silently.
+process holds the job's lock, ``killed`` when its holder died, else ``unfinished``) are listed on stderr and returned by
+``collect`` as a second table, never dropped silently.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
         return df
     if "cfg.method.tag" in df:
         df["tag"] = df["cfg.method.tag"]
-        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag") for _, r in df.iterrows()]
+        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag")
+                         for _, r in df.iterrows()]
     if "cfg.criterion.name" in df and "method" in df:
         df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
     if "cfg.sweep" in df:
@@ -105,7 +107,8 @@ def collect_local(*roots: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             failure = folder / FAILURE_FILE
             info = json.loads(failure.read_text()) if failure.exists() else {}
-            status = "failed" if info else {"running": "running", "killed": "killed"}.get(lock_state(folder), "unfinished")
+            status = "failed" if info else {"running": "running", "killed": "killed"}.get(lock_state(folder),
+                                                                                           "unfinished")
             problems.append({"path": str(folder), "status": status,
                              "error": info.get("error", ""), "message": info.get("message", ""), **cfg})
     return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
@@ -159,7 +162,8 @@ def main(argv=None):
         raise SystemExit("error: no finished job found")
     if a.csv:
         df.to_csv(a.csv, index=False)
-    cols = [c for c in ("experiment", "model", "method", "variant", "ratio", "ppl_wikitext2", "acc_avg", "path") if c in df]
+    cols = [c for c in ("experiment", "model", "method", "variant", "ratio", "ppl_wikitext2", "acc_avg", "path")
+            if c in df]
     print(df[cols].to_string(index=False))
 
 

@@ -24,8 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.collect import collect  # noqa: E402
 from analysis.report import add_paired_intervals  # noqa: E402
@@ -46,7 +46,8 @@ def _label(row) -> str:
 def _with_baseline(df: pd.DataFrame) -> pd.DataFrame:
     """Intervals, plus the baseline's ppl/acc on each row, for error bars in absolute units."""
     df = add_paired_intervals(df)
-    base = df.set_index("path")[["ppl_wikitext2", "acc_avg"]] if "acc_avg" in df else df.set_index("path")[["ppl_wikitext2"]]
+    base = (df.set_index("path")[["ppl_wikitext2", "acc_avg"]] if "acc_avg" in df
+            else df.set_index("path")[["ppl_wikitext2"]])
     for col in base:
         df[f"base_{col}"] = [base[col].get(p, np.nan) if isinstance(p, str) else np.nan for p in df["baseline_path"]]
     return df
@@ -55,7 +56,8 @@ def _with_baseline(df: pd.DataFrame) -> pd.DataFrame:
 def _errorbars(group: pd.DataFrame, metric: str) -> np.ndarray | None:
     """(2, n) distances from each point to its interval ends, or None when no point has an interval."""
     if metric == "ppl_wikitext2":
-        low, high = group["base_ppl_wikitext2"] * group["ppl_ratio_low"], group["base_ppl_wikitext2"] * group["ppl_ratio_high"]
+        low, high = (group["base_ppl_wikitext2"] * group["ppl_ratio_low"],
+                     group["base_ppl_wikitext2"] * group["ppl_ratio_high"])
     else:
         low, high = group["base_acc_avg"] + group["acc_diff_low"], group["base_acc_avg"] + group["acc_diff_high"]
     if low.isna().all():
@@ -79,7 +81,7 @@ def ratio_curves(df: pd.DataFrame):
     metrics = [m for m in metrics if m[0] in df]
     fig, axes = plt.subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.4))
     axes = np.atleast_1d(axes)
-    for k, (variant, group) in enumerate(comp.groupby("variant")):
+    for k, (_variant, group) in enumerate(comp.groupby("variant")):
         group = group.sort_values("ratio")
         for ax, (metric, _) in zip(axes, metrics):
             b = base[metric].iloc[0] if not base.empty else None
@@ -105,7 +107,7 @@ def pareto(df: pd.DataFrame):
     if "kv_bytes_per_token" not in df or df["method"].eq("none").all():
         return None
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
-    for k, (variant, group) in enumerate(df.groupby("variant")):
+    for k, (_variant, group) in enumerate(df.groupby("variant")):
         ax.scatter(group["kv_bytes_per_token"] / 1024, group["ppl_wikitext2"], s=14, marker=MARKERS[k % len(MARKERS)],
                    label=_label(group.iloc[0]))
     pts = df.sort_values(["kv_bytes_per_token", "ppl_wikitext2"])[["kv_bytes_per_token", "ppl_wikitext2"]].to_numpy()
@@ -200,9 +202,11 @@ def kept_frequency(df: pd.DataFrame) -> dict:
 
 def _bench(csv_path: str | Path, mode: str) -> pd.DataFrame:
     lat = pd.read_csv(csv_path)
-    need = {"shape", "mode", "length", "batch", "cache", "variant", "method", "ratio", "round_to", "status", "median_ms"}
+    need = {"shape", "mode", "length", "batch", "cache", "variant", "method", "ratio", "round_to", "status",
+            "median_ms"}
     if not need <= set(lat.columns):
-        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))} (write it with python -m rap.harness.bench)")
+        raise SystemExit(f"error: {csv_path} lacks the columns {sorted(need - set(lat.columns))} "
+                         "(write it with python -m rap.harness.bench)")
     return lat[(lat["status"] == "ok") & (lat["mode"] == mode)]
 
 
@@ -236,14 +240,16 @@ def latency_decode(csv_path: str | Path, ratio: float = 0.3, batch: int = 1, cac
     """Decode attention latency per step against context, with the ideal line, from ``python -m rap.harness.bench``."""
     lat = _bench(csv_path, "decode")
     lat = lat[(lat["batch"] == batch) & (lat["cache"] == cache)]
-    return _latency_panels(lat, ratio, f"decode attention (ms/step, batch {batch})", "context (tokens)", ideal=True) if len(lat) else None
+    return (_latency_panels(lat, ratio, f"decode attention (ms/step, batch {batch})", "context (tokens)", ideal=True)
+            if len(lat) else None)
 
 
 def latency_prefill(csv_path: str | Path, ratio: float = 0.3, cache: str = "dynamic"):
     """Prefill attention latency against sequence length, from ``python -m rap.harness.bench``."""
     lat = _bench(csv_path, "prefill")
     lat = lat[lat["cache"] == cache]
-    return _latency_panels(lat, ratio, "prefill attention (ms)", "sequence length (tokens)", ideal=False) if len(lat) else None
+    return (_latency_panels(lat, ratio, "prefill attention (ms)", "sequence length (tokens)", ideal=False)
+            if len(lat) else None)
 
 
 FIGURES = ("ratio_curves", "pareto", "criteria_ablation", "kept_frequency", "latency_decode", "latency_prefill")

@@ -32,7 +32,8 @@ def pair(a: str | Path, b: str | Path) -> dict:
     (ma, sa), (mb, sb) = load(a), load(b)
     differ = [k for k in SAME if ma.get(k) != mb.get(k)]
     if differ:
-        raise SystemExit(f"error: {a} and {b} differ in {', '.join(differ)}, so they did not see the same windows and documents.")
+        raise SystemExit(f"error: {a} and {b} differ in {', '.join(differ)}, "
+                         "so they did not see the same windows and documents.")
     out = {"a": ma["run_name"], "b": mb["run_name"],
            "ppl_ratio": paired_perplexity_ratio(sa["ppl"]["window_nll"], sb["ppl"]["window_nll"])}
     if sa.get("zeroshot") and sb.get("zeroshot"):

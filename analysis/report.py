@@ -29,10 +29,10 @@ import pandas as pd
 from analysis.collect import collect, collect_local
 from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
 
-COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg", "acc_norm_avg",
-           "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio", "flops_decode_ratio",
-           "flops_decode_attention_ratio", "latency_decode_attention_ms_ratio", "latency_prefill_attention_ms_ratio",
-           "time_compress_s"]
+COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg",
+           "acc_norm_avg", "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio",
+           "flops_decode_ratio", "flops_decode_attention_ratio", "latency_decode_attention_ms_ratio",
+           "latency_prefill_attention_ms_ratio", "time_compress_s"]
 ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python", "env_torch", "env_transformers",
                "env_lm_eval", "env_datasets", "env_hydra_core", "env_device_name", "env_dtype", "env_threads"]
 COST_COLUMNS = {"kv_bytes_per_token_ratio": "KV", "params_attention_ratio": "attn params",
@@ -73,7 +73,7 @@ def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
     return df[cols].sort_values(keys).reset_index(drop=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_per_sample(path: str) -> dict | None:
     f = Path(path) / "per_sample.json"
     return json.loads(f.read_text()) if f.exists() else None
@@ -141,7 +141,8 @@ def paper_table(df: pd.DataFrame, tasks: bool = True, n_boot: int = 2000, extra:
             df.loc[df["method"] == "none", col] = df.loc[df["method"] == "none", col].fillna(1.0)
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values([c for c in ("model", "ratio", "_order", "variant") if c in df]).reset_index(drop=True)
-    task_cols = sorted(c for c in df if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
+    task_cols = sorted(c for c in df
+                       if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
     cols = ["model", "method", "variant", "ratio", "ppl_wikitext2", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high",
             "ppl_ratio_significant", "acc_avg", "acc_diff", "acc_diff_low", "acc_diff_high", "acc_diff_significant",
             *(task_cols if tasks else []), *COST_COLUMNS, *(["heal_time_s"] if "heal_time_s" in df else []), *extra]
@@ -167,7 +168,8 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     """Markdown or LaTeX: intervals as ``est [low, high]``, ``*`` where significant, the best per ratio in bold."""
     bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
     task_cols = [c for c in table if c.startswith("acc_") and c != "acc_avg" and not c.startswith("acc_diff")]
-    value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", *task_cols, *COST_COLUMNS) if c in table]
+    value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", *task_cols, *COST_COLUMNS)
+                  if c in table]
     env_cols = [c for c in table if c.startswith("env_")]
     best = {}
     compressed = table[table["method"] != "none"]
@@ -179,11 +181,12 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
                 best.update({(idx, col): True for idx in vals.index[vals == top]})
     rows = []
     for i, r in table.iterrows():
-        out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""), "ratio": _fmt(r["ratio"], ".2f")}
+        out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""),
+               "ratio": _fmt(r["ratio"], ".2f")}
         for col in value_cols:
             if col in ("ppl_ratio", "acc_diff"):
-                s = interval_text(r.get(col), r.get(col + "_low"), r.get(col + "_high"), r.get(col + "_significant") == 1.0,
-                              ".3f" if col == "ppl_ratio" else "+.3f")
+                s = interval_text(r.get(col), r.get(col + "_low"), r.get(col + "_high"),
+                                  r.get(col + "_significant") == 1.0, ".3f" if col == "ppl_ratio" else "+.3f")
             else:
                 s = _fmt(r[col], ".2f" if col == "ppl_wikitext2" else ".3f")
             out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if best.get((i, col)) and s else s
@@ -211,7 +214,8 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
         out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f"), "cache": r["kv_cache"],
                "KV B/token": f"{r['kv_bytes_per_token']:,.0f}",
                "of fp baseline": _fmt(r["kv_bytes_per_token"] / fp.iloc[0]) if len(fp) else "",
-               **{f"{part} B/token": f"{r[f'kv_bytes_{part}'] / tokens[i]:,.0f}" for part in ("full", "packed", "scales")},
+               **{f"{part} B/token": f"{r[f'kv_bytes_{part}'] / tokens[i]:,.0f}"
+                  for part in ("full", "packed", "scales")},
                "closed form": f"{r['kv_bytes_per_token_formula']:,.0f}", "ppl": _fmt(r["ppl_wikitext2"], ".3f"),
                "ppl mode": r.get("ppl_mode", "")}
         for name, col in (("ppl x [95% CI]", "ppl_ratio"), ("Δ long [95% CI]", "long_diff")):

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from rap import apply_plan, measure
 from rap.files import write_csv
-from rap.modules import swapped_attention
 from rap.harness.settings import model_spec
 from rap.models import load_model
+from rap.modules import swapped_attention
 
 KEYS = ["latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms"]
 
@@ -31,7 +31,8 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--out", default="latency.csv")
     a = ap.parse_args()
-    runs = sorted(p.parent for root in a.roots for p in Path(root).rglob("plan.json") if (p.parent / "metrics.json").exists())
+    runs = sorted(p.parent for root in a.roots for p in Path(root).rglob("plan.json")
+                  if (p.parent / "metrics.json").exists())
     if not runs:
         raise SystemExit(f"error: no finished compressed runs under {' '.join(a.roots)}")
     cfg = OmegaConf.load(runs[0] / "config.yaml")

@@ -33,7 +33,8 @@ def layer_errors(model, plan, batch) -> list[dict]:
         lp, attn = plan["layers"][i], layer.self_attn
         ones = (torch.ones_like(t[f"q_rho.{i}"]), torch.ones_like(t[f"k_rho.{i}"]))
         versions = {mode: PrunedAttention(attn, lp["k_channels"], lp["v_channels"], qk_norm=norm, qk_rho=rho)
-                    for mode, norm, rho in (("exact", "exact", None), ("kept", "kept", (t[f"q_rho.{i}"], t[f"k_rho.{i}"])),
+                    for mode, norm, rho in (("exact", "exact", None),
+                                            ("kept", "kept", (t[f"q_rho.{i}"], t[f"k_rho.{i}"])),
                                             ("kept_rho1", "kept", ones))}
 
         def hook(_m, args, kwargs, i=i, versions=versions):
@@ -60,7 +61,8 @@ def main():
     ap.add_argument("--out", default=None, help="CSV of the per-layer errors")
     a = ap.parse_args()
     preset = yaml.safe_load((REPO / "conf" / "model" / f"{a.model}.yaml").read_text())
-    model, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"], dtype="float32"))
+    model, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"],
+                                      dtype="float32"))
     data = resolve_data_dir()
     calib = calibration_batch(tok, data, "wiki", a.calib, 512, seed=0)
     held = calibration_batch(tok, data, "wiki", a.held_out, 512, seed=1)

@@ -43,7 +43,8 @@ def main():
     a.windows = a.windows or None
     data_dir = resolve_data_dir()
     preset = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / f"{a.model}.yaml").read_text())
-    model, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"], dtype="float32"))
+    model, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"],
+                                      dtype="float32"))
     ids = tok(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
     calib = calibration_batch(tok, data_dir, "wiki", a.calib, 512)
     bos = window_bos(tok)

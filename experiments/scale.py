@@ -22,15 +22,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rap.harness.bench import SHAPES  # noqa: E402
 from rap.calibration import gradient_settings  # noqa: E402
 from rap.files import write_csv  # noqa: E402
+from rap.harness.bench import SHAPES  # noqa: E402
 from rap.memory import recording, stage  # noqa: E402
-from rap.methods import make_method  # noqa: E402
-from rap.plans import validate_plan  # noqa: E402
-from rap.methods import lowrank  # noqa: E402
+from rap.methods import lowrank, make_method  # noqa: E402
 from rap.models import tiny_config  # noqa: E402
 from rap.modules import swapped_attention  # noqa: E402
+from rap.plans import validate_plan  # noqa: E402
 
 INTERMEDIATE = {"llama3-8b": 14336, "mistral-7b": 14336, "qwen2.5-7b": 18944, "llama3-70b": 28672,
                 "smollm2-135m": 1536, "tiny": 128}
@@ -90,11 +89,13 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
 
 def markdown(est: list[dict]) -> str:
-    lines = ["| shape (layers) | method | stage | s/layer | peak MB, 1 layer | peak MB, 2 layers | est. time, all layers | est. peak GB, all layers |",
+    lines = ["| shape (layers) | method | stage | s/layer | peak MB, 1 layer | peak MB, 2 layers "
+             "| est. time, all layers | est. peak GB, all layers |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in est:
         lines.append(f"| {e['shape']} ({e['layers_real']}) | {e['run']} | {e['stage']} | {e['s_per_layer']:.1f} | "
-                     f"{e['peak_mb_1']:.0f} | {e['peak_mb_2']:.0f} | {e['est_s'] / 60:.1f} min | {e['est_peak_gb']:.2f} |")
+                     f"{e['peak_mb_1']:.0f} | {e['peak_mb_2']:.0f} | {e['est_s'] / 60:.1f} min | "
+                     f"{e['est_peak_gb']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +114,8 @@ def thread_rows(shape: str, rounds: int) -> list[dict]:
             lowrank.LINALG_THREADS = threads
             t0 = time.perf_counter()
             lowrank.factorize(w, rows * 3 // 4, gram)
-            out.append({"shape": shape, "round": r, "linalg_threads": threads or default, "seconds": time.perf_counter() - t0})
+            out.append({"shape": shape, "round": r, "linalg_threads": threads or default,
+                        "seconds": time.perf_counter() - t0})
     lowrank.LINALG_THREADS = 1
     return out
 
@@ -144,7 +146,8 @@ def main(argv=None):
     for shape in a.shapes:
         for layers in a.layers:
             model = scaled_model(shape, layers, a.vocab)
-            print(f"{shape}, {layers} layer(s), {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+            print(f"{shape}, {layers} layer(s), {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters",
+                  flush=True)
             for run in a.runs:
                 for r in measure(model, run, a.ratio, calibration):
                     rows.append({"shape": shape, "run": run, "layers": layers, "ratio": a.ratio,

@@ -21,6 +21,11 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 TEXT_ONLY = {"gemma3": "gemma3_text (a text-only Gemma 3 checkpoint, e.g. model=gemma3-1b or model=gemma3-270m)"}
 
 
+def check_even_head_dim(d: int) -> None:
+    if d % 2:
+        raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -33,7 +38,9 @@ def has_qk_norm(config) -> bool:
 def rope_parameter_sets(config) -> list[dict]:
     """The config's RoPE parameters: one dict, or one per layer type when layers have their own (Gemma 3)."""
     params = getattr(config, "rope_parameters", None) or {}
-    return [params] if "rope_type" in params or "rope_theta" in params else [p for p in params.values() if isinstance(p, dict)]
+    if "rope_type" in params or "rope_theta" in params:
+        return [params]
+    return [p for p in params.values() if isinstance(p, dict)]
 
 
 def rope_types(config) -> set[str]:
@@ -81,13 +88,12 @@ def check_config(config) -> None:
         raise ModelError(f"Model type '{mt}' is a multimodal wrapper; compress its text model as {TEXT_ONLY[mt]}.")
     if mt not in ROPE_MODEL_TYPES:
         raise unsupported_layout(mt)
-    d = head_dim(config)
-    if d % 2:
-        raise ModelError(f"head_dim={d} is odd, so keys cannot be split into RoPE pairs.")
+    check_even_head_dim(head_dim(config))
     partial = [p.get("partial_rotary_factor", 1.0) for p in rope_parameter_sets(config)]
     partial.append(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
     if min(partial) < 1.0:
-        raise ModelError(f"{mt} rotates only part of each head (partial_rotary_factor={min(partial)}); RoPE pairs of the "
+        raise ModelError(f"{mt} rotates only part of each head (partial_rotary_factor={min(partial)}); RoPE pairs of "
+                         "the "
                          "unrotated dims have no frequency, which the methods need.")
     if getattr(config, "attn_logit_softcapping", None):
         raise ModelError(f"{mt} soft-caps attention logits (attn_logit_softcapping), which the compressed attention "
@@ -118,8 +124,7 @@ def check_model(model) -> None:
         if hasattr(attn, "sinks"):
             raise ModelError(f"Layer {i} of this {mt} model has attention sinks, which the compressed attention does "
                              "not apply.")
-        if attn.head_dim % 2:
-            raise ModelError(f"head_dim={attn.head_dim} is odd, so keys cannot be split into RoPE pairs.")
+        check_even_head_dim(attn.head_dim)
         if has_qk_norm(cfg) != (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
             raise ModelError(f"Layer {i} of this {mt} model {'lacks' if has_qk_norm(cfg) else 'has'} the q_norm/k_norm "
                              f"that {mt} models {'have' if has_qk_norm(cfg) else 'lack'}.")
@@ -132,4 +137,5 @@ def check_method(config, method: str) -> None:
                          f"({', '.join(STATIC_ROPE_TYPES)}); this model uses {', '.join(sorted(rope_types(config)))}.")
     if method == "elitekv" and has_qk_norm(config):
         raise ModelError(f"EliteKV folds the non-elite key dims of every head into one shared latent, so the per-head "
-                         f"k_norm of {config.model_type} (an RMS over the whole key head) cannot be applied; use rap or palu.")
+                         f"k_norm of {config.model_type} (an RMS over the whole key head) cannot be applied; "
+                         "use rap or palu.")

@@ -19,8 +19,8 @@ import torch
 
 from .architecture import sliding_layers
 from .compat import cache_kwargs
-from .errors import ConfigError
 from .devices import model_device
+from .errors import ConfigError
 
 BACKEND_BITS = {"hqq": (2, 4, 8), "quanto": (2, 4)}
 BACKEND_PACKAGE = {"hqq": "hqq", "quanto": "optimum.quanto"}
@@ -63,11 +63,13 @@ class CacheSpec:
             raise ConfigError(f"cache.nbits={self.nbits} is not available with cache.backend={self.backend}; "
                               f"use one of {list(BACKEND_BITS[self.backend])}.")
         if self.q_group_size < 1 or self.residual_length < 1:
-            raise ConfigError(f"cache.q_group_size={self.q_group_size} and cache.residual_length={self.residual_length} must be positive.")
+            raise ConfigError(f"cache.q_group_size={self.q_group_size} and "
+                              f"cache.residual_length={self.residual_length} must be positive.")
         try:
             __import__(BACKEND_PACKAGE[self.backend])
         except ImportError:
-            raise ConfigError(f"cache.backend={self.backend} needs the {BACKEND_PACKAGE[self.backend].replace('.', '-')} "
+            raise ConfigError(f"cache.backend={self.backend} needs the "
+                              f"{BACKEND_PACKAGE[self.backend].replace('.', '-')} "
                               f"package: pip install 'rap[quant]' (or install requirements.lock).") from None
 
     @property
@@ -83,7 +85,8 @@ def cache_spec(cfg) -> CacheSpec:
     kind, _ = options.pop("name", "dynamic"), options.pop("tag", None)
     names = set(CacheSpec.__dataclass_fields__)
     if set(options) - names:
-        raise ConfigError(f"Unknown cache option(s) {sorted(set(options) - names)}; the options are {sorted(names - {'kind'})}.")
+        raise ConfigError(f"Unknown cache option(s) {sorted(set(options) - names)}; the options are "
+                          f"{sorted(names - {'kind'})}.")
     spec = CacheSpec(kind=kind, **options)
     spec.validate()
     return spec
@@ -153,8 +156,8 @@ def make_cache(spec: CacheSpec, model):
         return DynamicCache(config=model.config)  # sliding-window layers keep their window, as the model's own cache
     windows = sum(sliding_layers(model.config))
     if windows:  # transformers' QuantizedCache builds full-attention layers only
-        raise ConfigError(f"cache=quantized holds full-attention layers only, and this {model.config.model_type} model has "
-                          f"{windows} sliding-window layers; use cache=dynamic.")
+        raise ConfigError(f"cache=quantized holds full-attention layers only, and this {model.config.model_type} "
+                          f"model has {windows} sliding-window layers; use cache=dynamic.")
     axis = AXIS[spec.backend]
     kwargs = dict(nbits=spec.nbits, axis_key=axis, axis_value=axis, q_group_size=spec.q_group_size,
                   residual_length=spec.residual_length)

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .devices import model_device
 from .errors import ConfigError
 from .hooks import layer_by_layer, temporary_hooks
 from .memory import stage
 from .modules import trainable_only
-from .devices import model_device
-
 
 # Statistics whose calibration size can be set on its own (``calibration.<name>`` in the config).
 STATISTICS = ("whiten", "fisher", "scores", "rope_elite")
@@ -34,7 +33,8 @@ def hold_out(calibration, n: int):
     default = calibration_for(calibration, "default")
     if default is None or len(default) <= n:
         size = 0 if default is None else len(default)
-        raise ConfigError(f"Holding out {n} calibration sequences for scoring needs more than {n}, and the batch has {size}; raise calibration.n_samples.")
+        raise ConfigError(f"Holding out {n} calibration sequences for scoring needs more than {n}, and the batch has "
+                          f"{size}; raise calibration.n_samples.")
     if isinstance(calibration, torch.Tensor):
         return default[:-n], default[-n:]
     return {**calibration, "default": default[:-n]}, default[-n:]
@@ -120,12 +120,14 @@ def lm_loss(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     time; each chunk's logits are recomputed in the backward rather than kept."""
     hidden = model.model(ids, use_cache=False).last_hidden_state[:, :-1]
     labels = ids[:, 1:].to(hidden.device)
-    total = sum(checkpoint(_chunk_loss, model.lm_head, hidden[:, i:i + chunk], labels[:, i:i + chunk], use_reentrant=False)
+    total = sum(checkpoint(_chunk_loss, model.lm_head, hidden[:, i:i + chunk], labels[:, i:i + chunk],
+                           use_reentrant=False)
                 for i in range(0, labels.shape[1], chunk))
     return total / labels.numel()
 
 
-def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), rows: bool = True) -> dict[str, list[torch.Tensor]]:
+def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"),
+                     rows: bool = True) -> dict[str, list[torch.Tensor]]:
     """Per layer, over calibration sequences, for the LM loss: mean squared gradient (``fisher``) and mean |w·g|
     (``taylor``) of the k_proj and v_proj weights, under keys ``fisher_k, fisher_v, taylor_k, taylor_v``.
 
@@ -134,7 +136,8 @@ def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), row
     a square root per element). Each weight's gradient is folded in and freed as soon as the backward has
     produced it, so no layer's full gradient outlives its own step."""
     dev = model_device(model)
-    targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight) for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
+    targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight)
+               for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
     out = {f"{kind}_{n}": [None] * len(_layers(model)) for kind in kinds for n in ("k", "v")}
 
     def fold(i, n, w):

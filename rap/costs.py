@@ -60,6 +60,8 @@ def attention_decode_flops(config, context_len: int, plan=None) -> int:
 
 
 def decode_flops(config, context_len: int, plan=None) -> int:
-    """FLOPs (2 per multiply-add of matmuls; elementwise ops not counted, as FlopCounterMode does) of one decode step."""
+    """FLOPs (2 per multiply-add of matmuls; elementwise ops not counted, as FlopCounterMode does) of one decode
+    step."""
     L = config.num_hidden_layers
-    return attention_decode_flops(config, context_len, plan) + 2 * L * mlp_weights(config) + 2 * config.vocab_size * config.hidden_size
+    head = 2 * config.vocab_size * config.hidden_size
+    return attention_decode_flops(config, context_len, plan) + 2 * L * mlp_weights(config) + head

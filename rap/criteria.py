@@ -90,7 +90,8 @@ def random_scores(model, batch=None, seed=0):
     nkv, d, _ = _shape(model)
     g = torch.Generator().manual_seed(seed)
     L = len(model.model.layers)
-    return {"k": [torch.rand(nkv, d // 2, generator=g) for _ in range(L)], "v": [torch.rand(nkv, d, generator=g) for _ in range(L)]}
+    return {"k": [torch.rand(nkv, d // 2, generator=g) for _ in range(L)],
+            "v": [torch.rand(nkv, d, generator=g) for _ in range(L)]}
 
 
 def rope_blind(model, batch, seed=0):

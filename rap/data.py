@@ -28,7 +28,8 @@ def resolve_data_dir(configured: str | None = None) -> Path | None:
     if chosen:
         path = Path(chosen).expanduser().resolve()
         if not path.is_dir():
-            raise DataError(f"Data dir '{path}' does not exist; set data.dir=... or ${DATA_DIR_ENV} to the folder with the data files.")
+            raise DataError(f"Data dir '{path}' does not exist; set data.dir=... or ${DATA_DIR_ENV} to the folder "
+                            "with the data files.")
         return path
     default = (REPO_ROOT.parent / "shared" / "data").resolve()
     return default if default.is_dir() else None
@@ -37,7 +38,8 @@ def resolve_data_dir(configured: str | None = None) -> Path | None:
 def data_file(data_dir: Path, rel: str) -> Path:
     path = Path(data_dir) / rel
     if not path.is_file():
-        raise DataError(f"Data file '{path}' is missing; set data.dir=... or ${DATA_DIR_ENV} to a folder that has '{rel}'.")
+        raise DataError(f"Data file '{path}' is missing; set data.dir=... or ${DATA_DIR_ENV} to a folder that has "
+                        f"'{rel}'.")
     return path
 
 
@@ -64,7 +66,8 @@ def calibration_documents(data_dir: Path | None, source: str = "wiki") -> list[s
         try:
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
         except Exception as e:  # offline, or no cached copy
-            raise DataError(f"WikiText-2 train could not be loaded ({type(e).__name__}); use calibration.source=wiki or c4.") from None
+            raise DataError(f"WikiText-2 train could not be loaded ({type(e).__name__}); use calibration.source=wiki "
+                            "or c4.") from None
         return ["\n\n".join(rows)]
     if source not in CALIBRATION_FILES:
         raise DataError(f"Unknown calibration source '{source}'; use wiki, c4 or wikitext2_train.")
@@ -132,7 +135,8 @@ def calibration_batches(tokenizer, data_dir: Path | None, source: str, sizes: di
     state, out = rng.getstate(), {}
     for name, (n_samples, seqlen) in sizes.items():
         if ids.numel() < n_samples * seqlen:
-            raise DataError(f"Calibration source '{source}' has {ids.numel()} tokens, fewer than {n_samples}x{seqlen}; lower calibration.n_samples or seqlen.")
+            raise DataError(f"Calibration source '{source}' has {ids.numel()} tokens, fewer than "
+                            f"{n_samples}x{seqlen}; lower calibration.n_samples or seqlen.")
         rng.setstate(state)
         starts = rng.sample(range(0, ids.numel() - seqlen), n_samples)
         if bos is None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .hooks import layer_arguments
 from .devices import model_device
+from .hooks import layer_arguments
 from .modules import swapped_attention, trainable_only
 
 HEAL_PREFIX = "heal."
@@ -93,7 +93,8 @@ def _kl(model, ids, originals, chunk: int = 1024) -> torch.Tensor:
     return total / n
 
 
-def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int = 0) -> dict:
+def heal_e2e(model, originals: list, batch: torch.Tensor, steps: int, lr: float, batch_size: int,
+             seed: int = 0) -> dict:
     """Distil the uncompressed model (``model`` with ``originals`` swapped in) into the compressed ``model`` (in place)
     on ``batch``; returns ``{"loss": [per-step KL], "before", "after" (KL on all of ``batch``), "params", "time_s"}``.
     ``originals`` are released at the end."""

@@ -54,7 +54,8 @@ def layer_calls(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
                 first.append(args[0] if args else kw["hidden_states"])
         return pre
 
-    with temporary_hooks([layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]):
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with temporary_hooks(handles):
         model.model(ids.to(model_device(model)), use_cache=False)
     return first[0], kwargs
 

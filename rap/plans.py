@@ -48,7 +48,8 @@ def load_plan(path: str | Path) -> dict:
         try:
             plan["tensors"] = load_file(tensors_path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise PlanError(f"Plan tensors file {tensors_path} cannot be read as safetensors (truncated?): {e}.") from None
+            raise PlanError(f"Plan tensors file {tensors_path} cannot be read as safetensors (truncated?): "
+                            f"{e}.") from None
     plan["source"] = str(path)
     return plan
 
@@ -88,7 +89,8 @@ def apply_plan(model, plan: dict | str | Path):
         except PlanError as e:
             swap_attention(model, originals)
             source = plan.get("source")
-            raise PlanError(f"{f'Plan {source}' if source else 'The plan'} does not fit this model: its healed weights: {e}.") from None
+            raise PlanError(f"{f'Plan {source}' if source else 'The plan'} does not fit this model: its healed "
+                            f"weights: {e}.") from None
         load_healed(model, healed)
     plan.setdefault("model", model_signature(model.config))
     model.rap_plan = plan  # on the module, not the config: it may hold tensors

@@ -33,7 +33,8 @@ def _aligned(base: dict, other: dict, metric: str) -> np.ndarray:
     b = dict(zip(base["doc_id"], base[metric]))
     o = dict(zip(other["doc_id"], other[metric]))
     if set(b) != set(o):
-        raise ValueError("the two runs were evaluated on different documents; pair only runs of one sweep (same eval profile and seed)")
+        raise ValueError("the two runs were evaluated on different documents; pair only runs of one sweep (same eval "
+                         "profile and seed)")
     return np.array([o[d] - b[d] for d in sorted(b)], dtype=float)
 
 

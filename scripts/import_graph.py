@@ -26,7 +26,8 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            elif path.parent.name == "experiments" and base in {module_name(p).split(".")[-1] for p in (ROOT / "experiments").glob("*.py")}:
+            elif path.parent.name == "experiments" and base in {module_name(p).split(".")[-1]
+                                                                 for p in (ROOT / "experiments").glob("*.py")}:
                 base = f"experiments.{base}"  # experiments/ scripts import their siblings by bare name
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:

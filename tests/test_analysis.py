@@ -28,7 +28,8 @@ def make_run(root, name, method, ratio, ppl, acc_shift=0.0, criterion="key_energ
         acc = np.where(flip, 1.0 if acc_shift > 0 else 0.0, base)
         zs[t] = {"doc_id": list(range(200)), "acc": acc.tolist()}
     window = 3.0 + base_rng.normal(0, 0.1, 6) + nll_shift + rng.normal(0, 0.001, 6)
-    (d / "per_sample.json").write_text(json.dumps({"ppl": {"window_nll": window.tolist(), "seqlen": 64}, "zeroshot": zs}))
+    (d / "per_sample.json").write_text(json.dumps({"ppl": {"window_nll": window.tolist(), "seqlen": 64},
+                                                   "zeroshot": zs}))
     m = {"model": "m", "method": method, "ratio": ratio, "eval_profile": "quick", "seed": 0, "status": "complete",
          "ppl_wikitext2": ppl, "acc_avg": float(np.mean([np.mean(z["acc"]) for z in zs.values()])),
          "kv_bytes_per_token": kv, "kv_bytes_per_token_ratio": kv / 100.0, "env_torch": "2.13.0", **(extra or {})}
@@ -80,7 +81,9 @@ def test_collect_from_wandb_has_the_local_columns(sweep):
             local = collect_module.collect_local(sweep)[0]
             out = []
             for i, row in local.iterrows():
-                summary = {k: v for k, v in row.items() if not k.startswith("cfg.") and k not in ("path", "variant", "tag", "criterion", "experiment")}
+                summary = {k: v for k, v in row.items()
+                           if not k.startswith("cfg.")
+                           and k not in ("path", "variant", "tag", "criterion", "experiment")}
                 config = {k[4:]: v for k, v in row.items() if k.startswith("cfg.")}
                 out.append(Run(f"r{i}", "finished", summary, config))
             return out + [Run("x", "crashed", {}, {"method.name": "elitekv"})]
@@ -209,7 +212,8 @@ def test_pair_compares_two_runs_on_the_same_windows_and_refuses_others(tmp_path,
     def run(name, nll, acc, **extra):
         folder = tmp_path / name
         folder.mkdir()
-        m = {"run_name": name, "model": "m", "eval_profile": "quick", "seed": 0, "ppl_seqlen": 8, "ppl_windows": 3, **extra}
+        m = {"run_name": name, "model": "m", "eval_profile": "quick", "seed": 0, "ppl_seqlen": 8, "ppl_windows": 3,
+             **extra}
         (folder / "metrics.json").write_text(json.dumps(m))
         (folder / "per_sample.json").write_text(json.dumps(
             {"ppl": {"window_nll": nll}, "zeroshot": {"piqa": {"doc_id": [0, 1, 2, 3], "acc": acc}}}))

@@ -10,9 +10,9 @@ from transformers import DynamicCache
 from rap import costs, measure
 from rap.architecture import check_config, sliding_layers
 from rap.errors import ConfigError, ModelError, PlanError
-from rap.plans import apply_plan, compress, get_plan, load_plan, save_plan
 from rap.methods.rap import qk_rho
 from rap.models import build_tiny, tiny_config
+from rap.plans import apply_plan, compress, get_plan, load_plan, save_plan
 
 ARCHS = ("tiny-llama", "tiny-llama31", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3")
 QK_NORM_ARCHS = ("tiny-qwen3", "tiny-gemma3")
@@ -221,6 +221,7 @@ def test_quantized_cache_on_sliding_layers_is_refused():
 
 def test_hub_preset_is_named_after_the_checkpoint_and_needs_a_path(tmp_path):
     from conftest import REPO, compose
+
     from rap.harness.resolvers import unknown_model_presets
     from rap.harness.settings import model_spec
     from rap.models import load_config
@@ -251,6 +252,7 @@ def test_run_py_names_the_hub_preset_for_an_unknown_model(tmp_path):
 
 def test_gemma3_job_records_qk_norm_and_kv_bytes_at_its_context(tmp_path, data_dir):
     from conftest import compose
+
     from rap.harness.job import run_job
 
     cfg = compose("model=tiny-gemma3", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", "method=rap-qk-kept",

@@ -1,9 +1,9 @@
 """A bad data file fails the job with one sentence naming it, before any model is loaded, and leaves no result."""
 import pytest
-
 from conftest import compose
-from rap.harness import job as job_module
+
 from rap.errors import DataError
+from rap.harness import job as job_module
 from rap.harness.job import run_job
 
 
@@ -28,11 +28,16 @@ def head(path, n_bytes):
 
 
 CASES = {
-    "truncated task JSONL": ("piqa/valid.jsonl", lambda d: head(d / "piqa/valid.jsonl", 5000), r"line \d+ is not valid JSON"),
-    "label file of the wrong length": ("piqa/valid-labels.lst", lambda d: b"0\n1\n1\n", r"has 3 labels but .*valid.jsonl has \d+ records"),
-    "records without the task's fields": ("arc_easy/ARC-Easy-Test.jsonl", lambda d: b'{"id": "x"}\n' * 3, r"without the expected field 'question'"),
-    "empty calibration text": ("calibration/wiki.utf8", lambda d: b"", r"holds no document of more than 200 characters"),
-    "WikiText shorter than one window": ("wikitext-2-raw/wiki.test.raw", lambda d: b" = A = \n", r"holds 8 bytes, fewer than one perplexity window of 64 tokens"),
+    "truncated task JSONL": ("piqa/valid.jsonl", lambda d: head(d / "piqa/valid.jsonl", 5000),
+                             r"line \d+ is not valid JSON"),
+    "label file of the wrong length": ("piqa/valid-labels.lst", lambda d: b"0\n1\n1\n",
+                                       r"has 3 labels but .*valid.jsonl has \d+ records"),
+    "records without the task's fields": ("arc_easy/ARC-Easy-Test.jsonl", lambda d: b'{"id": "x"}\n' * 3,
+                                          r"without the expected field 'question'"),
+    "empty calibration text": ("calibration/wiki.utf8", lambda d: b"",
+                               r"holds no document of more than 200 characters"),
+    "WikiText shorter than one window": ("wikitext-2-raw/wiki.test.raw", lambda d: b" = A = \n",
+                                         r"holds 8 bytes, fewer than one perplexity window of 64 tokens"),
 }
 
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY
-from rap.compat import cache_kwargs, output_cache
-from rap import costs, apply_plan, compress, get_plan, measure, save_plan
+
+from rap import apply_plan, compress, costs, get_plan, measure, save_plan
 from rap.calibration import attention_errors, attention_input_grams, calibration_for, greedy_order, hold_out
-from rap.methods.lowrank import fisher_uniform_ranks
+from rap.compat import cache_kwargs, output_cache
 from rap.errors import ConfigError
+from rap.methods.lowrank import fisher_uniform_ranks
 from rap.models import build_tiny
 
 CALIB = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -83,7 +83,8 @@ def test_cache_holds_exactly_the_latents():
     layer = measure.prefill(elite, X[:1]).layers[0]
     kv_dim = 2 * (12 + 11) - 2 * 4
     assert get_plan(elite)["kv_dim"] == kv_dim
-    assert layer.keys.shape == (1, 1, 24, kv_dim) and layer.values.shape == (1, 1, 24, 2 * 4)  # latent; packed elite keys
+    assert (layer.keys.shape == (1, 1, 24, kv_dim)
+            and layer.values.shape == (1, 1, 24, 2 * 4))  # latent; packed elite keys
 
 
 def test_equal_budget_and_costs_at_ratio_03():
@@ -145,7 +146,8 @@ def test_fisher_uniform_ranks_on_hand_numbers():
     assert fisher_uniform_ranks([1, 2, 3, 4], 20, cap=100) == [2, 4, 6, 8]
     assert fisher_uniform_ranks([1, 2, 3, 4], 20, cap=7) == [3, 4, 6, 7]  # 8 capped at 7; the spare rank goes to m0
     assert fisher_uniform_ranks([1, 1, 1], 10, cap=10) == [4, 3, 3]
-    assert fisher_uniform_ranks([0, 0, 1], 9, cap=8, floor=1) == [1, 1, 7] and sum(fisher_uniform_ranks([5, 1], 40, 16)) == 32
+    assert (fisher_uniform_ranks([0, 0, 1], 9, cap=8, floor=1) == [1, 1, 7]
+            and sum(fisher_uniform_ranks([5, 1], 40, 16)) == 32)
 
 
 def direct_palu_scores(model, calib):
@@ -247,7 +249,8 @@ def test_elitekv_search_builds_candidates_in_place_and_puts_the_model_back(monke
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     scored, seen = {}, set()
     real_ppl = elitekv._calibration_ppl
-    monkeypatch.setattr(elitekv, "_calibration_ppl", lambda m, p, b: scored.setdefault(p["elite_pairs"], p) and real_ppl(m, p, b))
+    monkeypatch.setattr(elitekv, "_calibration_ppl",
+                        lambda m, p, b: scored.setdefault(p["elite_pairs"], p) and real_ppl(m, p, b))
     model.lm_head.register_forward_hook(lambda *_: seen.add(type(model.model.layers[0].self_attn)))
     plan = elitekv.EliteKV(0.3, search_sequences=2, decomposition=decomposition).make_plan(model, calib)
     assert elitekv.EliteAttention in seen  # the scoring forwards ran this very model, compressed
@@ -279,7 +282,8 @@ def test_elitekv_reads_each_layers_gram_once_for_every_candidate(monkeypatch):
             events.append(("gram", i))
             yield i, g
 
-    monkeypatch.setattr(elitekv, "factorize", lambda w, rank, gram: events.append(("factorize", rank)) or real_factorize(w, rank, gram))
+    monkeypatch.setattr(elitekv, "factorize",
+                        lambda w, rank, gram: events.append(("factorize", rank)) or real_factorize(w, rank, gram))
     plans = search._plans(model, candidates, budget, search._order(model, CALIB), layer_by_layer())
     kv_dims = [p["kv_dim"] for p in plans]
     assert candidates == [1, 2, 4] and len(set(kv_dims)) == 3
@@ -293,8 +297,10 @@ def test_elitekv_search_scores_held_out_sequences(monkeypatch):
 
     seen = {}
     real_order, real_ppl = elitekv.rope_elite_order, elitekv._calibration_ppl
-    monkeypatch.setattr(elitekv, "rope_elite_order", lambda m, b, **kw: seen.setdefault("fit", b) is None or real_order(m, b, **kw))
-    monkeypatch.setattr(elitekv, "_calibration_ppl", lambda m, p, b: seen.setdefault("score", b) is None or real_ppl(m, p, b))
+    monkeypatch.setattr(elitekv, "rope_elite_order",
+                        lambda m, b, **kw: seen.setdefault("fit", b) is None or real_order(m, b, **kw))
+    monkeypatch.setattr(elitekv, "_calibration_ppl",
+                        lambda m, p, b: seen.setdefault("score", b) is None or real_ppl(m, p, b))
     model, _ = build_tiny("tiny-llama")
     calib = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(3))
     plan = get_plan(compress(model, "elitekv", 0.3, calibration=calib, search_sequences=2))

@@ -21,7 +21,8 @@ def test_layer_grid_rows_structure_and_ordering(tmp_path):
             assert r["ratio_to_full"] == 1.0 and r["ideal_ratio"] == 1.0
         if r["variant"] == "stock":
             assert r["ratio_to_stock"] == 1.0 and r["ideal_ratio"] == 1.0
-    ideal = {(r["method"], r["ratio"]): r["ideal_ratio"] for r in ok if r["mode"] == "decode" and r["cache"] == "dynamic"}
+    ideal = {(r["method"], r["ratio"]): r["ideal_ratio"] for r in ok
+             if r["mode"] == "decode" and r["cache"] == "dynamic"}
     # Equal KV budgets at each ratio (head_dim 16: 6 pairs + 12 V channels, then 4 pairs + 8 V channels).
     assert ideal[("rap", 0.25)] == ideal[("palu", 0.25)] == ideal[("elitekv", 0.25)] == 0.75
     assert ideal[("rap", 0.5)] == ideal[("palu", 0.5)] == 0.5
@@ -42,15 +43,15 @@ def test_bench_cli_rejects_bad_grid(capsys):
     with pytest.raises(SystemExit, match="must be positive"):
         bench.main(["layer", "--shapes", "tiny", "--contexts", "0"])
     with pytest.raises(SystemExit, match="unknown shape"):
-        bench.main(["layer", "--shapes", "gpt5", "--modes", "decode", "--contexts", "8", "--batches", "1", "--rounds", "1",
-                    "--out", "/nonexistent/x.csv"])
+        bench.main(["layer", "--shapes", "gpt5", "--modes", "decode", "--contexts", "8", "--batches", "1", "--rounds",
+                    "1", "--out", "/nonexistent/x.csv"])
 
 
 def test_bench_csv_feeds_the_latency_figures(tmp_path):
     from analysis import figures
 
-    rows = bench.layer_rows("tiny", ["prefill", "decode"], [8, 16], [16, 32], [1], ["dynamic"], ["rap", "palu"], [0.3], [1],
-                            rounds=1, warmup=0)
+    rows = bench.layer_rows("tiny", ["prefill", "decode"], [8, 16], [16, 32], [1], ["dynamic"], ["rap", "palu"], [0.3],
+                            [1], rounds=1, warmup=0)
     write_csv(tmp_path / "b.csv", rows)
     figures.main(["--latency", str(tmp_path / "b.csv"), "--out", str(tmp_path / "fig")])
     assert {p.name for p in (tmp_path / "fig").glob("*.png")} == {"latency_decode.png", "latency_prefill.png"}
@@ -59,7 +60,8 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
     table = bench_table(tmp_path / "b.csv", ratio=0.3)
     assert len(table) == 4 and {"rap", "palu", "ideal", "rap-full / stock"} <= set(table.columns)  # one row per cell
     rap = next(r for r in rows if r["variant"] == "rap-r0.3" and r["mode"] == "decode" and r["length"] == 32)
-    assert table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0].startswith(f"{rap['ratio_to_full']:.3f} [")
+    assert table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0].startswith(
+        f"{rap['ratio_to_full']:.3f} [")
 
 
 def test_bench_cli_resumes_finished_cells_and_refuses_other_settings(tmp_path, capsys):

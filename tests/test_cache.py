@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TINY
-from rap import costs, compress, get_plan, measure
+from rap import compress, costs, get_plan, measure
 from rap.compat import CACHE_ARG, cache_kwargs, output_cache
 from rap.models import build_tiny
 

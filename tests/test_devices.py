@@ -3,8 +3,8 @@ the input embedding's device, and the padding that lets CUDA's fused attention k
 stands in for a second device (applying a plan only slices and copies tensors, which meta does)."""
 import pytest
 import torch
-
 from conftest import TINY, compose
+
 from rap import apply_plan, devices
 from rap.errors import ModelError
 from rap.methods import make_method
@@ -25,7 +25,8 @@ def split_model(name):
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("method, opts", METHODS, ids=lambda x: x if isinstance(x, str) else ",".join(map(str, x.values())))
+@pytest.mark.parametrize("method, opts", METHODS,
+                         ids=lambda x: x if isinstance(x, str) else ",".join(map(str, x.values())))
 def test_compressed_modules_live_on_their_layers_device(name, method, opts):
     model, _ = build_tiny(name)
     plan = make_method(method, 0.3, **opts).make_plan(model, CALIB)
@@ -33,7 +34,8 @@ def test_compressed_modules_live_on_their_layers_device(name, method, opts):
     for layer, device in zip(split.model.layers, ("cpu", "meta")):
         attn = layer.self_attn
         assert isinstance(attn, CompressedAttention)
-        misplaced = {n: t.device.type for n, t in (*attn.named_parameters(), *attn.named_buffers()) if t.device.type != device}
+        misplaced = {n: t.device.type for n, t in (*attn.named_parameters(), *attn.named_buffers())
+                     if t.device.type != device}
         assert misplaced == {}
 
 
@@ -71,7 +73,8 @@ def test_padding_changes_no_attention_output(n_qk, n_v, multiple, width):
 
 
 def test_round_to_auto_is_1_on_cpu_and_8_on_cuda():
-    assert resolve_round_to("auto", "cpu") == 1 and resolve_round_to("auto", "cuda") == 8 and resolve_round_to(4, "cuda") == 4
+    assert (resolve_round_to("auto", "cpu") == 1 and resolve_round_to("auto", "cuda") == 8
+            and resolve_round_to(4, "cuda") == 4)
     from rap.harness.settings import job_config
 
     cfg = compose("model=tiny-llama", "ratio=0.3", "device=cpu")

@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO, compose
+
 from rap.harness.job import run_job
 
 PHASES = ["load", "compress", "latency", "ppl", "zeroshot", "write:metrics.json", "finish"]
@@ -18,7 +18,8 @@ COMMON = ["model=tiny-llama", "eval=smoke", "eval.zeroshot.limit=2", "tracking=w
 
 
 def sweep(tmp_path, kill_at=None, ratios=RATIOS, launcher=(), name="s"):
-    cmd = [sys.executable, "run.py", "-m", *launcher, *COMMON, f"out_dir={tmp_path}", f"sweep={name}", f"ratio={','.join(ratios)}"]
+    cmd = [sys.executable, "run.py", "-m", *launcher, *COMMON, f"out_dir={tmp_path}", f"sweep={name}",
+           f"ratio={','.join(ratios)}"]
     env = {k: v for k, v in os.environ.items() if k != "RAP_KILL_AT"}
     if kill_at:
         env["RAP_KILL_AT"] = kill_at
@@ -27,7 +28,8 @@ def sweep(tmp_path, kill_at=None, ratios=RATIOS, launcher=(), name="s"):
 
 def snapshot(root):
     """Every finished result: file -> (bytes, mtime_ns)."""
-    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for folder in root.glob("*/") if (folder / "metrics.json").exists()
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for folder in root.glob("*/")
+            if (folder / "metrics.json").exists()
             for p in [folder / "metrics.json", folder / "per_sample.json", folder / "plan.json"] if p.exists()}
 
 
@@ -55,7 +57,8 @@ def test_killed_sweeps_lose_nothing_and_redo_the_killed_job(tmp_path, capsys):
         finished, problems = collect_local(root)
         for p in root.glob("*/metrics.json"):
             assert json.loads(p.read_text())["status"] == "complete"
-        assert sorted(finished["run_name"] if len(finished) else []) == sorted(p.parent.name for p in root.glob("*/metrics.json"))
+        assert sorted(finished["run_name"] if len(finished) else []) == sorted(p.parent.name
+                                                                               for p in root.glob("*/metrics.json"))
         if phase is None:
             assert problems.empty and len(finished) == len(RATIOS)
             break
@@ -70,9 +73,9 @@ def test_killed_sweeps_lose_nothing_and_redo_the_killed_job(tmp_path, capsys):
         if phase.startswith("write:"):
             assert list(killed.glob(".metrics.json.*.tmp")), "the kill should leave the temp copy behind"
     with capsys.disabled():
-        print(f"\n[kill test] {len(PHASES)} kills injected; {kept} finished results (metrics, per-sample and plan files) "
-              f"byte-identical and not recomputed across the later runs; {redone} killed jobs redone completely; 1 killed "
-              "after its commit kept")
+        print(f"\n[kill test] {len(PHASES)} kills injected; {kept} finished results (metrics, per-sample and plan "
+              f"files) byte-identical and not recomputed across the later runs; {redone} killed jobs redone "
+              "completely; 1 killed after its commit kept")
 
 
 def test_two_sweeps_over_one_folder_compute_each_cell_once(tmp_path):
@@ -102,7 +105,8 @@ HOLD_LOCK = textwrap.dedent("""
 def test_a_held_lock_is_waited_for_and_a_dead_one_taken_over(tmp_path, data_dir, capsys, holder):
     out = tmp_path / "job"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), holder], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), holder], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held"
     if holder == "kill":
         proc.wait(timeout=60)
@@ -130,7 +134,8 @@ def test_a_full_disk_leaves_no_result_that_looks_complete(tmp_path, data_dir, mo
 
     monkeypatch.setattr(files.os, "replace", replace)
     cfg = compose("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}")
-    with pytest.raises(OutputError, match=r"Could not write .*metrics.json \(No space left on device\); free disk space"):
+    with pytest.raises(OutputError,
+                       match=r"Could not write .*metrics.json \(No space left on device\); free disk space"):
         run_job(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists() and not list((tmp_path / "job").glob(".*.tmp"))
     assert json.loads((tmp_path / "job" / "failure.json").read_text())["error"] == "OutputError"

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose
+
 from rap.cache import cache_spec
 from rap.errors import PlanError
 from rap.heal import heal_e2e, heal_layerwise, healed_tensors
-from rap.plans import apply_plan, compress, get_plan, save_plan
 from rap.measure import measure_costs
 from rap.models import build_tiny
+from rap.plans import apply_plan, compress, get_plan, save_plan
 
 OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
            "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}}
@@ -40,7 +40,8 @@ def test_healing_keeps_every_shape_and_cost_and_lowers_each_layers_error(method)
     originals = [layer.self_attn for layer in model.model.layers]
     compress(model, method, 0.25, **OPTIONS[method])
     before_shapes, before_costs = shapes(model), measure_costs(model, 16, cache_spec(None))
-    rope = [{k: v.clone() for k, v in dict(layer.self_attn.named_buffers()).items() if k in model_tensors(layer.self_attn)}
+    rope = [{k: v.clone() for k, v in dict(layer.self_attn.named_buffers()).items()
+             if k in model_tensors(layer.self_attn)}
             for layer in model.model.layers]
     batch = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
     out = heal_layerwise(model, originals, batch, steps=30, lr=1e-3, batch_size=3)
@@ -101,7 +102,8 @@ def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
 
     common = ("model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}",
               "ratio=0.25", "criterion=weight_norm")
-    heal = ("heal=layerwise", "heal.n_samples=4", "heal.seqlen=32", "heal.steps=10", "heal.batch_size=2", "heal.lr=1e-3")
+    heal = ("heal=layerwise", "heal.n_samples=4", "heal.seqlen=32", "heal.steps=10", "heal.batch_size=2",
+            "heal.lr=1e-3")
     cfg = compose(*common, *heal)
     assert cfg.run_name.endswith("-heal-lw_smoke") and "heal" not in compose(*common[:-2], *heal).run_name
     free, healed = run_job(compose(*common), tmp_path / "free"), run_job(cfg, tmp_path / "healed")

@@ -5,11 +5,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, compose
+
+from rap.errors import ConfigError, DataError
 from rap.harness import job as job_module
 from rap.harness import results, settings
-from rap.errors import ConfigError, DataError
 from rap.harness.job import run_job
 
 
@@ -103,7 +103,8 @@ def test_wandb_offline_run_mirrors_metrics_json(tmp_path, data_dir):
     saved = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert run["summary"] == saved
     assert run["config"]["model.name"] == "tiny-llama" and run["config"]["sweep"] == "exp1"
-    assert {k: run["config"][k] for k in saved if k.startswith("env_")} == {k: v for k, v in saved.items() if k.startswith("env_")}
+    assert {k: run["config"][k] for k in saved if k.startswith("env_")} == {k: v for k, v in saved.items()
+                                                                            if k.startswith("env_")}
     assert {"per_task", "per_layer"} <= run["history_keys"]
 
 
@@ -153,18 +154,20 @@ def test_unset_options_leave_the_identity_of_earlier_results():
 
 
 def test_elitekv_value_path_is_named_when_it_is_not_the_default():
-    """auto, the default, keeps the run name of before; fold or up is said in the run name and the report label. A result
-    from before the option (no value_path, or NaN beside newer ones) ran fold: it is labelled so, and it is not the
-    same result as auto's."""
+    """auto, the default, keeps the run name of before; fold or up is said in the run name and the report label. A
+    result from before the option (no value_path, or NaN beside newer ones) ran fold: it is labelled so, and it is not
+    the same result as auto's."""
     from analysis.collect import untrained_recipe
 
-    names = {vp: compose("method=elitekv", "ratio=0.2", f"method.value_path={vp}").run_name for vp in ("auto", "fold", "up")}
+    names = {vp: compose("method=elitekv", "ratio=0.2", f"method.value_path={vp}").run_name
+             for vp in ("auto", "fold", "up")}
     assert "_elitekv-greedy-e0-svd_r0.2_" in names["auto"]
     assert "_elitekv-greedy-e0-svd-vfold_r0.2_" in names["fold"] and "_elitekv-greedy-e0-svd-vup_r0.2_" in names["up"]
     row = {"method": "elitekv", "cfg.method.selection": "greedy", "cfg.method.elite_pairs": 0}
     assert untrained_recipe({**row, "cfg.method.value_path": "auto"}) == "EliteKV (greedy, r searched)"
     # auto is named by what it resolved to, where metrics.json records it
-    assert untrained_recipe({**row, "cfg.method.value_path": "auto", "value_path": "up"}) == "EliteKV (greedy, r searched, V up-projection)"
+    assert untrained_recipe({**row, "cfg.method.value_path": "auto", "value_path": "up"}) == (
+        "EliteKV (greedy, r searched, V up-projection)")
     assert untrained_recipe({**row, "cfg.method.value_path": "up"}) == "EliteKV (greedy, r searched, V up-projection)"
     assert untrained_recipe(row) == untrained_recipe({**row, "cfg.method.value_path": float("nan")}) == \
         "EliteKV (greedy, r searched, W_o folded)"
@@ -174,7 +177,8 @@ def test_elitekv_value_path_is_named_when_it_is_not_the_default():
 
 def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(job_module, "load_model", lambda *a, **k: pytest.fail("model loaded before the budget check"))
-    for method, message in (("rap", "leaves no RoPE pair"), ("palu", "leaves no RoPE pair"), ("elitekv", "leaves no RoPE pair")):
+    for method, message in (("rap", "leaves no RoPE pair"), ("palu", "leaves no RoPE pair"),
+                            ("elitekv", "leaves no RoPE pair")):
         with pytest.raises(ConfigError, match=message):
             run_job(tiny_cfg(tmp_path, f"method={method}", "ratio=0.97"), tmp_path / method)
         assert not (tmp_path / method / "config.yaml").exists()
@@ -209,7 +213,8 @@ def test_threads_per_job_never_oversubscribes():
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
-    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
+    extra = (["hydra.launcher.n_jobs=2"] if launcher == "joblib"
+             else ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"])
     cmd = [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", *extra, "model=tiny-llama", "eval=smoke",
            "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "sweep=s", "calibration.n_samples=2",
            "calibration.seqlen=32", "ratio=0,0.25"]
@@ -222,7 +227,8 @@ def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
     threads = max(1, (os.cpu_count() or 1) // 2) if launcher == "joblib" else 1  # joblib: 2 jobs share the cores
     assert all(m["env_threads"] == threads for m in runs)
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # rerun: both skipped
-    assert r2.returncode == 0 and [p.stat().st_mtime for p in done] == [p.stat().st_mtime for p in sorted((tmp_path / "s").glob("*/metrics.json"))]
+    assert r2.returncode == 0 and [p.stat().st_mtime for p in done] == [
+        p.stat().st_mtime for p in sorted((tmp_path / "s").glob("*/metrics.json"))]
 
 
 def test_main_table_preset_runs_its_grid(tmp_path):
@@ -236,21 +242,22 @@ def test_main_table_preset_runs_its_grid(tmp_path):
     assert len(runs) == 7 and sum(m["method"] == "none" for m in runs) == 1
     tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
     # Every variant's run name says its decomposition, grouping and allocation.
-    for part in ("vlowrank", "palu-whiten-head-fisher_uniform", "palu-whiten-joint-fisher_uniform", "elitekv-greedy-e0-svd",
-                 "elitekv-greedy-e0-whiten"):
+    for part in ("vlowrank", "palu-whiten-head-fisher_uniform", "palu-whiten-joint-fisher_uniform",
+                 "elitekv-greedy-e0-svd", "elitekv-greedy-e0-whiten"):
         assert any(part in t for t in tags), (part, tags)
     from analysis.collect import collect_local
 
     variants = set(collect_local(tmp_path / "main_table")[0]["variant"])
     # EliteKV's value_path=auto is named by what it resolved to (up on this model, as metrics.json records).
     assert {"Palu (whiten, per head, fisher_uniform)", "Palu (whiten, joint, fisher_uniform)",
-            "EliteKV (greedy, r searched, V up-projection)", "EliteKV + whitening (greedy, r searched, V up-projection)",
+            "EliteKV (greedy, r searched, V up-projection)",
+            "EliteKV + whitening (greedy, r searched, V up-projection)",
             "RAP (key_energy)", "RAP (key_energy, low-rank V)", "baseline"} == variants
 
 
-@pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"), ("allocation_ablation", "rap"),
-                                            ("baseline_options", "palu"), ("elitekv_options", "elitekv"),
-                                            ("kv_quant", "rap")])
+@pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"),
+                                            ("allocation_ablation", "rap"), ("baseline_options", "palu"),
+                                            ("elitekv_options", "elitekv"), ("kv_quant", "rap")])
 def test_every_preset_composes_with_its_method_and_sweep(preset, method):
     cfg = compose(f"+experiment={preset}", "ratio=0.2")
     assert cfg.method.name == method and cfg.sweep == preset.replace("elitekv_options", "baseline_options")

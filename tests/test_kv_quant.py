@@ -3,14 +3,21 @@ the cache equals the one-forward perplexity for the weight-level methods, the by
 their closed form, and a group size that does not divide a width fails with one sentence naming what works."""
 import pytest
 import torch
+from test_cache import CALIB, METHODS, compressed
 
 from rap import compress
-from rap.cache import (CacheSpec, cache_bytes, cached_widths, check_group_size, make_cache, quantized_cache_bytes,
-                       quantized_tokens)
+from rap.cache import (
+    CacheSpec,
+    cache_bytes,
+    cached_widths,
+    check_group_size,
+    make_cache,
+    quantized_cache_bytes,
+    quantized_tokens,
+)
 from rap.compat import cache_kwargs
 from rap.errors import ConfigError
 from rap.harness.perplexity import perplexity
-from test_cache import CALIB, METHODS, compressed
 
 CORPUS = torch.randint(0, 256, (3 * 24,), generator=torch.Generator().manual_seed(2))
 SPECS = [CacheSpec("quantized", "hqq", 8, 4, 5), CacheSpec("quantized", "hqq", 4, 4, 8),
@@ -50,7 +57,8 @@ def test_quantized_cache_bytes_equal_closed_form(method):
             assert (held["full"] > 0) == (quantized_tokens(23, 9, spec.residual_length)[1] > 0)
 
 
-@pytest.mark.parametrize("spec", SPECS[1:] + [CacheSpec("quantized", "quanto", 4, 4, 8), CacheSpec("quantized", "quanto", 2, 8, 8)],
+@pytest.mark.parametrize("spec", SPECS[1:] + [CacheSpec("quantized", "quanto", 4, 4, 8),
+                                               CacheSpec("quantized", "quanto", 2, 8, 8)],
                          ids=lambda s: s.label)
 def test_odd_group_counts_are_held_and_counted(spec):
     """Three KV heads and an odd prompt give an odd group count: HQQ's padding and quanto's rounded-up last byte row
@@ -76,14 +84,16 @@ def test_quantized_cache_costs_perplexity_in_order_of_bits():
     gap = {}
     for nbits in (8, 2):
         spec = CacheSpec("quantized", "hqq", nbits, 4, 4)
-        gap[nbits] = abs(perplexity(model, CORPUS, seqlen=24, chunk=6, make_cache=lambda: make_cache(spec, model))["nll"] - fp)
+        gap[nbits] = abs(perplexity(model, CORPUS, seqlen=24, chunk=6,
+                                    make_cache=lambda: make_cache(spec, model))["nll"] - fp)
     assert gap[8] < 0.01 < gap[2]
 
 
 def test_group_size_not_dividing_a_width_fails_naming_what_works():
     model = compressed("tiny-llama", "rap")  # head_dim 16 at ratio 0.3: 6 pairs (12 key dims) and 11 V channels
     assert {s[-1] for kv in cached_widths(model) for s in kv} == {11, 12}
-    with pytest.raises(ConfigError, match=r"q_group_size=4 does not divide the cached width 11 .*round_to=4.*q_group_size=1,"):
+    with pytest.raises(ConfigError,
+                       match=r"q_group_size=4 does not divide the cached width 11 .*round_to=4.*q_group_size=1,"):
         check_group_size(CacheSpec("quantized", "hqq", 4, 4, 8), model)
     check_group_size(CacheSpec("quantized", "hqq", 4, 1, 8), model)
     rounded = compress(compressed("tiny-llama", "none"), "rap", 0.3, criterion="weight_norm", round_to=4)
@@ -103,12 +113,14 @@ def test_bad_cache_options_fail_clearly(bad, message):
 
 def test_quantized_cache_job_measures_bytes_and_cached_perplexity(tmp_path, data_dir):
     from conftest import compose
+
     from rap.harness.job import run_job
 
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", "ratio=0.25",
                   "eval.zeroshot.tasks=[]", "calibration.n_samples=2", "calibration.seqlen=32", "cache=quantized",
                   "cache.q_group_size=4", "cache.residual_length=8", "eval.ppl.chunk=16")
-    assert cfg.run_name.endswith("_rap-key_energy-uniform_r0.25_hqq-int4-g4_smoke") or "_hqq-int4-g4_smoke" in cfg.run_name
+    assert (cfg.run_name.endswith("_rap-key_energy-uniform_r0.25_hqq-int4-g4_smoke")
+            or "_hqq-int4-g4_smoke" in cfg.run_name)
     m = run_job(cfg, tmp_path / "job")
     assert m["kv_cache"] == "hqq-int4-g4" and m["ppl_mode"] == "cached" and m["ppl_chunk"] == 16
     for part in ("full", "packed", "scales"):

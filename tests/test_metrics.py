@@ -1,7 +1,7 @@
 """Measured costs (real cache, real parameters, FlopCounterMode) equal the closed-form formulas."""
 import pytest
-
 from conftest import TINY
+
 from rap import costs, measure
 from rap.models import build_tiny
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import TINY
+
 from rap.errors import ModelError
 from rap.models import ModelSpec, build_tiny, byte_tokenizer, check_rope_model, load_model, tiny_config
 
@@ -50,13 +50,14 @@ def test_unknown_models_are_refused():
 
 def test_remote_code_runs_only_when_the_model_config_asks(monkeypatch):
     import transformers
-
     from conftest import compose
+
     from rap.harness.settings import model_spec
     from rap.models import load_config
 
     seen = []
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: seen.append(k) or tiny_config("tiny-llama"))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: seen.append(k) or tiny_config("tiny-llama"))
     load_config(model_spec(compose("model=llama3-8b")))
     load_config(model_spec(compose("model=llama3-8b", "model.trust_remote_code=true")))
     assert [k["trust_remote_code"] for k in seen] == [False, True]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rap.errors import PlanError
-from rap.plans import apply_plan, compress, load_plan, save_plan
 from rap.models import build_tiny
+from rap.plans import apply_plan, compress, load_plan, save_plan
 
 OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
            "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}}
@@ -70,9 +70,12 @@ def test_truncated_files_are_refused(tmp_path, method):
 
 
 @pytest.mark.parametrize("change, pattern", [
-    (lambda p: p["layers"][1]["k_channels"][0].__setitem__(0, 99), r"layer 1 k_channels of KV head 0 has index 99 outside \[0, 16\)"),
-    (lambda p: p["layers"][0]["v_channels"][1].__setitem__(1, p["layers"][0]["v_channels"][1][0]), r"layer 0 v_channels of KV head 1 repeats index"),
-    (lambda p: p["layers"][0]["k_channels"][0].__setitem__(0, 7 if p["layers"][0]["k_channels"][0][0] != 7 else 6), r"not whole RoPE pairs|repeats index"),
+    (lambda p: p["layers"][1]["k_channels"][0].__setitem__(0, 99),
+     r"layer 1 k_channels of KV head 0 has index 99 outside \[0, 16\)"),
+    (lambda p: p["layers"][0]["v_channels"][1].__setitem__(1, p["layers"][0]["v_channels"][1][0]),
+     r"layer 0 v_channels of KV head 1 repeats index"),
+    (lambda p: p["layers"][0]["k_channels"][0].__setitem__(0, 7 if p["layers"][0]["k_channels"][0][0] != 7 else 6),
+     r"not whole RoPE pairs|repeats index"),
     (lambda p: p["layers"][0]["v_channels"][0].pop(), r"keeps \[\d+, \d+\] indices per KV head"),
     (lambda p: p["layers"][0]["k_channels"].pop(), r"lists 1 heads, but the model has 2 KV heads"),
     (lambda p: p["layers"].pop(), r"has 1 layers, but the model has 2"),
@@ -94,13 +97,18 @@ def test_rope_blind_plans_may_keep_single_channels(tmp_path):
 
 @pytest.mark.parametrize("method, change, pattern", [
     ("palu", lambda p: p["layers"][0].__setitem__("k_rank", 999), r"layer 0 k_rank=999 is not an integer in \[1, 32\]"),
-    ("palu", lambda p: p["layers"][1].__setitem__("v_rank", p["layers"][1]["v_rank"] - 1), r"tensor 'v_down.1' has shape"),
+    ("palu", lambda p: p["layers"][1].__setitem__("v_rank", p["layers"][1]["v_rank"] - 1),
+     r"tensor 'v_down.1' has shape"),
     ("palu", lambda p: p.__setitem__("group_size", 3), r"group_size=3 is not an integer in \[1, 2\]"),
-    ("palu", lambda p: p.__setitem__("tensors_file", "../../etc/passwd"), r"names tensors file '../../etc/passwd', which is not a file beside it"),
+    ("palu", lambda p: p.__setitem__("tensors_file", "../../etc/passwd"),
+     r"names tensors file '../../etc/passwd', which is not a file beside it"),
     ("palu", lambda p: p.pop("tensors_file"), r"it has no tensors, but its method needs them"),
-    ("elitekv", lambda p: p["layers"][0]["elite_pairs"][0].append(7), r"keeps \[3, 2\] indices per KV head|repeats index"),
-    ("elitekv", lambda p: p["layers"][1]["elite_pairs"][1].__setitem__(0, 8), r"layer 1 elite_pairs of KV head 1 has index 8 outside \[0, 8\)"),
-    ("elitekv", lambda p: p.__setitem__("elite_pairs", 3), r"keeps 2 elite pairs per KV head, but the plan says elite_pairs=3"),
+    ("elitekv", lambda p: p["layers"][0]["elite_pairs"][0].append(7),
+     r"keeps \[3, 2\] indices per KV head|repeats index"),
+    ("elitekv", lambda p: p["layers"][1]["elite_pairs"][1].__setitem__(0, 8),
+     r"layer 1 elite_pairs of KV head 1 has index 8 outside \[0, 8\)"),
+    ("elitekv", lambda p: p.__setitem__("elite_pairs", 3),
+     r"keeps 2 elite pairs per KV head, but the plan says elite_pairs=3"),
     ("elitekv", lambda p: p.__setitem__("value_path", "auto"), r"its value_path='auto' is not fold or up"),
 ])
 def test_hand_edited_latent_plans_are_refused(tmp_path, method, change, pattern):
@@ -118,8 +126,10 @@ def test_plan_tensors_are_checked_by_name_shape_and_dtype(tmp_path):
     for tensors, pattern in [
         ({k: v for k, v in good.items() if k != "k_up.1"}, r"lacks tensor 'k_up.1'"),
         ({**good, "extra.0": torch.zeros(1)}, r"has unexpected tensor 'extra.0'"),
-        ({**good, "k_down.0": good["k_down.0"][:, :-1].contiguous()}, r"tensor 'k_down.0' has shape \(\d+, 63\), expected \(\d+, 64\)"),
-        ({**good, "v_up.0": good["v_up.0"].to(torch.int64)}, r"tensor 'v_up.0' has dtype torch.int64, expected a floating-point type"),
+        ({**good, "k_down.0": good["k_down.0"][:, :-1].contiguous()},
+         r"tensor 'k_down.0' has shape \(\d+, 63\), expected \(\d+, 64\)"),
+        ({**good, "v_up.0": good["v_up.0"].to(torch.int64)},
+         r"tensor 'v_up.0' has dtype torch.int64, expected a floating-point type"),
     ]:
         save_file(tensors, str(tensors_path))
         refused(path, pattern)
@@ -127,7 +137,8 @@ def test_plan_tensors_are_checked_by_name_shape_and_dtype(tmp_path):
 
 @pytest.mark.parametrize("other, pattern", [
     (dict(num_hidden_layers=3), r"made for a model with num_hidden_layers=2, but this model has num_hidden_layers=3"),
-    (dict(num_key_value_heads=4), r"made for a model with num_key_value_heads=2, but this model has num_key_value_heads=4"),
+    (dict(num_key_value_heads=4),
+     r"made for a model with num_key_value_heads=2, but this model has num_key_value_heads=4"),
     (dict(head_dim=8), r"made for a model with head_dim=16, but this model has head_dim=8"),
 ])
 def test_a_plan_for_another_model_is_refused(tmp_path, other, pattern):
@@ -148,6 +159,7 @@ TIMING = ("latency_", "base_latency_", "time_", "wall_time_s")
 @pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
 def test_same_config_same_plan_and_metrics(tmp_path, data_dir, method):
     from conftest import compose
+
     from rap.harness.job import run_job
 
     cfg = compose("model=tiny-llama", "eval=smoke", "tracking=none", f"out_dir={tmp_path}", f"method={method}",

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY
+
+from rap import apply_plan, compress, costs, get_plan, measure, save_plan
 from rap.compat import cache_kwargs, output_cache
-from rap import costs, apply_plan, compress, get_plan, measure, save_plan
 from rap.criteria import CRITERIA, score
 from rap.errors import ConfigError, ModelError
 from rap.models import build_tiny
@@ -68,7 +68,8 @@ def test_cache_widths_and_costs(ratio, pairs, v):
         assert layer.keys.shape[-1] == 2 * pairs and layer.values.shape[-1] == v
     m = measure.measure_costs(c, 16)
     cfg = c.config
-    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(cfg, plan) == base["kv_bytes_per_token"] * (2 * pairs + v) / 32
+    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(cfg, plan) == (
+        base["kv_bytes_per_token"] * (2 * pairs + v) / 32)
     assert m["params_attention"] == costs.attention_params(cfg, plan) < base["params_attention"]
     assert m["params_total"] == costs.total_params(cfg, plan)
     assert m["flops_decode"] == costs.decode_flops(cfg, 16, plan) < base["flops_decode"]
@@ -98,7 +99,8 @@ def test_random_criterion_depends_on_seed():
 
 def test_global_allocation_keeps_the_budget():
     model, _ = build_tiny("tiny-llama", num_hidden_layers=4)
-    plan = get_plan(compress(model, "rap", 0.4, calibration=CALIB, criterion="key_energy", allocation="global", floor=2))
+    plan = get_plan(compress(model, "rap", 0.4, calibration=CALIB, criterion="key_energy", allocation="global",
+                             floor=2))
     k = [len(lp["k_channels"][0]) // 2 for lp in plan["layers"]]
     assert sum(k) == 4 * 5 and min(k) >= 2  # round(0.6 * 8) = 5 pairs per layer on average
     assert sum(len(lp["v_channels"][0]) for lp in plan["layers"]) == 4 * 10
@@ -138,7 +140,8 @@ def test_pair_rope_rotates_kept_channels_like_full_rope_with_dropped_zeroed(kept
     d, b, s = 16, 2, 5
     x = torch.randn(b, 4, s, d)  # 2 KV heads x 2 query heads each
     ang = torch.arange(s)[:, None] * (10000 ** (-torch.arange(d // 2) / (d // 2)))[None]
-    cos, sin = torch.cat([ang, ang], -1).cos()[None].expand(b, s, d), torch.cat([ang, ang], -1).sin()[None].expand(b, s, d)
+    cos, sin = (torch.cat([ang, ang], -1).cos()[None].expand(b, s, d),
+                torch.cat([ang, ang], -1).sin()[None].expand(b, s, d))
     mask = torch.zeros(4, d)
     for h in range(4):
         mask[h, kept[h // 2]] = 1

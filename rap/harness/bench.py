@@ -1,7 +1,8 @@
 """Latency and memory benchmark at real layer shapes, as ratios measured within one run.
 
 One attention layer with random weights of a real model's shapes (SmolLM2-135M, Llama-3-8B, Mistral-7B,
-Qwen2.5-7B, Gemma 3 270M's global and local layers), compressed through the public API (``rap.compress``), so the code timed is the code evaluated.
+Qwen2.5-7B, Gemma 3 270M's global and local layers), compressed through the public API (``rap.compress``), so the
+code timed is the code evaluated.
 Variants, all timed in the same process in interleaved rounds (A B C ... A B C ...) after a warm-up:
 
 - ``stock``: the model's own transformers attention;
@@ -15,7 +16,8 @@ Prefill runs ``seqlen`` tokens into a fresh cache. Per variant a row gives the m
 per-round ratio to ``rap-full`` (and to ``stock``) with the interquartile range, plus what decides the
 ratio: the kept widths and their alignment, the SDPA kernel, the measured KV bytes and the ideal ratio.
 
-    python -m rap.harness.bench layer --shapes llama3-8b --modes decode --contexts 4096 8192 --batches 1 4 --out bench.csv
+    python -m rap.harness.bench layer --shapes llama3-8b --modes decode --contexts 4096 8192 --batches 1 4 \
+        --out bench.csv
     python -m rap.harness.bench model --contexts 512 2048 8192 --out model.csv          # SmolLM2 decode tokens/s
 """
 from __future__ import annotations
@@ -29,8 +31,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_csv
-from .timing import (build_variants, decode_op, prefill_op, quartiles, time_cell, use,
-                     widths)
+from .timing import build_variants, decode_op, prefill_op, quartiles, time_cell, use, widths
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
 SHAPES = {
@@ -48,8 +49,10 @@ SHAPES = {
     # Gemma 3 270M: a global layer (3 of its 18) and a local one (512-token window, 15 of 18); QK-norm, so EliteKV is
     # left out of its variants.
     "gemma3-270m": ("tiny-gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                                        query_pre_attn_scalar=256, sliding_window=512, layer_types=["full_attention"]), 18),
-    "gemma3-270m-local": ("tiny-gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                        query_pre_attn_scalar=256, sliding_window=512,
+                                        layer_types=["full_attention"]), 18),
+    "gemma3-270m-local": ("tiny-gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1,
+                                              head_dim=256,
                                               query_pre_attn_scalar=256, sliding_window=512,
                                               layer_types=["sliding_attention"]), 18),
 }
@@ -170,7 +173,8 @@ def model_rows(contexts, batches, methods, ratios, rounds: int, warmup: int, dev
                 rows.append({**common, "mode": "decode", "length": n, "batch": b, "cache": "dynamic", "variant": v.name,
                              "method": v.method, "ratio": v.ratio, "status": "ok", "median_ms": step,
                              "tokens_per_s": b * 1000 / step, "ratio_to_full": med, "ratio_to_full_q1": q1,
-                             "ratio_to_full_q3": q3, "ideal_ratio": r["kv_bytes_per_token_layer"] / full["kv_bytes_per_token_layer"],
+                             "ratio_to_full_q3": q3,
+                             "ideal_ratio": r["kv_bytes_per_token_layer"] / full["kv_bytes_per_token_layer"],
                              "kv_bytes_per_token_layer": r["kv_bytes_per_token_layer"]})
             log(f"[bench] whole model decode {n} b{b}: " + ", ".join(
                 f"{x['variant']} {x['tokens_per_s']:.1f} tok/s" for x in rows if x["length"] == n and x["batch"] == b))
@@ -221,7 +225,8 @@ def parse_args(argv=None):
     ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per variant per round (their mean is timed)")
+    ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per variant per round (their mean is "
+                                                                "timed)")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

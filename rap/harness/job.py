@@ -12,13 +12,14 @@
 - healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
-  attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
+  attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss
+  in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
 - environment (``rap.harness.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
   ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
-  ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.harness.perplexity.window_bos``).
+  ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.data.window_bos``).
 - long context (``eval=long``, ``rap.harness.ruler``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
   ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
 - zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
@@ -43,7 +44,6 @@ computes (``rap.harness.results.job_lock``). ``RAP_KILL_AT`` injects kills for t
 """
 from __future__ import annotations
 
-
 import os
 import tempfile
 import time
@@ -57,7 +57,7 @@ from .. import costs, measure
 from ..cache import cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
 from ..calibration import gradient_settings
 from ..data import WIKITEXT_TEST, calibration_batches, check_window, resolve_data_dir, wikitext2_test_text, window_bos
-from ..devices import model_devices, resolve_device, resolve_dtype
+from ..devices import model_devices, resolve_dtype
 from ..faults import kill_point, set_current_run
 from ..files import remove_temp_files, writable_dir, write_atomic
 from ..heal import HEALERS, healed_tensors
@@ -65,8 +65,18 @@ from ..models import load_model
 from ..plans import apply_plan, save_plan
 from .environment import describe_environment
 from .perplexity import perplexity
-from .results import (CONFIG_FILE, METRICS_FILE, PLAN_FILE, commit, finished, flat_config, job_lock, read_metrics,
-                      record_failure, result_tables)
+from .results import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLAN_FILE,
+    commit,
+    finished,
+    flat_config,
+    job_lock,
+    read_metrics,
+    record_failure,
+    result_tables,
+)
 from .settings import Settings, check_before_loading, read_settings
 from .tracking import make_tracker
 
@@ -156,7 +166,7 @@ def compute_job(s: Settings, out_dir: Path) -> dict:
 
 def start(s: Settings, out_dir: Path, data_dir: Path | None) -> Run:
     """The run's first keys: what it is and where it runs."""
-    device = resolve_device(s.model.device)
+    device = s.device
     print(f"[rap] computing {s.run_name} in {out_dir}", flush=True)
     results = {"model": s.model.name, "method": s.config["method"]["name"], "ratio": s.ratio,
                "eval_profile": s.cfg.eval.name, "seed": s.cfg.seed, "run_name": s.run_name,
@@ -322,7 +332,8 @@ def evaluate_zero_shot(run: Run, model, tok) -> None:
 
 
 def evaluate_long(run: Run, model, tok) -> None:
-    from .ruler import evaluate_long as ruler, long_lengths
+    from .ruler import evaluate_long as ruler
+    from .ruler import long_lengths
 
     lc, spec = run.s.cfg.eval.long, run.s.cache
     with run.phase("long"):

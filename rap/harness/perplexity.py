@@ -22,7 +22,8 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
     from ..compat import cache_kwargs
 
     cache = make_cache() if make_cache is not None else DynamicCache()
-    out = [model(ids[:, i:i + chunk], use_cache=True, **cache_kwargs(cache)).logits for i in range(0, ids.shape[1], chunk)]
+    out = [model(ids[:, i:i + chunk], use_cache=True, **cache_kwargs(cache)).logits
+           for i in range(0, ids.shape[1], chunk)]
     return torch.cat(out, 1)
 
 
@@ -38,8 +39,8 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     seqlen : window length; the tail shorter than a window is dropped, as in the GPTQ protocol.
     max_windows : evaluate only the first N windows (quick profile); ``None`` for all.
     chunk, make_cache : cache-in-the-loop perplexity (``window_logits``); ``None``: one forward per window.
-    bos_id : when set (``rap.data.window_bos``), every window is this token followed by ``seqlen - 1`` corpus tokens (the
-        corpus's own leading BOS dropped), so each window starts as the model's texts do; the count predicted per
+    bos_id : when set (``rap.data.window_bos``), every window is this token followed by ``seqlen - 1`` corpus tokens
+        (the corpus's own leading BOS dropped), so each window starts as the model's texts do; the count predicted per
         window stays ``seqlen - 1``.
 
     Returns

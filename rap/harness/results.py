@@ -30,7 +30,8 @@ BASELINE_METHOD = {"name": "none", "tag": "none"}
 # Where a result is written and how it was computed (threads, recorded as env_threads; memory savers that change
 # no value), not what it is: a moved result, or one rerun with other such settings, still counts as finished.
 LOCATION_KEYS = ("out_dir", "sweep", "threads", "gradient_checkpointing", "loss_chunk")
-UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")  # settings that cannot change an uncompressed result
+# Settings that cannot change an uncompressed result.
+UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
 
 
@@ -62,7 +63,8 @@ def finished(out_dir: Path, config: dict) -> bool:
         return False
     saved = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.exists() else None
     if identity(saved) != identity(config):
-        raise ConfigError(f"{out_dir} already holds results of a different config; set out_dir=... or sweep=... to write elsewhere.")
+        raise ConfigError(f"{out_dir} already holds results of a different config; set out_dir=... or sweep=... to "
+                          "write elsewhere.")
     return True
 
 
@@ -152,7 +154,8 @@ def result_tables(results: dict, model_config, plan: dict | None, heal_curves: d
                                                                       layer_rope_bases(model_config), strict=True))])
     tables = {"per_task": per_task, "per_layer": per_layer}
     if heal_curves is not None:
-        tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v} for i, curve in enumerate(heal_curves["loss"])
+        tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v}
+                                            for i, curve in enumerate(heal_curves["loss"])
                                             for j, v in enumerate(curve)])
     return tables
 

@@ -47,7 +47,8 @@ def check_tasks(tasks) -> list[str]:
     tasks = list(tasks)
     hub = [t for t in tasks if t in HUB_ONLY]
     if hub:
-        raise ConfigError(f"RULER task(s) {hub} need a download (essays or QA sets); the local ones are {list(LOCAL_TASKS)}.")
+        raise ConfigError(f"RULER task(s) {hub} need a download (essays or QA sets); the local ones are "
+                          f"{list(LOCAL_TASKS)}.")
     unknown = [t for t in tasks if t not in LOCAL_TASKS]
     if unknown:
         raise ConfigError(f"Unknown RULER task(s) {unknown}; the local ones are {list(LOCAL_TASKS)}.")
@@ -56,8 +57,8 @@ def check_tasks(tasks) -> list[str]:
 
 def long_lengths(lengths, model) -> list[int]:
     """``eval.long.lengths``, or by default 1024, 2048, 4096, and on GPU doubling on up to the model's context."""
-    from ..errors import ConfigError
     from ..devices import model_device
+    from ..errors import ConfigError
 
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     if lengths is None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..cache import CacheSpec, cache_spec
@@ -33,6 +34,7 @@ class Settings:
     ratio: float
     method: Method | None  # None: the uncompressed baseline
     model: ModelSpec
+    device: torch.device
     heal: dict | None
     cache: CacheSpec
     ppl_mode: str
@@ -53,10 +55,11 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
     if cfg.method.name == "none" and ratio != 0.0:
         raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); "
                           "pick a method or set ratio=0.")
-    config = job_config(cfg)
+    device = resolve_device(cfg.device)
+    config = job_config(cfg, device)
     spec = cache_spec(cfg.get("cache"))
     return Settings(cfg=cfg, config=config, ratio=ratio, method=build_method(cfg, config), model=model_spec(cfg),
-                    heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
+                    device=device, heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
                     calibration=calibration_sizes(cfg.calibration),
                     threads=threads_per_job(cfg.get("threads", "auto"), launcher))
 
@@ -66,19 +69,22 @@ def is_baseline(cfg: DictConfig) -> bool:
     return cfg.method.name == "none" or is_baseline_ratio(cfg.ratio)
 
 
-def method_options(cfg: DictConfig) -> dict:
-    """``cfg.method`` as plain values, resolved as they will run on the job's device (``Method.resolve_options``):
-    the resolved value decides the result, so it is what the config records."""
+def method_options(cfg: DictConfig, device: torch.device) -> dict:
+    """``cfg.method`` as plain values, resolved as they will run on ``device`` (``Method.resolve_options``): the
+    resolved value decides the result, so it is what the config records."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
-    return get_method(cfg.method.name).resolve_options(options, resolve_device(cfg.device))
+    return get_method(cfg.method.name).resolve_options(options, device)
 
 
-def job_config(cfg: DictConfig) -> dict:
+def job_config(cfg: DictConfig, device: torch.device | None = None) -> dict:
     """The resolved job config without Hydra's own settings: what identifies a result. A baseline (ratio 0)
     is recorded as ``method: none`` whichever method's sweep ran it."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["ratio"] = float(config["ratio"])
-    config["method"] = dict(BASELINE_METHOD) if is_baseline(cfg) else method_options(cfg)
+    if is_baseline(cfg):
+        config["method"] = dict(BASELINE_METHOD)
+    else:
+        config["method"] = method_options(cfg, device if device is not None else resolve_device(cfg.device))
     return config
 
 

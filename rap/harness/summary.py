@@ -18,7 +18,8 @@ ROWS = [
 
 
 def format_summary(m: dict) -> str:
-    lines = [f"== {m.get('run_name', '')}  (context {m.get('context_len')}, {m.get('latency_device')}, {m.get('latency_dtype')})"]
+    lines = [f"== {m.get('run_name', '')}  (context {m.get('context_len')}, {m.get('latency_device')}, "
+             f"{m.get('latency_dtype')})"]
     for label, keys, fmt in ROWS:
         keys = keys if isinstance(keys, tuple) else (keys,)
         if all(k in m and m[k] is not None for k in keys):

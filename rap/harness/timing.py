@@ -64,7 +64,9 @@ def use(model, variant: Variant):
 def _cache(kind: str, model, max_len: int):
     from transformers import DynamicCache, StaticCache
 
-    return DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=max_len)
 
 
 def filled_cache(kind: str, model, batch: int, context: int, shapes):

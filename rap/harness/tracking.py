@@ -57,7 +57,8 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
 
 def online_or_offline(mode: str) -> str:
     """``online`` only when it can work: without a key, one sentence before any compute; with a key but no route to
-    the server, offline with a one-line warning (else wandb retries for minutes). The local result is written either way."""
+    the server, offline with a one-line warning (else wandb retries for minutes). The local result is written either
+    way."""
     if mode != "online":
         return mode
     if not has_api_key():

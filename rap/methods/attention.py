@@ -67,7 +67,8 @@ class PairRope(nn.Module):
 
     def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (b, s, d) of the full head -> per KV head at the kept channels, (b, n_kv, 1, s, n)."""
-        return cos[:, :, self.index].permute(0, 2, 1, 3)[:, :, None], sin[:, :, self.index].permute(0, 2, 1, 3)[:, :, None]
+        return (cos[:, :, self.index].permute(0, 2, 1, 3)[:, :, None],
+                sin[:, :, self.index].permute(0, 2, 1, 3)[:, :, None])
 
     def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: (b, heads, s, n) with heads a multiple of n_kv (query heads of a group are consecutive)."""
@@ -244,8 +245,8 @@ class CompressedAttention(nn.Module):
     """Base of the compressed attention modules: a drop-in replacement for a Llama/Mistral/Qwen2 attention.
 
     The softmax scale stays the module's own (1/sqrt(d), or Gemma 3's query_pre_attn_scalar), and so does its sliding
-    window. QK-norm (``q_norm``/``k_norm``) is the subclass's to apply, before RoPE. Subclasses set ``q_proj``/``k_proj``/``v_proj``/``o_proj``
-    as they need and override ``project`` (and ``expand``).
+    window. QK-norm (``q_norm``/``k_norm``) is the subclass's to apply, before RoPE. Subclasses set
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj`` as they need and override ``project`` (and ``expand``).
     """
 
     def __init__(self, attn: nn.Module):

@@ -73,5 +73,5 @@ class Method:
 
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
-        """Closed-form shapes of each layer's compressed attention (for the analytic costs)."""
+        """Closed-form shapes of each layer's compressed attention (for the closed-form costs, ``rap.costs``)."""
         raise NotImplementedError

@@ -13,14 +13,14 @@ from torch import nn
 
 from ..architecture import check_config, check_method, head_dim
 from ..calibration import attention_errors, calibration_for, hold_out, rope_elite_order, whitening_grams
+from ..devices import model_device
 from ..errors import ConfigError, PlanError
 from ..memory import stage
-from ..devices import model_device
 from ..modules import swapped_attention
-from .attention import CompressedAttention, LatentUpOut, PairRope, linear, decode_probs, latent_o_proj, linear_rows
-from .base import Method
 from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias
-from .lowrank import factorize
+from .attention import CompressedAttention, LatentUpOut, PairRope, decode_probs, latent_o_proj, linear, linear_rows
+from .base import Method
+from .lowrank import check_decomposition, factorize
 from .selection import kv_budget
 from .validation import entry, per_head_indices, positive_int
 
@@ -165,14 +165,14 @@ class EliteKV(Method):
             candidates = sorted({max(1, round(f * d / 2)) for f in self.search_fractions})
         candidates = [r for r in candidates if 1 <= r <= d // 2 and budget - nkv * 2 * r >= 1]
         if not candidates:
-            raise ConfigError(f"No elite pair count fits ratio={self.ratio} (budget {budget} per layer); lower the ratio or elite_pairs.")
+            raise ConfigError(f"No elite pair count fits ratio={self.ratio} (budget {budget} per layer); lower the "
+                              "ratio or elite_pairs.")
         return candidates, budget
 
     def validate(self, config) -> None:
         if self.selection not in ("greedy", "uniform", "contribution"):
             raise ConfigError(f"Unknown selection '{self.selection}'; use greedy, uniform or contribution.")
-        if self.decomposition not in ("svd", "whiten"):
-            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        check_decomposition(self.decomposition)
         if self.value_path not in ("auto", "fold", "up"):
             raise ConfigError(f"Unknown value_path '{self.value_path}'; use auto, fold or up.")
         check_config(config)
@@ -181,7 +181,8 @@ class EliteKV(Method):
 
     def make_plan(self, model, calibration=None) -> dict:
         self.validate(model.config)
-        if calibration is None and (self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs):
+        needs_data = self.selection != "uniform" or self.decomposition == "whiten" or not self.elite_pairs
+        if calibration is None and needs_data:
             raise ConfigError("EliteKV needs calibration data here; pass calibration=<token batch>.")
         candidates, budget = self._candidates(model.config)
         held_out = None
@@ -189,7 +190,8 @@ class EliteKV(Method):
             calibration, held_out = hold_out(calibration, self.search_sequences)
         order = self._order(model, calibration_for(calibration, "rope_elite"))
         whiten = calibration_for(calibration, "whiten")
-        plans = self._plans(model, candidates, budget, order, whitening_grams(model, whiten, self.decomposition == "whiten"))
+        grams = whitening_grams(model, whiten, self.decomposition == "whiten")
+        plans = self._plans(model, candidates, budget, order, grams)
         search = {}
         if len(plans) > 1:
             with stage("EliteKV r search"):
@@ -237,7 +239,8 @@ class EliteKV(Method):
         cfg, layers = model.config, model.model.layers
         d, nkv = layers[0].self_attn.head_dim, cfg.num_key_value_heads
         kv_dims = [min(budget - nkv * 2 * r, nkv * (d - 2 * r) + nkv * d, cfg.hidden_size) for r in candidates]
-        spaced = {r: torch.linspace(0, d // 2 - 1, r).long().tolist() for r in candidates}  # truncated, as the official code
+        # truncated, as the official code
+        spaced = {r: torch.linspace(0, d // 2 - 1, r).long().tolist() for r in candidates}
         out, tensors = [[] for _ in candidates], [{} for _ in candidates]
         for i, gram in grams:
             a = layers[i].self_attn
@@ -250,15 +253,17 @@ class EliteKV(Method):
                 tensors[j].update({f"down.{i}": down, f"up.{i}": up})
                 out[j].append({"elite_pairs": elite, "kv_dim": kv_dim})
             del gram  # before the next layer's is read
-        return [{"method": "elitekv", "ratio": self.ratio, "selection": self.selection, "decomposition": self.decomposition,
-                 "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d, "value_path": self.resolve_value_path(cfg, kv_dim),
-                 "layers": lp, "tensors": t} for r, kv_dim, lp, t in zip(candidates, kv_dims, out, tensors)]
+        return [{"method": "elitekv", "ratio": self.ratio, "selection": self.selection,
+                 "decomposition": self.decomposition, "elite_pairs": r, "kv_dim": kv_dim, "head_dim": d,
+                 "value_path": self.resolve_value_path(cfg, kv_dim), "layers": lp, "tensors": t}
+                for r, kv_dim, lp, t in zip(candidates, kv_dims, out, tensors)]
 
     @staticmethod
     def apply(model, plan: dict):
         t, value_path = plan["tensors"], plan_value_path(plan)
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
-            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"], value_path)
+            layer.self_attn = EliteAttention(layer.self_attn, lp["elite_pairs"], t[f"down.{i}"], t[f"up.{i}"],
+                                             value_path)
         return model
 
     @staticmethod

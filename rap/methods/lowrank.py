@@ -10,6 +10,13 @@ import torch
 from ..errors import ConfigError
 from ..memory import stage
 
+DECOMPOSITIONS = ("svd", "whiten")
+
+
+def check_decomposition(name: str) -> None:
+    if name not in DECOMPOSITIONS:
+        raise ConfigError(f"Unknown decomposition '{name}'; use svd or whiten.")
+
 
 def group_size_for(n_kv: int, group_size: int) -> int:
     """KV heads per latent group: ``group_size`` capped at the head count (so 0, or anything >= n_kv, is joint)."""

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
 from ..calibration import calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
-from .attention import CompressedAttention, linear, latent_o_proj, layer_rope
+from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
+from .attention import CompressedAttention, latent_o_proj, layer_rope, linear
 from .base import Method
-from .lowrank import fisher_uniform_ranks, group_factors, group_size_for
+from .lowrank import check_decomposition, fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
 from .validation import entry, positive_int
 
@@ -133,10 +133,10 @@ class Palu(Method):
         return self.decomposition == "whiten" or self.rank_allocation == "fisher_uniform"
 
     def validate(self, config) -> None:
-        if self.decomposition not in ("svd", "whiten"):
-            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        check_decomposition(self.decomposition)
         if self.rank_allocation == "fisher":
-            raise ConfigError("rank_allocation=fisher (separate K and V budgets, no square root) was replaced by Palu's own rule; use fisher_uniform.")
+            raise ConfigError("rank_allocation=fisher (separate K and V budgets, no square root) was replaced by "
+                              "Palu's own rule; use fisher_uniform.")
         if self.rank_allocation not in ("uniform", "fisher_uniform"):
             raise ConfigError(f"Unknown rank_allocation '{self.rank_allocation}'; use fisher_uniform or uniform.")
         if self.round_to < 1 or self.floor < 1:
@@ -147,7 +147,8 @@ class Palu(Method):
     def make_plan(self, model, calibration=None) -> dict:
         self.validate(model.config)
         if self.needs_calibration() and calibration is None:
-            raise ConfigError("Palu with whiten or fisher_uniform needs calibration data; pass calibration=<token batch>.")
+            raise ConfigError("Palu with whiten or fisher_uniform needs calibration data; pass calibration=<token "
+                              "batch>.")
         cfg, layers = model.config, model.model.layers
         d, L = layers[0].self_attn.head_dim, len(layers)
         n_pairs, n_v = kv_budget(self.ratio, d)

@@ -10,18 +10,17 @@ import torch
 from .. import criteria
 from ..architecture import check_config, has_qk_norm, head_dim, layer_kinds, layer_rope_bases, sliding_layers
 from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
-from ..errors import ConfigError, PlanError
 from ..devices import model_device
+from ..errors import ConfigError, PlanError
 from ..shapes import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias
 from .attention import PrunedAttention
 from .base import Method
-from .lowrank import group_factors, group_size_for
+from .lowrank import check_decomposition, group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
 from .validation import entry, per_head_indices, positive_int
 
-
 QK_NORMS = ("exact", "kept")
-DEFAULT_QK_NORM = "exact"  # docs/qk_norm.md: measured against ``kept`` on Gemma 3 270M
+DEFAULT_QK_NORM = "exact"  # measured against ``kept`` on Gemma 3 270M: docs/architectures.md
 
 
 def resolve_qk_norm(qk_norm, config) -> str | None:
@@ -80,8 +79,8 @@ class RAP(Method):
         Per head (1, the default) costs exactly what channel pruning costs; a joint latent of g heads makes each
         query head's block of W_o (and its attention-weighted sum) g times wider.
     v_refit : bool
-        With ``v_path=channels``: refit W_o by least squares on calibration attention outputs so the kept V channels also carry
-        what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
+        With ``v_path=channels``: refit W_o by least squares on calibration attention outputs so the kept V channels
+        also carry what the dropped ones did (exact linear compensation; needs calibration data). The maps are saved
         with the plan (``plan.safetensors``).
     qk_norm : str or None
         Models with q_norm/k_norm (Qwen3, Gemma 3), whose RMS runs over the whole head: ``exact`` projects q and k at
@@ -125,13 +124,13 @@ class RAP(Method):
     def validate(self, config) -> None:
         check_config(config)
         if self.criterion not in criteria.CRITERIA:
-            raise ConfigError(f"Unknown criterion '{self.criterion}'; choose one of {', '.join(sorted(criteria.CRITERIA))}.")
+            raise ConfigError(f"Unknown criterion '{self.criterion}'; choose one of "
+                              f"{', '.join(sorted(criteria.CRITERIA))}.")
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"Unknown allocation '{self.allocation}'; use uniform or global.")
         if self.v_path not in ("channels", "lowrank"):
             raise ConfigError(f"Unknown v_path '{self.v_path}'; use channels or lowrank.")
-        if self.decomposition not in ("svd", "whiten"):
-            raise ConfigError(f"Unknown decomposition '{self.decomposition}'; use svd or whiten.")
+        check_decomposition(self.decomposition)
         if self.v_path == "lowrank" and self.v_refit:
             raise ConfigError("v_refit refits pruned V channels; it does not apply to v_path=lowrank.")
         if self.v_path == "lowrank":
@@ -158,7 +157,8 @@ class RAP(Method):
             else:
                 k_pairs = top_per_head(s["k"][i], k_counts[i])
                 k_channels = [p + [c + d // 2 for c in p] for p in k_pairs]
-            layers.append({"k_pairs": k_pairs, "k_channels": k_channels, "v_channels": top_per_head(s["v"][i], v_counts[i])})
+            layers.append({"k_pairs": k_pairs, "k_channels": k_channels,
+                           "v_channels": top_per_head(s["v"][i], v_counts[i])})
         plan = {"method": "rap", "ratio": self.ratio, "criterion": self.criterion, "allocation": self.allocation,
                 "round_to": round_to, "v_refit": self.v_refit, "v_path": self.v_path, "head_dim": d, "layers": layers}
         if any(sliding_layers(model.config)):  # frequency maps show local and global layers apart
@@ -169,17 +169,20 @@ class RAP(Method):
         if qk_norm == "kept":
             batch = calibration_for(calibration, "scores")
             if batch is None:
-                raise ConfigError("qk_norm=kept calibrates its norm correction; pass calibration=<token batch> or use exact.")
+                raise ConfigError("qk_norm=kept calibrates its norm correction; pass calibration=<token batch> or use "
+                                  "exact.")
             e = channel_energy(model, batch)
             rep = attn.num_key_value_groups
             plan["tensors"] = {}
             for i, lp in enumerate(layers):
-                plan["tensors"][f"q_rho.{i}"] = qk_rho(e["q"][i], [lp["k_channels"][h // rep] for h in range(len(lp["k_channels"]) * rep)])
+                per_query_head = [lp["k_channels"][h // rep] for h in range(len(lp["k_channels"]) * rep)]
+                plan["tensors"][f"q_rho.{i}"] = qk_rho(e["q"][i], per_query_head)
                 plan["tensors"][f"k_rho.{i}"] = qk_rho(e["k"][i], lp["k_channels"])
         if self.v_path == "lowrank":
             g = group_size_for(model.config.num_key_value_heads, self.group_size)
             if self.decomposition == "whiten" and calibration is None:
-                raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use svd.")
+                raise ConfigError("decomposition=whiten needs calibration data; pass calibration=<token batch> or use "
+                                  "svd.")
             whiten = calibration_for(calibration, "whiten")
             plan.update(group_size=g, decomposition=self.decomposition)
             plan.setdefault("tensors", {})
@@ -195,9 +198,10 @@ class RAP(Method):
                 raise ConfigError("v_refit needs calibration data; pass calibration=<token batch>.")
             rep = model.model.layers[0].self_attn.num_key_value_groups
             grams = attention_output_gram(model, calibration_for(calibration, "default"))
-            plan.setdefault("tensors", {}).update({f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
-                                                                              for h, g in enumerate(grams[i])])
-                                                  for i, lp in enumerate(layers)})
+            maps = {f"o_maps.{i}": torch.stack([least_squares_map(g, lp["v_channels"][h // rep])
+                                                for h, g in enumerate(grams[i])])
+                    for i, lp in enumerate(layers)}
+            plan.setdefault("tensors", {}).update(maps)
         return plan
 
     @staticmethod
@@ -226,8 +230,10 @@ class RAP(Method):
             per_head_indices(entry(lp, "k_channels", where), nkv, d, f"{where} k_channels")
             for g, ch in enumerate(lp["k_channels"] if pairs else []):
                 first = ch[: len(ch) // 2]
-                if len(ch) % 2 or first != sorted(first) or first[-1] >= d // 2 or ch[len(ch) // 2:] != [c + d // 2 for c in first]:
-                    raise PlanError(f"{where} k_channels of KV head {g} are not whole RoPE pairs (sorted i < {d // 2}, then each i + {d // 2})")
+                paired = ch[len(ch) // 2:] == [c + d // 2 for c in first]
+                if len(ch) % 2 or first != sorted(first) or first[-1] >= d // 2 or not paired:
+                    raise PlanError(f"{where} k_channels of KV head {g} are not whole RoPE pairs (sorted i < "
+                                    f"{d // 2}, then each i + {d // 2})")
             if lp.get("v_rank") is not None:
                 g = positive_int(entry(plan, "group_size", "the plan"), "group_size", nkv)
                 if nkv % g:

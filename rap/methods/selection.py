@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..architecture import check_even_head_dim
 from ..errors import ConfigError
 
 
@@ -11,7 +12,8 @@ def check_ratio(ratio) -> float:
     try:
         r = float(ratio)
     except (TypeError, ValueError):
-        raise ConfigError(f"ratio={ratio!r} is not a number; it is the fraction of KV-cache dimensions removed, in [0, 1).") from None
+        raise ConfigError(f"ratio={ratio!r} is not a number; it is the fraction of KV-cache dimensions removed, in "
+                          "[0, 1).") from None
     if not 0.0 <= r < 1.0:
         raise ConfigError(f"ratio={r} is outside [0, 1); it is the fraction of KV-cache dimensions removed.")
     return r
@@ -26,10 +28,10 @@ def kept_count(ratio: float, units: int, round_to: int = 1, unit_width: int = 1)
     return min(units, kept)
 
 
-def kv_budget(ratio: float, head_dim: int, round_to: int = 1, prune_k: bool = True, prune_v: bool = True) -> tuple[int, int]:
+def kv_budget(ratio: float, head_dim: int, round_to: int = 1, prune_k: bool = True,
+              prune_v: bool = True) -> tuple[int, int]:
     """RAP's kept RoPE pairs and V channels per KV head at ``ratio``: the KV budget every method matches."""
-    if head_dim % 2:
-        raise ConfigError(f"head_dim={head_dim} is odd, so keys cannot be split into RoPE pairs.")
+    check_even_head_dim(head_dim)
     n_pairs = kept_count(ratio, head_dim // 2, round_to, unit_width=2) if prune_k else head_dim // 2
     n_v = kept_count(ratio, head_dim, round_to) if prune_v else head_dim
     if n_pairs < 1 or n_v < 1:

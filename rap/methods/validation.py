@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..architecture import head_dim
 from ..errors import PlanError
 
-SIGNATURE_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
+SIGNATURE_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                  "head_dim")
 
 
 def model_signature(config) -> dict:
@@ -92,5 +93,6 @@ def check_plan(config, plan, method_cls) -> None:
     if not isinstance(layers, list) or len(layers) != sig["num_hidden_layers"]:
         got = len(layers) if isinstance(layers, list) else type(layers).__name__
         raise PlanError(f"it has {got} layers, but the model has {sig['num_hidden_layers']}")
-    own = {k: v for k, v in (plan.get("tensors") or {}).items() if not k.startswith("heal.")}  # healed: checked on apply
+    # healed weights are checked when the plan is applied
+    own = {k: v for k, v in (plan.get("tensors") or {}).items() if not k.startswith("heal.")}
     check_tensors(own, method_cls.check_plan(config, plan))

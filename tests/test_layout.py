@@ -1,0 +1,43 @@
+"""The code's shape: the library never imports the harness, nothing imports in a circle, functions stay short, and
+the embedded model's spec in the library is the one its config preset gives."""
+import ast
+import dataclasses
+import importlib.util
+
+from conftest import REPO, compose
+
+
+def _import_graph():
+    spec = importlib.util.spec_from_file_location("import_graph", REPO / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_import_graph_is_a_tree_and_the_library_never_imports_the_harness():
+    ig = _import_graph()
+    graph = ig.graph()
+    assert "rap.harness.job" in graph and "rap.plans" in graph["rap.harness.job"]  # the graph sees real imports
+    assert ig.cycles(graph) == []
+    assert ig.library_to_harness(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    ig = _import_graph()
+    assert ig.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert ig.library_to_harness({"rap.costs": {"rap.harness.job"}}) == [("rap.costs", "rap.harness.job")]
+
+
+def test_no_library_function_is_longer_than_80_lines():
+    long = [f"{p.relative_to(REPO)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in sorted((REPO / "rap").rglob("*.py")) for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
+
+
+def test_embedded_model_spec_matches_its_preset():
+    from rap.harness.settings import model_spec
+    from rap.models import SMOLLM2
+
+    preset = model_spec(compose("model=smollm2-135m", "device=cpu"))
+    assert dataclasses.replace(preset, device="auto", seed=0) == SMOLLM2
