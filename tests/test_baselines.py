@@ -115,16 +115,16 @@ def test_per_head_lowrank_v_costs_what_channel_pruning_costs(name):
     """RAP's low-rank V per KV head: same cache, attention params and decode FLOPs as pruned V channels (the
     up-projection is absorbed into W_o, nothing is rebuilt); a joint latent widens W_o and the value sum."""
     model, _ = build_tiny(name)
-    costs = {}
+    measured = {}
     for label, opts in [("channels", {}), ("per_head", dict(v_path="lowrank", group_size=1)),
                         ("joint", dict(v_path="lowrank", group_size=2))]:
         c = compress(copy.deepcopy(model), "rap", 0.3, calibration=CALIB, criterion="key_energy", **opts)
-        costs[label] = measure.measure_costs(c, 32)
+        measured[label] = measure.measure_costs(c, 32)
     keys = ["kv_bytes_per_token", "params_attention", "flops_decode_attention"]
-    assert [costs["per_head"][k] for k in keys] == [costs["channels"][k] for k in keys]
-    assert costs["joint"]["kv_bytes_per_token"] == costs["channels"]["kv_bytes_per_token"]
-    assert costs["joint"]["params_attention"] > costs["channels"]["params_attention"]
-    assert costs["joint"]["flops_decode_attention"] > costs["channels"]["flops_decode_attention"]
+    assert [measured["per_head"][k] for k in keys] == [measured["channels"][k] for k in keys]
+    assert measured["joint"]["kv_bytes_per_token"] == measured["channels"]["kv_bytes_per_token"]
+    assert measured["joint"]["params_attention"] > measured["channels"]["params_attention"]
+    assert measured["joint"]["flops_decode_attention"] > measured["channels"]["flops_decode_attention"]
 
 
 @pytest.mark.parametrize("method, opts", [("palu", dict(floor=2)), ("elitekv", dict(search_sequences=1)),
@@ -212,9 +212,10 @@ def test_elitekv_value_paths_give_the_same_model(name):
     assert get_plan(fold)["value_path"] == "fold" and get_plan(up)["value_path"] == "up"
     for a, b in zip(logits_prefill_and_decode(fold, steps=3), logits_prefill_and_decode(up, steps=3)):
         assert torch.allclose(a, b, atol=1e-4)
-    costs = [measure.measure_costs(m, 24) for m in (fold, up)]
-    assert costs[0]["kv_bytes"] == costs[1]["kv_bytes"] and costs[1]["params_attention"] < costs[0]["params_attention"]
-    for m, c in zip((fold, up), costs):
+    measured = [measure.measure_costs(m, 24) for m in (fold, up)]
+    assert measured[0]["kv_bytes"] == measured[1]["kv_bytes"]
+    assert measured[1]["params_attention"] < measured[0]["params_attention"]
+    for m, c in zip((fold, up), measured):
         assert c["params_attention"] == costs.attention_params(m.config, get_plan(m))
         assert c["flops_decode_attention"] == costs.attention_decode_flops(m.config, 24, get_plan(m))
 

@@ -41,3 +41,14 @@ def test_embedded_model_spec_matches_its_preset():
 
     preset = model_spec(compose("model=smollm2-135m", "device=cpu"))
     assert dataclasses.replace(preset, device="auto", seed=0) == SMOLLM2
+
+
+def test_readme_and_docs_link_only_to_files_that_exist():
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    broken = [f"{page.relative_to(REPO)} -> {target}" for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert broken == []
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
