@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGES = {"torch": "torch", "transformers": "transformers", "lm_eval": "lm-eval", "datasets": "datasets",
             "hydra_core": "hydra-core"}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _git(*args: str) -> str | None:
