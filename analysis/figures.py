@@ -10,7 +10,7 @@ Figures (each drawn only when the runs hold what it needs):
 - ``kept_frequency_r<ratio>``: which RoPE pairs each criterion keeps (layer x pair index), from saved plans;
 - ``latency_decode``, ``latency_prefill``: attention latency against context (with the ideal line) and against
   sequence length, per layer shape, from the CSV of ``python -m rap.harness.bench`` (``--latency``).
-Error bars are the 95% paired bootstrap intervals against the baseline (``analysis.report``).
+Error bars are the 95% paired t-intervals against the baseline (``analysis.report``).
 """
 from __future__ import annotations
 

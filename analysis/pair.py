@@ -1,11 +1,11 @@
-"""Pair two finished runs on the same windows and documents: B's perplexity over A's and B's accuracy minus A's,
-each with its 95% paired bootstrap interval (``rap.stats``).
+"""Pair finished runs on the same windows and documents: B's perplexity over A's and B's accuracy minus A's, each
+with its 95% paired t-interval (``rap.stats``, ``analysis.report.paired``).
 
     python -m analysis.pair outputs/gemma3_270m/<run A> outputs/gemma3_270m/<run B> [more B runs ...]
 
 Runs must share the model, eval profile and seed (the same windows and documents); anything else is refused. ``*``
-marks an interval that excludes no change. The perplexity interval resamples windows: at 6 windows (eval=quick) a
-percentile bootstrap under-covers (85-89% of simulated repeats at a nominal 95%), so read it as indicative there.
+marks an interval that excludes no change. For whole sweeps, ``python -m analysis.report <roots> --against ...``
+pairs every run with a chosen one.
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from analysis.report import interval_text
-from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
+from analysis.report import interval_text, paired
 
 SAME = ("model", "eval_profile", "seed", "ppl_seqlen", "ppl_windows")
 
@@ -34,11 +33,7 @@ def pair(a: str | Path, b: str | Path) -> dict:
     if differ:
         raise SystemExit(f"error: {a} and {b} differ in {', '.join(differ)}, "
                          "so they did not see the same windows and documents.")
-    out = {"a": ma["run_name"], "b": mb["run_name"],
-           "ppl_ratio": paired_perplexity_ratio(sa["ppl"]["window_nll"], sb["ppl"]["window_nll"])}
-    if sa.get("zeroshot") and sb.get("zeroshot"):
-        out["acc_diff"] = paired_accuracy_difference(sa["zeroshot"], sb["zeroshot"])
-    return out
+    return {"a": ma["run_name"], "b": mb["run_name"], **paired(sa, sb)}
 
 
 def fmt(i, signed: bool = False) -> str:

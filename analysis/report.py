@@ -1,4 +1,4 @@
-"""Paper-style tables from finished runs, with paired bootstrap intervals against each run's baseline.
+"""Paper-style tables from finished runs, with paired intervals against each run's baseline or any other run.
 
     python -m analysis.report outputs/main_table                     # Markdown: method x ratio, baseline first
     python -m analysis.report outputs/main_table --format latex      # or csv (numbers, intervals as columns)
@@ -7,10 +7,12 @@
     python -m analysis.report outputs/default --env                  # with the environment columns (env_*)
     python -m analysis.report outputs/kv_quant --cache                # methods x quantized caches: bytes by part
     python -m analysis.report outputs/long_context --long             # RULER: each task x length, paired Δ
+    python -m analysis.report outputs/main_table --against method=rap  # every run against RAP at its ratio
+    python -m analysis.report outputs/heal --against heal=none --match method ratio   # healed / training-free
 
 Each compressed run is paired with the uncompressed run of the same model, eval profile and seed (the same
 documents and windows): ``ppl x`` is its perplexity ratio and ``Δacc`` its average-accuracy difference, each
-with a 95% paired bootstrap interval; ``*`` marks an interval that excludes no change. Bold marks the best
+with a 95% paired t-interval (``rap.stats``); ``*`` marks an interval that excludes no change. Bold marks the best
 compressed value of a column at each ratio. Runs whose environments differ (package versions, commit,
 device, dtype, threads) are flagged on stderr and the differing env_* columns added to the table.
 """
@@ -96,46 +98,74 @@ def _by_length(long: dict) -> dict:
     return out
 
 
-def add_paired_intervals(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
-    """``ppl_ratio``/``acc_diff`` (with ``_low``, ``_high``, ``_significant``) of each run against its baseline."""
-    df = df.copy()
+def _references(df: pd.DataFrame, against: dict | None, match: tuple[str, ...]) -> tuple[pd.DataFrame, list[str]]:
+    """The runs others are paired with, and the columns a run and its reference share: by default the uncompressed
+    run (a full-precision cache first) of the same model, eval profile and seed; with ``against`` (column -> value),
+    the run that has those values and also shares the ``match`` columns (the ratio, say)."""
     keys = [k for k in PAIR_KEYS if k in df]
+    if against is None:
+        refs = df[df["method"] == "none"]
+        if "kv_cache" in refs:  # a full-precision cache is the reference of every quantized one
+            refs = refs.sort_values("kv_cache", key=lambda c: c != "fp", kind="stable")
+        return refs, keys
+    unknown = [k for k in against if k not in df]
+    if unknown:
+        raise SystemExit(f"error: --against names {', '.join(unknown)}, which no run has; columns are "
+                         f"{', '.join(sorted(c for c in df if not c.startswith(('acc_', 'env_', 'time_'))))}")
+    mask = pd.Series(True, index=df.index)
+    for k, v in against.items():
+        mask &= df[k].astype(str) == str(v)
+    return df[mask], keys + [m for m in match if m in df and m not in keys]
+
+
+def add_paired_intervals(df: pd.DataFrame, against: dict | None = None,
+                         match: tuple[str, ...] = ("ratio",)) -> pd.DataFrame:
+    """``ppl_ratio``/``acc_diff``/``long_diff`` (with ``_low``, ``_high``, ``_significant``) of each run against its
+    reference (``_references``: the baseline unless ``against`` says otherwise), paired on the same windows and
+    documents; ``reference_path`` names it (``baseline_path`` too, for the baseline)."""
+    df = df.copy()
     names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff", "long_diff") for s in ("", "_low", "_high", "_significant")]
     for n in names:
         df[n] = math.nan
-    df["baseline_path"] = None
-    bases = df[df["method"] == "none"]
-    if "kv_cache" in bases:  # a full-precision cache is the reference of every quantized one
-        bases = bases.sort_values("kv_cache", key=lambda c: c != "fp", kind="stable")
+    df["baseline_path"], df["reference_path"] = None, None
+    refs, keys = _references(df, against, match)
     for i, row in df.iterrows():
         quantized = isinstance(row.get("kv_cache"), str) and row["kv_cache"] != "fp"
-        if row["method"] == "none" and not quantized:
+        if against is None and row["method"] == "none" and not quantized:
             continue
-        match = bases[(bases[keys] == row[keys]).all(axis=1)] if keys else bases
-        if match.empty or match.iloc[0]["path"] == row["path"]:
+        found = refs[(refs[keys] == row[keys]).all(axis=1)] if keys else refs
+        if found.empty or found.iloc[0]["path"] == row["path"]:
             continue
-        base = match.iloc[0]
-        df.at[i, "baseline_path"] = base["path"]
-        a, b = _per_sample(base["path"]), _per_sample(row["path"])
-        if a is None or b is None:
-            continue
-        out = {}
-        if a["ppl"]["window_nll"] and len(a["ppl"]["window_nll"]) == len(b["ppl"]["window_nll"]):
-            out["ppl_ratio"] = paired_perplexity_ratio(a["ppl"]["window_nll"], b["ppl"]["window_nll"], n_boot=n_boot)
-        if a["zeroshot"] and b["zeroshot"]:
-            out["acc_diff"] = paired_accuracy_difference(a["zeroshot"], b["zeroshot"], n_boot=n_boot)
-        if a.get("long") and b.get("long"):
-            out["long_diff"] = paired_accuracy_difference(_by_length(a["long"]), _by_length(b["long"]), "score",
-                                                          n_boot=n_boot)
-        for name, iv in out.items():
+        ref = found.iloc[0]
+        df.at[i, "reference_path"] = ref["path"]
+        if against is None:
+            df.at[i, "baseline_path"] = ref["path"]
+        for name, iv in paired(_per_sample(ref["path"]), _per_sample(row["path"])).items():
             df.at[i, name], df.at[i, f"{name}_low"], df.at[i, f"{name}_high"] = iv.estimate, iv.low, iv.high
             df.at[i, f"{name}_significant"] = float(iv.significant)
     return df
 
 
-def paper_table(df: pd.DataFrame, tasks: bool = True, n_boot: int = 2000, extra: list[str] = ()) -> pd.DataFrame:
-    """Numbers for the paper table: per model the baseline first, then each ratio's methods."""
-    df = add_paired_intervals(df, n_boot)
+def paired(a: dict | None, b: dict | None) -> dict:
+    """Run ``b``'s intervals against run ``a`` from their ``per_sample.json``: ``ppl_ratio`` (b/a), ``acc_diff`` and
+    ``long_diff`` (b - a), each where both runs have it on the same windows or documents."""
+    if a is None or b is None:
+        return {}
+    out = {}
+    if a["ppl"]["window_nll"] and len(a["ppl"]["window_nll"]) == len(b["ppl"]["window_nll"]):
+        out["ppl_ratio"] = paired_perplexity_ratio(a["ppl"]["window_nll"], b["ppl"]["window_nll"])
+    if a["zeroshot"] and b["zeroshot"]:
+        out["acc_diff"] = paired_accuracy_difference(a["zeroshot"], b["zeroshot"])
+    if a.get("long") and b.get("long"):
+        out["long_diff"] = paired_accuracy_difference(_by_length(a["long"]), _by_length(b["long"]), "score")
+    return out
+
+
+def paper_table(df: pd.DataFrame, tasks: bool = True, extra: list[str] = (), against: dict | None = None,
+                match: tuple[str, ...] = ("ratio",)) -> pd.DataFrame:
+    """Numbers for the paper table: per model the baseline first, then each ratio's methods; intervals against the
+    baseline, or against the ``against`` run (``add_paired_intervals``)."""
+    df = add_paired_intervals(df, against, match)
     for col in COST_COLUMNS:  # the baseline is the reference of every ratio column
         if col in df:
             df.loc[df["method"] == "none", col] = df.loc[df["method"] == "none", col].fillna(1.0)
@@ -199,12 +229,12 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     return frame.to_markdown(index=False, disable_numparse=True)
 
 
-def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+def cache_table(df: pd.DataFrame) -> pd.DataFrame:
     """Methods composed with KV-cache quantization (``+experiment=kv_quant``): per run, the KV bytes per token the
     cache really held, split into full-precision values (residual tokens), packed integers and scales with
     zero-points, against the closed form; the cached perplexity and the long-context scores, each with its paired
     95% interval against the uncompressed model with a full-precision cache."""
-    df = add_paired_intervals(df, n_boot)
+    df = add_paired_intervals(df)
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values(["model", "_order", "ratio", "kv_bytes_per_token"], ascending=[True, True, True, False])
     tokens = df["kv_bytes"] / df["kv_bytes_per_token"]
@@ -227,11 +257,11 @@ def cache_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+def long_table(df: pd.DataFrame) -> pd.DataFrame:
     """RULER scores (``eval=long``) per run: each task at each length, and per length the average over tasks with
     its paired 95% interval against the uncompressed run (same documents), so a reader sees where a method loses."""
     df = df[df.get("eval_profile", pd.Series("long", index=df.index)) == "long"]
-    df = add_paired_intervals(df, n_boot)  # its baseline choice: the uncompressed run with a full-precision cache
+    df = add_paired_intervals(df)  # its baseline choice: the uncompressed run with a full-precision cache
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values(["model", "_order", "ratio"])
     rows = []
@@ -248,7 +278,7 @@ def long_table(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
             at = sorted(k for k in cells if k.endswith(f"_{n}"))
             out[f"avg@{n}"] = _fmt(float(np.mean([np.mean(cells[k]["score"]) for k in at])))
             if base_cells is not None:
-                iv = paired_accuracy_difference(base_cells, cells, "score", tasks=at, n_boot=n_boot)
+                iv = paired_accuracy_difference(base_cells, cells, "score", tasks=at)
                 out[f"Δ@{n} [95% CI]"] = interval_text(iv.estimate, iv.low, iv.high, iv.significant, "+.3f")
         for k in sorted(cells, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
             task, n = k.rsplit("_", 1)
@@ -277,7 +307,13 @@ def main(argv=None):
     ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
     ap.add_argument("--cache", action="store_true", help="the KV-cache quantization table (+experiment=kv_quant)")
     ap.add_argument("--long", action="store_true", help="the RULER table (eval=long): task x length, paired Δ")
+    ap.add_argument("--against", nargs="+", metavar="COLUMN=VALUE",
+                    help="pair every run with the run having these values (e.g. method=rap, variant=..., heal=none) "
+                         "instead of the baseline")
+    ap.add_argument("--match", nargs="+", default=["ratio"], metavar="COLUMN",
+                    help="with --against: columns a run and its reference share (default: ratio)")
     a = ap.parse_args(argv)
+    against = dict(x.split("=", 1) for x in a.against) if a.against else None
     df, _ = collect(*a.roots)
     if df.empty:
         raise SystemExit(f"error: no metrics.json under {' '.join(a.roots)}")
@@ -297,7 +333,7 @@ def main(argv=None):
         table = summary(df, list(a.columns or COLUMNS) + [c for c in extra if c not in (a.columns or COLUMNS)])
         text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, floatfmt=".4g")
     else:
-        table = paper_table(df, tasks=not a.no_tasks, extra=differ)
+        table = paper_table(df, tasks=not a.no_tasks, extra=differ, against=against, match=tuple(a.match))
         text = table.to_csv(index=False) if a.format == "csv" else format_table(table, a.format)
     print(text)
     if a.out:
