@@ -274,12 +274,12 @@ def all_figures(df: pd.DataFrame, latency_csv=None, only=FIGURES) -> dict:
     return {k: v for k, v in figs.items() if v is not None}
 
 
-def save(figs: dict, out: str | Path) -> list[Path]:
+def save(figs: dict, out: str | Path, formats=("png", "pdf")) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figs.items():
-        for ext in ("png", "pdf"):
+        for ext in formats:
             fig.savefig(out / f"{name}.{ext}", dpi=200 if ext == "png" else None)
             written.append(out / f"{name}.{ext}")
         plt.close(fig)

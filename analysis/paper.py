@@ -1,0 +1,211 @@
+"""Every generated table and figure, rebuilt from the committed results (``results/``) and benchmark CSVs
+(``docs/bench/``) without loading a model:
+
+    python -m analysis.paper                  # docs/<table>.md and .tex, docs/figures/*.png, README blocks
+    python -m analysis.paper --out /tmp/x     # the same files under another folder (the test compares them)
+
+A table whose runs are not in ``results/`` is skipped and named on stderr. Each table ends with where its runs came
+from (device, dtype, threads, commits), from the runs' ``env_*`` keys. README blocks lie between the markers
+``<!-- generated: <name> -->`` and ``<!-- end generated: <name> -->``; nothing between them is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.bench_table import bench_table
+from analysis.collect import collect_local
+from analysis.report import add_paired_intervals, format_table, paper_table
+
+REPO = Path(__file__).resolve().parents[1]
+COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: ``results/<source>`` drawn by ``kind``, written to ``docs/<name>.md`` (and ``.tex``)."""
+
+    name: str
+    source: str
+    kind: str = "paper"  # paper (with per-task columns) | compact (README columns) | against (paired with a variant)
+    against: tuple = ()  # (column, value) pairs for kind=against
+    match: tuple = ("ratio",)
+
+
+TABLES = (
+    Table("main_table", "main_table"),
+    Table("main_table_vs_rap", "main_table", "against", (("variant", "RAP (key_energy)"),)),
+    Table("gemma3_270m", "gemma3_270m"),
+)
+FIGURES = {"main_table": ("ratio_curves", "pareto", "kept_frequency")}
+BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}
+
+
+def qk_norm_error(_df=None) -> str:
+    """``docs/qk_norm_error.csv`` (``experiments/qk_norm_error.py``): the mean relative error of ``kept`` mode's
+    normalised queries and keys against ``exact``'s, per ratio and layer kind, with and without the correction."""
+    d = pd.read_csv(REPO / "docs" / "qk_norm_error.csv")
+    mean = d.groupby(["ratio", "kind"], sort=True)[["kept_q", "kept_k", "kept_rho1_q", "kept_rho1_k"]].mean()
+    rows = [{"ratio": f"{ratio:.1f}", "layers": f"{kind} ({int((d['ratio'].eq(ratio) & d['kind'].eq(kind)).sum())})",
+             "queries, corrected": f"{r.kept_q:.1%}", "keys, corrected": f"{r.kept_k:.1%}",
+             "queries, uncorrected": f"{r.kept_rho1_q:.1%}", "keys, uncorrected": f"{r.kept_rho1_k:.1%}"}
+            for (ratio, kind), r in mean.iterrows()]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
+# Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
+BLOCKS = {
+    ("README.md", "main_table"): ("main_table", lambda df: compact(df)),
+    ("docs/architectures.md", "gemma3_270m"): ("gemma3_270m", lambda df: compact(df)),
+    ("docs/architectures.md", "gemma3_270m_vs_rap"):
+        ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
+    ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
+}
+
+
+def provenance(df: pd.DataFrame) -> str:
+    """Where the runs came from, in one line, from their env keys."""
+    def values(col, fmt=str):
+        if col not in df:
+            return "unrecorded"
+        counts = sorted(df[col].astype(str).map(fmt).value_counts().items())
+        if len(counts) == 1:
+            return counts[0][0]
+        return ", ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts)
+
+    dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0
+    return (f"{len(df)} runs; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
+            f"{values('env_threads')}; commit {values('env_git_commit', lambda c: c[:7])}"
+            + (f"; {dirty} with uncommitted changes" if dirty else "") + ".")
+
+
+def compact(df: pd.DataFrame, **pairing) -> str:
+    """The README's columns of the paper table (no model or method columns, no per-task or latency columns)."""
+    table = format_table(paper_table(df, tasks=False, **pairing))
+    frame = _markdown_frame(table)
+    return frame[[c for c in COMPACT if c in frame]].to_markdown(index=False, disable_numparse=True)
+
+
+def _markdown_frame(text: str) -> pd.DataFrame:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()]
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame:
+    """Each run's perplexity ratio and accuracy difference against the ``against`` run (e.g. RAP) at its ratio."""
+    paired = add_paired_intervals(df, against, match).dropna(subset=["reference_path"])
+    rows = []
+    for _, r in paired.sort_values(["ratio", "variant"]).iterrows():
+        ref = df.loc[df["path"] == r["reference_path"], "variant"].iloc[0]
+        rows.append({"variant": r["variant"], "against": ref, "ratio": f"{r['ratio']:.2f}",
+                     "ppl x [95% CI]": _interval(r, "ppl_ratio", ".3f"),
+                     "Δacc [95% CI]": _interval(r, "acc_diff", "+.3f")})
+    return pd.DataFrame(rows)
+
+
+def _interval(r, col: str, spec: str) -> str:
+    from analysis.report import interval_text
+
+    return interval_text(r[col], r[f"{col}_low"], r[f"{col}_high"], r[f"{col}_significant"] == 1.0, spec)
+
+
+def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
+    """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
+    if t.kind == "against":
+        frame = against_table(df, dict(t.against), t.match)
+        md, tex = frame.to_markdown(index=False, disable_numparse=True), frame.to_latex(index=False)
+    elif t.kind == "compact":
+        md = compact(df)
+        tex = format_table(paper_table(df, tasks=False), "latex")
+    else:
+        table = paper_table(df)
+        md, tex = format_table(table), format_table(table, "latex")
+    line = provenance(df)
+    return {"md": f"{md}\n\n{line}\n", "tex": f"{tex}\n% {line}\n"}
+
+
+def runs(results: Path, source: str) -> pd.DataFrame | None:
+    folder = results / source
+    if not folder.is_dir():
+        return None
+    df = collect_local(folder)[0]
+    return None if df.empty else df
+
+
+def against_block(df: pd.DataFrame, variant: str) -> str:
+    return against_table(df, {"variant": variant}, ("ratio",)).to_markdown(index=False, disable_numparse=True)
+
+
+def fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with every generated block replaced by its new content."""
+    for name, body in blocks.items():
+        tag = re.escape(name)
+        pattern = re.compile(rf"(<!-- generated: {tag} -->\n).*?(<!-- end generated: {tag} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"error: a page has no generated block '{name}'")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
+    """Write every table, figure and generated block whose inputs exist under ``root`` (the repository, or another
+    folder); returns the files written."""
+    docs = root / "docs"
+    written, missing, frames = [], [], {}
+    for t in TABLES:
+        df = frames.setdefault(t.source, runs(results, t.source))
+        if df is None:
+            missing.append(t.name)
+            continue
+        for ext, text in table_text(t, df).items():
+            path = docs / f"{t.name}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(path)
+    for name, (csv, ratio) in BENCH.items():
+        path = docs / f"{name}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(bench_table(REPO / "docs" / csv, ratio).to_markdown(index=False) + "\n")
+        written.append(path)
+    for page in sorted({page for page, _ in BLOCKS}):
+        blocks = {}
+        for (where, name), (source, draw) in BLOCKS.items():
+            df = frames.get(source) if source else None
+            if where == page and (source is None or df is not None):
+                blocks[name] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
+        path = root / page
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(fill_blocks((REPO / page).read_text(), blocks))
+        written.append(path)
+    if figures:
+        from analysis.figures import all_figures, latency_decode, latency_prefill, save
+
+        for source, names in FIGURES.items():
+            if frames.get(source) is not None:
+                written += save(all_figures(frames[source], only=names), docs / "figures", formats=("png",))
+        grid = REPO / "docs" / "bench" / "grid.csv"
+        written += save({"latency_decode": latency_decode(grid), "latency_prefill": latency_prefill(grid)},
+                        docs / "figures", formats=("png",))
+    if missing:
+        print(f"[paper] no runs in {results} for: {', '.join(missing)}", file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(REPO / "results"))
+    ap.add_argument("--out", help="write docs/ and README.md under this folder instead of the repository")
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    out = Path(a.out) if a.out else REPO
+    written = build(Path(a.results), out, not a.no_figures)
+    print(f"[paper] wrote {len(written)} files under {out}")
+
+
+if __name__ == "__main__":
+    main()
