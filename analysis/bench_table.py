@@ -1,6 +1,6 @@
 """The latency grid of ``python -m rap.harness.bench layer`` as one table per ratio: per shape and cell (mode, length,
-batch, cache), each method's median ratio to rap's full-width path with its interquartile range, the ideal ratio (kept
-KV fraction) and rap-full against the stock attention.
+batch, cache), each method's median ratio to rap's full-width path with its interquartile range and its ratio to the
+stock transformers attention, each variant's ideal ratio (its kept KV fraction) and rap-full against stock.
 
     python -m analysis.bench_table outputs/bench/grid.csv --ratio 0.3 --out docs/bench/grid_r0.3.md
 """
@@ -13,12 +13,19 @@ import pandas as pd
 
 
 def _cell(r) -> str:
-    return f"{r.ratio_to_full:.3f} [{r.ratio_to_full_q1:.3f}, {r.ratio_to_full_q3:.3f}]"
+    """Ratio to rap-full [IQR] / ratio to the stock attention (medians of per-round ratios)."""
+    return f"{r.ratio_to_full:.3f} [{r.ratio_to_full_q1:.3f}, {r.ratio_to_full_q3:.3f}] / {r.ratio_to_stock:.3f}"
+
+
+def _ok(csv_path) -> pd.DataFrame:
+    lat = pd.read_csv(csv_path)
+    return lat[lat["status"] == "ok"]
 
 
 def bench_table(csv_path: str | Path, ratio: float = 0.3) -> pd.DataFrame:
-    lat = pd.read_csv(csv_path)
-    lat = lat[lat["status"] == "ok"]
+    """Per cell (shape, mode, length, batch, cache), each variant at ``ratio`` as ratio to rap-full [IQR] / ratio to
+    stock, each variant's own ideal (its kept KV fraction), and rap-full against stock."""
+    lat = _ok(csv_path)
     keys = ["shape", "mode", "length", "batch", "cache"]
     rows = []
     for cell, g in lat.groupby(keys, sort=False):
@@ -26,12 +33,40 @@ def bench_table(csv_path: str | Path, ratio: float = 0.3) -> pd.DataFrame:
         at = g[g["ratio"] == ratio]
         for r in at.itertuples():
             row[r.variant.replace(f"-r{ratio}", "")] = _cell(r)
-        if len(at):
-            row["ideal"] = round(float(at[at["method"] == "rap"]["ideal_ratio"].median()), 3)
-        stock = g[g["variant"] == "stock"]
-        if len(stock):  # rap-full / stock = 1 / (stock / rap-full)
-            row["rap-full / stock"] = round(1 / float(stock["ratio_to_full"].iloc[0]), 3)
+        for r in at[at["method"] == "rap"].itertuples():
+            row[f"ideal {r.variant.replace(f'-r{ratio}', '')}"] = f"{r.ideal_ratio:.3f}"
+        full = g[g["variant"] == "rap-full"]
+        if len(full):
+            row["rap-full / stock"] = f"{float(full['ratio_to_stock'].iloc[0]):.3f}"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict(q1: float, q3: float, target: float) -> str:
+    """``met`` only when the whole interquartile range lies at or below ``target``; ``missed`` when it lies above."""
+    if q3 <= target:
+        return "met"
+    return "missed" if q1 > target else "unresolved (the IQR spans it)"
+
+
+def targets_table(csv_path: str | Path, targets: dict[str, float], ratio: float = 0.3) -> pd.DataFrame:
+    """RAP at ``ratio`` against its latency target per mode (``targets``: mode -> ratio to rap-full), beside its
+    ratio to the stock attention, Palu-style at the same ratio, and rap-full against stock."""
+    lat = _ok(csv_path)
+    rows = []
+    for (mode, length, batch, cache), g in lat.groupby(["mode", "length", "batch", "cache"], sort=False):
+        v = {r.variant: r for r in g.itertuples()}
+        rap, palu, full = v.get(f"rap-r{ratio}"), v.get(f"palu-r{ratio}"), v.get("rap-full")
+        if rap is None:
+            continue
+        iqr = f"{rap.ratio_to_full:.3f} [{rap.ratio_to_full_q1:.3f}, {rap.ratio_to_full_q3:.3f}]"
+        rows.append({"cell": f"{mode} {length}, batch {batch}, {cache}", f"RAP {ratio} / rap-full": iqr,
+                     "target": f"≤ {targets[mode]}", "verdict": verdict(rap.ratio_to_full_q1, rap.ratio_to_full_q3,
+                                                                      targets[mode]),
+                     f"RAP {ratio} / stock": f"{rap.ratio_to_stock:.3f}", "ideal": f"{rap.ideal_ratio:.3f}",
+                     f"Palu {ratio} / rap-full": "" if palu is None else
+                     f"{palu.ratio_to_full:.3f} [{palu.ratio_to_full_q1:.3f}, {palu.ratio_to_full_q3:.3f}]",
+                     "rap-full / stock": "" if full is None else f"{full.ratio_to_stock:.3f}"})
     return pd.DataFrame(rows)
 
 
@@ -43,7 +78,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not Path(a.csv).exists():
         raise SystemExit(f"error: {a.csv} does not exist (write it with python -m rap.harness.bench layer)")
-    text = bench_table(a.csv, a.ratio).to_markdown(index=False)
+    text = bench_table(a.csv, a.ratio).to_markdown(index=False, disable_numparse=True)
     print(text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

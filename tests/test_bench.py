@@ -58,10 +58,18 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
     from analysis.bench_table import bench_table
 
     table = bench_table(tmp_path / "b.csv", ratio=0.3)
-    assert len(table) == 4 and {"rap", "palu", "ideal", "rap-full / stock"} <= set(table.columns)  # one row per cell
+    assert len(table) == 4 and {"rap", "palu", "ideal rap", "rap-full / stock"} <= set(table.columns)  # one row a cell
     rap = next(r for r in rows if r["variant"] == "rap-r0.3" and r["mode"] == "decode" and r["length"] == 32)
-    assert table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0].startswith(
-        f"{rap['ratio_to_full']:.3f} [")
+    cell = table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0]
+    assert cell.startswith(f"{rap['ratio_to_full']:.3f} [") and cell.endswith(f" / {rap['ratio_to_stock']:.3f}")
+
+
+def test_a_target_is_met_only_when_the_interquartile_range_lies_below_it():
+    from analysis.bench_table import verdict
+
+    assert verdict(0.60, 0.70, 0.72) == "met"
+    assert verdict(0.47, 0.75, 0.72).startswith("unresolved")  # a median below the target is not enough
+    assert verdict(0.74, 0.79, 0.72) == "missed"
 
 
 def test_bench_cli_resumes_finished_cells_and_refuses_other_settings(tmp_path, capsys):
