@@ -70,6 +70,31 @@ def targets_table(csv_path: str | Path, targets: dict[str, float], ratio: float 
     return pd.DataFrame(rows)
 
 
+def model_table(csv_path: str | Path, ratio: float = 0.3) -> pd.DataFrame:
+    """The whole-model grid (``python -m rap.harness.bench model``): per context, each variant's decode step time as
+    its median ratio to rap-full [IQR]; RAP's ratio to the stock attention (a ratio of the two medians: this grid
+    keeps no per-round ratio to stock); and tokens per second."""
+    lat = _ok(csv_path)
+    rows = []
+    for (length, batch), g in lat.groupby(["length", "batch"], sort=True):
+        v = {r.variant: r for r in g.itertuples()}
+        row = {"context": str(length), "batch": str(batch)}
+        for name, r in v.items():
+            if name != "rap-full":
+                row[name.replace(f"-r{ratio}", f" {ratio}")] = (f"{r.ratio_to_full:.3f} [{r.ratio_to_full_q1:.3f}, "
+                                                                f"{r.ratio_to_full_q3:.3f}]")
+        rap, stock = v.get(f"rap-r{ratio}"), v.get("stock")
+        if rap is not None and stock is not None:
+            row[f"rap {ratio} / stock"] = f"{rap.ratio_to_full / stock.ratio_to_full:.3f}"
+        for name in ("stock", "rap-full", f"rap-r{ratio}"):
+            if name in v:
+                row[f"{name.replace(f'-r{ratio}', f' {ratio}')} tok/s"] = f"{v[name].tokens_per_s:.1f}"
+        if rap is not None:
+            row["ideal"] = f"{rap.ideal_ratio:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.bench_table import bench_table, targets_table
+from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
 from analysis.report import add_paired_intervals, format_table, paper_table
 
@@ -66,6 +66,8 @@ BLOCKS = {
     ("docs/architectures.md", "gemma3_270m_vs_rap"):
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
+    ("docs/benchmark.md", "model_smollm2"): (None, lambda _: model_table(REPO / "docs" / "bench" / "model_smollm2.csv")
+                                             .to_markdown(index=False, disable_numparse=True)),
     ("docs/benchmark.md", "targets"): (None, lambda _: targets_table(REPO / "docs" / "bench" / "targets.csv", TARGETS)
                                        .to_markdown(index=False, disable_numparse=True)),
 }
