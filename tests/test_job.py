@@ -105,7 +105,7 @@ def test_wandb_offline_run_mirrors_metrics_json(tmp_path, data_dir):
     assert run["config"]["model.name"] == "tiny-llama" and run["config"]["sweep"] == "exp1"
     assert {k: run["config"][k] for k in saved if k.startswith("env_")} == {k: v for k, v in saved.items()
                                                                             if k.startswith("env_")}
-    assert {"per_task", "per_layer"} <= run["history_keys"]
+    assert {"per_task", "per_layer", "ppl_windows", "zeroshot_docs"} <= run["history_keys"]  # per-sample data too
 
 
 def test_wandb_online_without_key_fails_in_one_sentence(tmp_path, data_dir, monkeypatch):

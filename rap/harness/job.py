@@ -350,7 +350,7 @@ def mirror(run: Run, tracker, model_config, plan: dict | None) -> None:
     kill_point("finish")
     try:
         tracker.log_summary(run.results)
-        tracker.log_tables(result_tables(run.results, model_config, plan, run.heal_curves))
+        tracker.log_tables(result_tables(run.results, model_config, plan, run.heal_curves, run.per_sample))
         tracker.finish()
     except Exception as e:
         print(f"[rap] warning: the W&B mirror of {run.s.run_name} failed ({type(e).__name__}: {e}); "

@@ -138,10 +138,12 @@ def lock_state(folder) -> str | None:
     return "killed"
 
 
-def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None) -> dict:
+def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None,
+                  per_sample: dict | None = None) -> dict:
     """Per-task zero-shot results, per-layer kept widths (what the cache holds; each layer's kind, local or global,
-    and RoPE base) and, when healed, the training loss
-    of every layer and step, as DataFrames."""
+    and RoPE base), when healed the training loss of every layer and step, and ``per_sample.json`` as tables
+    (``ppl_windows``: each window's mean NLL; ``zeroshot_docs``: each document's scores), so that paired
+    comparisons can be rebuilt from W&B as from the files; as DataFrames."""
     import pandas as pd
 
     tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
@@ -157,7 +159,21 @@ def result_tables(results: dict, model_config, plan: dict | None, heal_curves: d
         tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v}
                                             for i, curve in enumerate(heal_curves["loss"])
                                             for j, v in enumerate(curve)])
-    return tables
+    return {**tables, **per_sample_tables(per_sample or {})}
+
+
+def per_sample_tables(per_sample: dict) -> dict:
+    import pandas as pd
+
+    out = {}
+    if per_sample.get("ppl"):
+        out["ppl_windows"] = pd.DataFrame({"window": range(len(per_sample["ppl"]["window_nll"])),
+                                           "nll": per_sample["ppl"]["window_nll"]})
+    docs = [{"task": task, "doc_id": d, **{m: s[m][j] for m in ("acc", "acc_norm") if m in s}}
+            for task, s in (per_sample.get("zeroshot") or {}).items() for j, d in enumerate(s["doc_id"])]
+    if docs:
+        out["zeroshot_docs"] = pd.DataFrame(docs)
+    return out
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
