@@ -70,6 +70,8 @@ def untrained_recipe(row) -> str:
             vp = "fold"
         path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp) if isinstance(vp, str) else None
         return f"{head} ({', '.join([str(get('selection')), str(r), *([path] if path else [])])})"
+    if name == "kvlatent":
+        return "KV-Latent (strided dims, frequency-aware RoPE)"
     return str(get("tag", name))
 
 

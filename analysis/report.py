@@ -40,7 +40,7 @@ ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python
 COST_COLUMNS = {"kv_bytes_per_token_ratio": "KV", "params_attention_ratio": "attn params",
                 "flops_decode_attention_ratio": "attn FLOPs", "latency_decode_attention_ms_ratio": "decode attn t",
                 "latency_prefill_attention_ms_ratio": "prefill attn t"}
-METHOD_ORDER = {"none": 0, "rap": 1, "palu": 2, "elitekv": 3}
+METHOD_ORDER = {"none": 0, "rap": 1, "palu": 2, "elitekv": 3, "kvlatent": 4}
 PAIR_KEYS = ("model", "eval_profile", "seed")  # runs sharing these saw the same documents and windows
 
 

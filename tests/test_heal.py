@@ -14,7 +14,7 @@ from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan, save_plan
 
 OPTIONS = {"rap": {"criterion": "weight_norm"}, "palu": {"rank_allocation": "uniform", "decomposition": "svd"},
-           "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}}
+           "elitekv": {"elite_pairs": 2, "selection": "uniform", "decomposition": "svd"}, "kvlatent": {}}
 
 
 def healed_model(method, steps=30, lr=1e-3, **options):
@@ -34,7 +34,7 @@ def shapes(model):
     return {n: tuple(t.shape) for n, t in model_tensors(model).items()}
 
 
-@pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
+@pytest.mark.parametrize("method", ["rap", "palu", "elitekv", "kvlatent"])
 def test_healing_keeps_every_shape_and_cost_and_lowers_each_layers_error(method):
     model, _ = build_tiny("tiny-llama")
     originals = [layer.self_attn for layer in model.model.layers]
@@ -53,7 +53,7 @@ def test_healing_keeps_every_shape_and_cost_and_lowers_each_layers_error(method)
     assert out["params"] == sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
 
 
-@pytest.mark.parametrize("method", ["rap", "elitekv"])
+@pytest.mark.parametrize("method", ["rap", "elitekv", "kvlatent"])
 def test_a_healed_plan_rebuilds_the_healed_model(tmp_path, method):
     model, _ = healed_model(method, steps=5)
     plan = get_plan(model)

@@ -4,11 +4,12 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Method
 from .elitekv import EliteKV
+from .kvlatent import KVLatent
 from .palu import Palu
 from .rap import RAP
 from .selection import check_ratio
 
-METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV}
+METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV, "kvlatent": KVLatent}
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,175 @@
+"""KV-Latent (arXiv 2507.11273) at RAP's KV budget: strided head dimensions and frequency-aware RoPE, nothing rebuilt.
+
+From the method's official code (modelcodes/modeling_llama3.py): q_proj and k_proj keep every r-th output row of each
+head (dims 0, r, 2r, ...), v_proj every r_v-th row and o_proj the matching input columns; no SVD, no data. The reduced
+q/k head of width d' is a fresh RoPE head in the rotate_half layout, with d'/2 frequencies base^(-a_j/d'):
+a = [d'/4, d'/4 + 2, ..., 3d'/4 - 2] then [3d'/4, ..., d' - 1], so the highest-frequency quarter is dropped, the middle
+sampled with stride 2 and the lowest kept dense. Attention runs at the reduced widths, with the reduced head's softmax
+scale 1/sqrt(d') (the official code sets the head dim to d'), and the cache holds the reduced keys and values.
+
+KV-Latent is meant to be trained afterwards (KL distillation, then the LM loss); training-free it scrambles RoPE, so
+its untrained numbers are expected to be poor. ``heal=layerwise`` / ``heal=e2e`` train it under the common budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..architecture import check_config, check_method, head_dim, layer_rope_bases
+from ..errors import PlanError
+from ..shapes import AttentionShape, has_o_bias, has_qkv_bias
+from .attention import CompressedAttention, linear, linear_rows
+from .base import Method
+from .selection import kv_budget
+from .validation import entry, indices
+
+
+def reduced_dims(d: int, width: int) -> tuple[list[int], str]:
+    """``width`` of a head's ``d`` dims: every (d/width)-th when that is an integer (KV-Latent's stride), else evenly
+    spaced (floor(j d / width)); returns the dims and which rule gave them."""
+    dims = [j * d // width for j in range(width)]
+    return dims, (f"stride {d // width}" if d % width == 0 else "evenly spaced")
+
+
+def rope_exponents(width: int) -> list[int]:
+    """KV-Latent's exponents a_j (frequency base^(-a_j/width)) for a reduced head of even ``width``: the lower half of
+    the width/2 frequencies with stride 2 from width/4, the upper half dense up to width - 1. For a width divisible by
+    4 this is the published [w/4, w/4+2, ..., 3w/4-2] + [3w/4, ..., w-1]; otherwise the same rule with the dense part
+    floor(w/4) long."""
+    n = width // 2
+    dense = n // 2
+    middle = n - dense
+    start = width - dense - 2 * middle
+    return [start + 2 * i for i in range(middle)] + list(range(width - dense, width))
+
+
+class LatentRope(torch.nn.Module):
+    """RoPE on the reduced head: cos/sin of the positions at the given inverse frequencies, rotate_half layout."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, s, width)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class LatentAttention(CompressedAttention):
+    """KV-Latent's attention: the reduced q/k/v rows, the matching W_o columns, its own RoPE and softmax scale."""
+
+    def __init__(self, attn, qk_dims: list[int], v_dims: list[int], inv_freq: torch.Tensor):
+        super().__init__(attn)
+        d, n_heads = self.head_dim, self.n_kv * self.num_key_value_groups
+        self.n_qk, self.n_v = len(qk_dims), len(v_dims)
+        self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_heads) for c in qk_dims])
+        self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(self.n_kv) for c in qk_dims])
+        self.v_proj = linear_rows(attn.v_proj, [g * d + c for g in range(self.n_kv) for c in v_dims])
+        cols = [h * d + c for h in range(n_heads) for c in v_dims]
+        self.o_proj = linear(attn.o_proj.weight[:, cols], attn.o_proj.bias)
+        self.rope = LatentRope(inv_freq.to(attn.q_proj.weight.device))
+        self.scaling = self.n_qk ** -0.5
+        self._positions = None
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        self._positions = kwargs.get("position_ids")  # the reduced head's RoPE angles need the positions themselves
+        try:
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        finally:
+            self._positions = None
+
+    def project(self, x, position_embeddings):
+        b, s = x.shape[:2]
+        q = self.q_proj(x).view(b, s, -1, self.n_qk).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.n_qk).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.n_v).transpose(1, 2)
+        positions = self._positions
+        if positions is None:  # called without the decoder layer (layerwise healing): a window from position 0
+            positions = torch.arange(s, device=x.device)[None].expand(b, -1)
+        cos, sin = self.rope.tables(positions, q.dtype)
+        return LatentRope.rotate(q, cos, sin), LatentRope.rotate(k, cos, sin), v
+
+
+@dataclass
+class KVLatent(Method):
+    """KV-Latent-style strided dimensions with frequency-aware RoPE.
+
+    Parameters
+    ----------
+    ratio : float
+        Fraction of KV-cache dimensions removed. The K width is twice RAP's kept RoPE pairs and the V width RAP's
+        kept V channels at this ratio (``kv_budget``), so every method holds the same KV bytes.
+    """
+
+    name = "kvlatent"
+
+    def validate(self, config) -> None:
+        check_config(config)
+        check_method(config, self.name)
+        kv_budget(self.ratio, head_dim(config))
+
+    def needs_calibration(self, config=None) -> bool:
+        return False
+
+    def make_plan(self, model, calibration=None) -> dict:
+        self.validate(model.config)
+        config, d = model.config, head_dim(model.config)
+        n_pairs, n_v = kv_budget(self.ratio, d)
+        qk_dims, qk_rule = reduced_dims(d, 2 * n_pairs)
+        v_dims, v_rule = reduced_dims(d, n_v)
+        layers = [{"qk_dims": qk_dims, "v_dims": v_dims} for _ in range(config.num_hidden_layers)]
+        return {"method": self.name, "ratio": self.ratio, "head_dim": d, "qk_selection": qk_rule,
+                "v_selection": v_rule, "rope_exponents": rope_exponents(2 * n_pairs),
+                "rope_bases": layer_rope_bases(config), "layers": layers}
+
+    @staticmethod
+    def inv_freq(plan: dict, layer: int) -> torch.Tensor:
+        a = torch.tensor(plan["rope_exponents"], dtype=torch.float64)
+        width = len(plan["layers"][layer]["qk_dims"])
+        return (float(plan["rope_bases"][layer]) ** (-a / width)).float()
+
+    @staticmethod
+    def apply(model, plan: dict):
+        for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
+            layer.self_attn = LatentAttention(layer.self_attn, lp["qk_dims"], lp["v_dims"], KVLatent.inv_freq(plan, i))
+        return model
+
+    @staticmethod
+    def check_plan(config, plan: dict) -> dict[str, tuple]:
+        d = plan["head_dim"]
+        bases = entry(plan, "rope_bases", "the plan")
+        if not isinstance(bases, list) or len(bases) != config.num_hidden_layers or not all(
+                isinstance(b, (int, float)) and b > 1 for b in bases):
+            raise PlanError("its rope_bases is not one base above 1 per layer")
+        widths = set()
+        for i, lp in enumerate(plan["layers"]):
+            qk = indices(entry(lp, "qk_dims", f"layer {i}"), d, f"layer {i} qk_dims")
+            indices(entry(lp, "v_dims", f"layer {i}"), d, f"layer {i} v_dims")
+            if not qk or len(qk) % 2 or not lp["v_dims"]:
+                raise PlanError(f"layer {i} keeps {len(qk)} q/k dims and {len(lp['v_dims'])} v dims; q/k needs an "
+                                "even number of at least 2, v at least 1")
+            widths.add(len(qk))
+        if len(widths) != 1:
+            raise PlanError(f"its layers keep q/k widths {sorted(widths)}; its RoPE exponents fit one width")
+        width = widths.pop()
+        if entry(plan, "rope_exponents", "the plan") != rope_exponents(width):
+            raise PlanError(f"its rope_exponents are not KV-Latent's for a reduced head of width {width}")
+        return {}
+
+    @staticmethod
+    def attention_shapes(config, plan: dict) -> list[AttentionShape]:
+        h, nh, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        shapes = []
+        for lp in plan["layers"]:
+            nqk, nv = len(lp["qk_dims"]), len(lp["v_dims"])
+            weights = h * nh * nqk + h * nkv * nqk + h * nkv * nv + nh * nv * h
+            bias = (nh * nqk + nkv * (nqk + nv)) * has_qkv_bias(config) + h * has_o_bias(config)
+            shapes.append(AttentionShape(nh, nqk, nv, nkv * (nqk + nv), weights, weights + bias))
+        return shapes
