@@ -153,28 +153,48 @@ def criteria_ablation(df: pd.DataFrame):
 
 
 def kept_pairs(plan: dict) -> np.ndarray:
-    """(layers, d/2): the fraction of KV heads that keep each RoPE pair (a RoPE-blind channel counts half)."""
+    """(layers, d/2): per layer, how much of each original RoPE frequency (pair index) the plan keeps, as a fraction of
+    KV heads. RAP: the kept pairs (a RoPE-blind channel counts half a pair); EliteKV: the elite pairs (the rest of the
+    key is a latent without RoPE); KV-Latent: its new frequencies, each at the original pair of the same frequency
+    (pair i rotates at base^(-2i/d), so exponent a of a width-w head sits at pair a*d/(2w))."""
     half = plan["head_dim"] // 2
     out = np.zeros((len(plan["layers"]), half))
     for i, lp in enumerate(plan["layers"]):
-        for channels in lp["k_channels"]:
-            for c in channels:
-                out[i, c % half] += 0.5 / len(lp["k_channels"])
+        if plan.get("method") == "elitekv":
+            for pairs in lp["elite_pairs"]:
+                out[i, pairs] += 1 / len(lp["elite_pairs"])
+        elif plan.get("method") == "kvlatent":
+            width = len(lp["qk_dims"])
+            for a in plan["rope_exponents"]:
+                out[i, min(half - 1, round(a * plan["head_dim"] / (2 * width)))] = 1.0
+        else:
+            for channels in lp["k_channels"]:
+                for c in channels:
+                    out[i, c % half] += 0.5 / len(lp["k_channels"])
     return out
 
 
+def _plan_label(r, plan: dict) -> str:
+    if r["method"] != "rap":
+        return str(r.get("variant", r["method"]))
+    return str(r["criterion"]) + (f", QK-norm {plan['qk_norm']}" if plan.get("qk_norm") else "")
+
+
 def kept_frequency(df: pd.DataFrame) -> dict:
-    """One heatmap figure per ratio: a panel per criterion (and QK-norm mode), layer x pair index (pair 0 rotates
-    fastest). On a model with local and global layers (Gemma 3) the global layers' rows are marked "G" at the right."""
-    rap = df[df["method"] == "rap"]
+    """One heatmap figure per ratio: a panel per RAP criterion (and QK-norm mode), EliteKV variant and KV-Latent, layer
+    x pair index (pair 0 rotates fastest). On a model with local and global layers (Gemma 3) the global layers' rows
+    are marked "G" at the right."""
+    mapped = df[df["method"].isin(("rap", "elitekv", "kvlatent"))]
     figs = {}
-    for ratio, group in rap.groupby("ratio"):
+    for ratio, group in mapped.groupby("ratio"):
         plans, kinds = {}, {}
-        for _, r in group.sort_values("criterion").iterrows():
+        for _, r in group.sort_values(["method", "criterion"] if "criterion" in group else "method").iterrows():
             f = Path(str(r["path"])) / "plan.json"
             plan = json.loads(f.read_text()) if f.exists() else None
-            label = r["criterion"] + (f", QK-norm {plan['qk_norm']}" if plan and plan.get("qk_norm") else "")
-            if plan is not None and label not in plans:
+            if plan is None:
+                continue
+            label = _plan_label(r, plan)
+            if label not in plans:
                 plans[label], kinds[label] = kept_pairs(plan), plan.get("layer_kinds")
         if not plans:
             continue
@@ -195,7 +215,7 @@ def kept_frequency(df: pd.DataFrame) -> dict:
         for ax in axes[:, 0]:
             ax.set_ylabel("layer")
         fig.supxlabel("RoPE pair index (high → low frequency)", y=-0.02)
-        fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of KV heads keeping the pair")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of KV heads keeping the frequency")
         figs[f"kept_frequency_r{ratio:g}"] = fig
     return figs
 

@@ -191,6 +191,11 @@ def test_kept_pairs_counts_fractions_of_heads():
     assert grid.shape == (2, 4)
     assert grid[0].tolist() == [1.0, 0.5, 0.5, 0.0]
     assert grid[1].tolist() == [0.0, 0.0, 0.25, 0.75]  # a RoPE-blind channel counts half a pair
+    elite = {"method": "elitekv", "head_dim": 8, "layers": [{"elite_pairs": [[0, 3], [0, 1]]}]}
+    assert figures.kept_pairs(elite)[0].tolist() == [1.0, 0.5, 0.0, 0.5]
+    # KV-Latent at width 4 of 8: exponents [1, 3] sit at pairs 1*8/8 = 1 and 3*8/8 = 3 (none at the fastest, pair 0)
+    latent = {"method": "kvlatent", "head_dim": 8, "rope_exponents": [1, 3], "layers": [{"qk_dims": [0, 2, 4, 6]}]}
+    assert figures.kept_pairs(latent)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
 def test_figures_and_table_logged_to_an_offline_wandb_run(sweep, tmp_path, monkeypatch):

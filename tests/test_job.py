@@ -232,18 +232,18 @@ def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
 
 
 def test_main_table_preset_runs_its_grid(tmp_path):
-    """+experiment=main_table on a tiny model: one baseline and 4 methods x 2 ratios, in the preset's sweep folder."""
+    """+experiment=main_table on a tiny model: a baseline and 7 variants at ratio 0.25, in the sweep folder."""
     cmd = [sys.executable, "run.py", "-m", "+experiment=main_table", "model=tiny-llama", "eval=smoke",
            "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "calibration.n_samples=5",
            "calibration.seqlen=32", "eval.measure.baseline_latency=false", "ratio=0,0.25"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "main_table").glob("*/metrics.json")]
-    assert len(runs) == 7 and sum(m["method"] == "none" for m in runs) == 1
+    assert len(runs) == 8 and sum(m["method"] == "none" for m in runs) == 1
     tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
     # Every variant's run name says its decomposition, grouping and allocation.
     for part in ("vlowrank", "palu-whiten-head-fisher_uniform", "palu-whiten-joint-fisher_uniform",
-                 "elitekv-greedy-e0-svd", "elitekv-greedy-e0-whiten"):
+                 "elitekv-greedy-e0-svd", "elitekv-greedy-e0-whiten", "kvlatent_r0.25"):
         assert any(part in t for t in tags), (part, tags)
     from analysis.collect import collect_local
 
@@ -252,7 +252,8 @@ def test_main_table_preset_runs_its_grid(tmp_path):
     assert {"Palu (whiten, per head, fisher_uniform)", "Palu (whiten, joint, fisher_uniform)",
             "EliteKV (greedy, r searched, V up-projection)",
             "EliteKV + whitening (greedy, r searched, V up-projection)",
-            "RAP (key_energy)", "RAP (key_energy, low-rank V)", "baseline"} == variants
+            "RAP (key_energy)", "RAP (key_energy, low-rank V)", "KV-Latent (strided dims, frequency-aware RoPE)",
+            "baseline"} == variants
 
 
 @pytest.mark.parametrize("preset, method", [("main_table", "rap"), ("criteria_ablation", "rap"),
