@@ -136,6 +136,30 @@ def collect_wandb(path: str, group: str | None = None, api=None) -> tuple[pd.Dat
     return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
 
 
+def per_sample_from_wandb(path: str, api=None) -> dict | None:
+    """A run's ``per_sample.json`` rebuilt from W&B (``path`` = ``wandb:<entity>/<project>/<run id>``, as
+    ``collect_wandb`` names runs): its ``ppl_windows`` and ``zeroshot_docs`` tables. None when the run has none."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    project, run_id = path[len("wandb:"):].rsplit("/", 1)
+    tables = {}
+    for key in ("ppl_windows", "zeroshot_docs"):
+        try:
+            tables[key] = api.artifact(f"{project}/run-{run_id}-{key}:latest").get(key).get_dataframe()
+        except Exception:  # a run logged before these tables existed, or without zero-shot tasks
+            tables[key] = None
+    if tables["ppl_windows"] is None:
+        return None
+    out = {"ppl": {"window_nll": tables["ppl_windows"].sort_values("window")["nll"].tolist()}, "zeroshot": {}}
+    docs = tables["zeroshot_docs"]
+    for task, g in ([] if docs is None else docs.groupby("task", sort=True)):
+        out["zeroshot"][task] = {"doc_id": g["doc_id"].tolist(),
+                                 **{m: g[m].tolist() for m in ("acc", "acc_norm") if m in g and g[m].notna().all()}}
+    return out
+
+
 def collect(*roots: str | Path, wandb_path: str | None = None, group: str | None = None, quiet: bool = False):
     """Local roots and/or a W&B project; prints the failed and unfinished jobs to stderr unless ``quiet``."""
     parts = [collect_local(*roots)] if roots else []

@@ -77,6 +77,10 @@ def summary(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
 
 @functools.cache
 def _read_per_sample(path: str) -> dict | None:
+    if path.startswith("wandb:"):  # a run collected from W&B: its per-sample tables
+        from analysis.collect import per_sample_from_wandb
+
+        return per_sample_from_wandb(path)
     f = Path(path) / "per_sample.json"
     return json.loads(f.read_text()) if f.exists() else None
 

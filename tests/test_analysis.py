@@ -94,6 +94,37 @@ def test_collect_from_wandb_has_the_local_columns(sweep):
     assert list(problems["status"]) == ["crashed"]
 
 
+def test_per_sample_data_rebuilt_from_wandb_tables_pairs_as_the_files_do(sweep):
+    """The per-sample tables a job logs to W&B (``rap.harness.results.per_sample_tables``) give back the same
+    ``per_sample.json``, so a paired table can be rebuilt from W&B alone."""
+    from rap.harness.results import per_sample_tables
+
+    runs = {p.name: json.loads((p / "per_sample.json").read_text()) for p in sweep.iterdir()
+            if (p / "per_sample.json").exists()}
+
+    class Artifact:
+        def __init__(self, frame):
+            self.frame = frame
+
+        def get(self, key):
+            return self
+
+        def get_dataframe(self):
+            return self.frame
+
+    class Api:
+        def artifact(self, name):
+            project, _, rest = name.rpartition("/run-")
+            run_id, key = rest.removesuffix(":latest").split("-", 1)
+            assert project == "me/rap"
+            return Artifact(per_sample_tables(runs[run_id])[key])
+
+    base, rap2 = (collect_module.per_sample_from_wandb(f"wandb:me/rap/{r}", api=Api()) for r in ("base", "rap2"))
+    assert base["ppl"]["window_nll"] == runs["base"]["ppl"]["window_nll"]
+    assert base["zeroshot"] == runs["base"]["zeroshot"]
+    assert report.paired(base, rap2) == report.paired(runs["base"], runs["rap2"])
+
+
 def test_paper_table_pairs_each_run_with_its_baseline(sweep):
     df, _ = collect_module.collect(sweep, quiet=True)
     t = report.paper_table(df)
