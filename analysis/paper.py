@@ -62,6 +62,7 @@ def qk_norm_error(_df=None) -> str:
 # Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
 BLOCKS = {
     ("README.md", "main_table"): ("main_table", lambda df: compact(df)),
+    ("README.md", "main_table_vs_rap"): ("main_table", lambda df: against_block(df, "RAP (key_energy)")),
     ("docs/architectures.md", "gemma3_270m"): ("gemma3_270m", lambda df: compact(df)),
     ("docs/architectures.md", "gemma3_270m_vs_rap"):
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
@@ -192,7 +193,10 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
 
         for source, names in FIGURES.items():
             if frames.get(source) is not None:
-                written += save(all_figures(frames[source], only=names), docs / "figures", formats=("png",))
+                figs = all_figures(frames[source], only=names)
+                # the methods' frequency maps, apart from the criteria ablation's kept_frequency_r*
+                figs = {k.replace("kept_frequency", "method_frequency"): v for k, v in figs.items()}
+                written += save(figs, docs / "figures", formats=("png",))
         grid = REPO / "docs" / "bench" / "grid.csv"
         written += save({"latency_decode": latency_decode(grid), "latency_prefill": latency_prefill(grid)},
                         docs / "figures", formats=("png",))
