@@ -175,8 +175,11 @@ def kept_pairs(plan: dict) -> np.ndarray:
 
 
 def _plan_label(r, plan: dict) -> str:
-    if r["method"] != "rap":
-        return str(r.get("variant", r["method"]))
+    """A short panel title: RAP's criterion (and QK-norm mode), EliteKV (+ whitening), KV-Latent."""
+    if r["method"] == "elitekv":
+        return "EliteKV + whitening" if plan.get("decomposition") == "whiten" else "EliteKV"
+    if r["method"] == "kvlatent":
+        return "KV-Latent"
     return str(r["criterion"]) + (f", QK-norm {plan['qk_norm']}" if plan.get("qk_norm") else "")
 
 
