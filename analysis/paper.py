@@ -20,7 +20,7 @@ import pandas as pd
 
 from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
-from analysis.report import add_paired_intervals, format_table, paper_table
+from analysis.report import add_paired_intervals, format_table, interval_text, paper_table
 
 REPO = Path(__file__).resolve().parents[1]
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -32,7 +32,7 @@ class Table:
 
     name: str
     source: str
-    kind: str = "paper"  # paper (with per-task columns) | compact (README columns) | against (paired with a variant)
+    kind: str = "paper"  # paper (with per-task columns) | against (paired with a variant)
     against: tuple = ()  # (column, value) pairs for kind=against
     match: tuple = ("ratio",)
 
@@ -115,8 +115,6 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
 
 
 def _interval(r, col: str, spec: str) -> str:
-    from analysis.report import interval_text
-
     return interval_text(r[col], r[f"{col}_low"], r[f"{col}_high"], r[f"{col}_significant"] == 1.0, spec)
 
 
@@ -125,9 +123,6 @@ def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     if t.kind == "against":
         frame = against_table(df, dict(t.against), t.match)
         md, tex = frame.to_markdown(index=False, disable_numparse=True), frame.to_latex(index=False)
-    elif t.kind == "compact":
-        md = compact(df)
-        tex = format_table(paper_table(df, tasks=False), "latex")
     else:
         table = paper_table(df)
         md, tex = format_table(table), format_table(table, "latex")
