@@ -22,19 +22,24 @@ def _ok(csv_path) -> pd.DataFrame:
     return lat[lat["status"] == "ok"]
 
 
-def bench_table(csv_path: str | Path, ratio: float = 0.3) -> pd.DataFrame:
-    """Per cell (shape, mode, length, batch, cache), each variant at ``ratio`` as ratio to rap-full [IQR] / ratio to
-    stock, each variant's own ideal (its kept KV fraction), and rap-full against stock."""
+def bench_table(csv_path: str | Path, ratio: float | tuple = 0.3, modes: tuple = ()) -> pd.DataFrame:
+    """Per cell (shape, mode, length, batch, cache), each variant at ``ratio`` (or at each of several, then named
+    with their ratio) as ratio to rap-full [IQR] / ratio to stock, each variant's own ideal (its kept KV fraction),
+    and rap-full against stock; ``modes``: only these (prefill, decode)."""
     lat = _ok(csv_path)
+    if modes:
+        lat = lat[lat["mode"].isin(modes)]
+    ratios = ratio if isinstance(ratio, tuple) else (ratio,)
+    name = (lambda v: v) if len(ratios) > 1 else (lambda v: v.replace(f"-r{ratio}", ""))
     keys = ["shape", "mode", "length", "batch", "cache"]
     rows = []
     for cell, g in lat.groupby(keys, sort=False):
         row = dict(zip(keys, cell))
-        at = g[g["ratio"] == ratio]
+        at = g[g["ratio"].isin(ratios)]
         for r in at.itertuples():
-            row[r.variant.replace(f"-r{ratio}", "")] = _cell(r)
+            row[name(r.variant)] = _cell(r)
         for r in at[at["method"] == "rap"].itertuples():
-            row[f"ideal {r.variant.replace(f'-r{ratio}', '')}"] = f"{r.ideal_ratio:.3f}"
+            row[f"ideal {name(r.variant)}"] = f"{r.ideal_ratio:.3f}"
         full = g[g["variant"] == "rap-full"]
         if len(full):
             row["rap-full / stock"] = f"{float(full['ratio_to_stock'].iloc[0]):.3f}"

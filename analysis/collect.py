@@ -70,20 +70,29 @@ def untrained_recipe(row) -> str:
             vp = "fold"
         path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp) if isinstance(vp, str) else None
         return f"{head} ({', '.join([str(get('selection')), str(r), *([path] if path else [])])})"
-    if name == "kvlatent":
-        return "KV-Latent (strided dims, frequency-aware RoPE)"
+    if name == "kvlatent":  # the published recipe, or the ablations of its RoPE and softmax scale
+        rope = "original RoPE frequencies" if get("rope") == "original" else "frequency-aware RoPE"
+        scale = [", original scale"] if get("scale") == "original" else []
+        return f"KV-Latent (strided dims, {rope}{''.join(scale)})"
     return str(get("tag", name))
 
 
 def _derive(df: pd.DataFrame) -> pd.DataFrame:
     """Columns every report uses: ``variant`` (the recipe, e.g. "EliteKV + whitening (greedy, r searched)"),
-    ``tag`` (the method's tag, as in the run name) and ``criterion`` (RAP's, else '-')."""
+    ``untrained_variant`` (the same without healing), ``heal`` (the heal mode, ``none`` when not healed), ``tag``
+    (the method's tag, as in the run name) and ``criterion`` (RAP's, else '-')."""
     if df.empty:
         return df
     if "cfg.method.tag" in df:
         df["tag"] = df["cfg.method.tag"]
-        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag")
-                         for _, r in df.iterrows()]
+        rows = [r for _, r in df.iterrows()]
+        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag") for r in rows]
+        df["untrained_variant"] = [untrained_recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag")
+                                   for r in rows]
+    # runs from before the heal group existed, and the uncompressed baseline, were not healed
+    df["heal"] = df["cfg.heal.name"].fillna("none") if "cfg.heal.name" in df else "none"
+    if "method" in df:
+        df.loc[df["method"] == "none", "heal"] = "none"
     if "cfg.criterion.name" in df and "method" in df:
         df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
     if "cfg.sweep" in df:

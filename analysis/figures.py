@@ -163,8 +163,8 @@ def kept_pairs(plan: dict) -> np.ndarray:
         if plan.get("method") == "elitekv":
             for pairs in lp["elite_pairs"]:
                 out[i, pairs] += 1 / len(lp["elite_pairs"])
-        elif plan.get("method") == "kvlatent":
-            width = len(lp["qk_dims"])
+        elif plan.get("method") == "kvlatent":  # exponents over the reduced width, or over head_dim when original
+            width = plan["head_dim"] if plan.get("rope") == "original" else len(lp["qk_dims"])
             for a in plan["rope_exponents"]:
                 out[i, min(half - 1, round(a * plan["head_dim"] / (2 * width)))] = 1.0
         else:

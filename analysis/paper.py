@@ -20,19 +20,22 @@ import pandas as pd
 
 from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
-from analysis.report import add_paired_intervals, format_table, interval_text, paper_table
+from analysis.report import add_paired_intervals, format_table, heal_table, paper_table, row_interval
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "docs" / "bench"
+HEALING = ("main_table", "heal")  # the training-free cells are the main table's
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
 
 
 @dataclass(frozen=True)
 class Table:
-    """One generated table: ``results/<source>`` drawn by ``kind``, written to ``docs/<name>.md`` (and ``.tex``)."""
+    """One generated table: the runs of ``results/<source>`` (a folder, or a tuple of folders read together) drawn by
+    ``kind``, written to ``docs/<name>.md`` (and ``.tex``)."""
 
     name: str
-    source: str
-    kind: str = "paper"  # paper (with per-task columns) | against (paired with a variant)
+    source: str | tuple
+    kind: str = "paper"  # paper (with per-task columns) | against (paired with a variant) | heal (healing table)
     against: tuple = ()  # (column, value) pairs for kind=against
     match: tuple = ("ratio",)
 
@@ -41,9 +44,11 @@ TABLES = (
     Table("main_table", "main_table"),
     Table("main_table_vs_rap", "main_table", "against", (("variant", "RAP (key_energy)"),)),
     Table("gemma3_270m", "gemma3_270m"),
+    Table("healing_table", HEALING, "heal"),
+    Table("healing_vs_rap", "heal", "against", (("variant", "RAP (key_energy) + healed (layerwise, wiki)"),)),
 )
 FIGURES = {"main_table": ("ratio_curves", "pareto", "kept_frequency")}
-BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}
+BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}  # docs/<name>.md <- (docs/<csv>, ratio)
 TARGETS = {"decode": 0.72, "prefill": 0.78}  # RAP 0.3's attention time against rap-full (docs/benchmark.md)
 
 
@@ -56,7 +61,7 @@ def qk_norm_error(_df=None) -> str:
              "queries, corrected": f"{r.kept_q:.1%}", "keys, corrected": f"{r.kept_k:.1%}",
              "queries, uncorrected": f"{r.kept_rho1_q:.1%}", "keys, uncorrected": f"{r.kept_rho1_k:.1%}"}
             for (ratio, kind), r in mean.iterrows()]
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return markdown(pd.DataFrame(rows))
 
 
 # Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
@@ -67,11 +72,21 @@ BLOCKS = {
     ("docs/architectures.md", "gemma3_270m_vs_rap"):
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
-    ("docs/benchmark.md", "model_smollm2"): (None, lambda _: model_table(REPO / "docs" / "bench" / "model_smollm2.csv")
-                                             .to_markdown(index=False, disable_numparse=True)),
-    ("docs/benchmark.md", "targets"): (None, lambda _: targets_table(REPO / "docs" / "bench" / "targets.csv", TARGETS)
-                                       .to_markdown(index=False, disable_numparse=True)),
+    ("docs/healing.md", "healing_table"): (HEALING, lambda df: markdown(heal_table(df))),
+    ("docs/healing.md", "healing_vs_rap"):
+        ("heal", lambda df: against_block(df, "RAP (key_energy) + healed (layerwise, wiki)")),
+    ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
+    ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
+    ("docs/bench/gpu_h100.md", "decode"):
+        (None, lambda _: markdown(bench_table(BENCH_DIR / "gpu_h100_decode_fused.csv", (0.3, 0.5)))),
+    # that file's decode rows predate the fused decode kernel: only its prefill rows are current code
+    ("docs/bench/gpu_h100.md", "prefill"):
+        (None, lambda _: markdown(bench_table(BENCH_DIR / "gpu_h100_grid_matmul_decode.csv", 0.3, ("prefill",)))),
 }
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True)
 
 
 def provenance(df: pd.DataFrame) -> str:
@@ -92,14 +107,7 @@ def provenance(df: pd.DataFrame) -> str:
 
 def compact(df: pd.DataFrame, **pairing) -> str:
     """The README's columns of the paper table (no model or method columns, no per-task or latency columns)."""
-    table = format_table(paper_table(df, tasks=False, **pairing))
-    frame = _markdown_frame(table)
-    return frame[[c for c in COMPACT if c in frame]].to_markdown(index=False, disable_numparse=True)
-
-
-def _markdown_frame(text: str) -> pd.DataFrame:
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()]
-    return pd.DataFrame(rows[2:], columns=rows[0])
+    return format_table(paper_table(df, tasks=False, **pairing), columns=COMPACT)
 
 
 def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame:
@@ -109,20 +117,16 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
     for _, r in paired.sort_values(["ratio", "variant"]).iterrows():
         ref = df.loc[df["path"] == r["reference_path"], "variant"].iloc[0]
         rows.append({"variant": r["variant"], "against": ref, "ratio": f"{r['ratio']:.2f}",
-                     "ppl x [95% CI]": _interval(r, "ppl_ratio", ".3f"),
-                     "Δacc [95% CI]": _interval(r, "acc_diff", "+.3f")})
+                     "ppl x [95% CI]": row_interval(r, "ppl_ratio", ".3f"),
+                     "Δacc [95% CI]": row_interval(r, "acc_diff", "+.3f")})
     return pd.DataFrame(rows)
-
-
-def _interval(r, col: str, spec: str) -> str:
-    return interval_text(r[col], r[f"{col}_low"], r[f"{col}_high"], r[f"{col}_significant"] == 1.0, spec)
 
 
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
-    if t.kind == "against":
-        frame = against_table(df, dict(t.against), t.match)
-        md, tex = frame.to_markdown(index=False, disable_numparse=True), frame.to_latex(index=False)
+    if t.kind in ("against", "heal"):
+        frame = heal_table(df) if t.kind == "heal" else against_table(df, dict(t.against), t.match)
+        md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)
         md, tex = format_table(table), format_table(table, "latex")
@@ -130,16 +134,17 @@ def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     return {"md": f"{md}\n\n{line}\n", "tex": f"{tex}\n% {line}\n"}
 
 
-def runs(results: Path, source: str) -> pd.DataFrame | None:
-    folder = results / source
-    if not folder.is_dir():
+def runs(results: Path, source: str | tuple) -> pd.DataFrame | None:
+    """The finished runs of one results folder, or of several read together; None when one is missing or empty."""
+    folders = [results / f for f in ((source,) if isinstance(source, str) else source)]
+    if not all(f.is_dir() for f in folders):
         return None
-    df = collect_local(folder)[0]
+    df = collect_local(*folders)[0]
     return None if df.empty else df
 
 
 def against_block(df: pd.DataFrame, variant: str) -> str:
-    return against_table(df, {"variant": variant}, ("ratio",)).to_markdown(index=False, disable_numparse=True)
+    return markdown(against_table(df, {"variant": variant}, ("ratio",)))
 
 
 def fill_blocks(text: str, blocks: dict[str, str]) -> str:
@@ -171,7 +176,7 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     for name, (csv, ratio) in BENCH.items():
         path = docs / f"{name}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(bench_table(REPO / "docs" / csv, ratio).to_markdown(index=False, disable_numparse=True) + "\n")
+        path.write_text(markdown(bench_table(REPO / "docs" / csv, ratio)) + "\n")
         written.append(path)
     for page in sorted({page for page, _ in BLOCKS}):
         blocks = {}

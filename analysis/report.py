@@ -8,7 +8,8 @@
     python -m analysis.report outputs/kv_quant --cache                # methods x quantized caches: bytes by part
     python -m analysis.report outputs/long_context --long             # RULER: each task x length, paired Δ
     python -m analysis.report outputs/main_table --against method=rap  # every run against RAP at its ratio
-    python -m analysis.report outputs/heal --against heal=none --match method ratio   # healed / training-free
+    python -m analysis.report outputs/main_table outputs/heal --heal     # training-free beside healed, paired
+    python -m analysis.report outputs/main_table outputs/heal --against heal=none --match untrained_variant ratio
 
 Each compressed run is paired with the uncompressed run of the same model, eval profile and seed (the same
 documents and windows): ``ppl x`` is its perplexity ratio and ``Δacc`` its average-accuracy difference, each
@@ -198,8 +199,20 @@ def interval_text(est, low, high, significant, spec=".3f") -> str:
     return f"{_fmt(est, spec)} [{_fmt(low, spec)}, {_fmt(high, spec)}]" + ("*" if significant else "")
 
 
-def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
-    """Markdown or LaTeX: intervals as ``est [low, high]``, ``*`` where significant, the best per ratio in bold."""
+def format_table(table: pd.DataFrame, fmt: str = "md", columns: list[str] | None = None) -> str:
+    """Markdown or LaTeX: intervals as ``est [low, high]``, ``*`` where significant, the best per ratio in bold;
+    ``columns``: only these headers, in this order."""
+    frame = formatted_frame(table, fmt)
+    if columns:
+        frame = frame[[c for c in columns if c in frame]]
+    if fmt == "latex":
+        body = frame.to_latex(index=False, escape=False)
+        return body.replace("_", "\\_").replace("Δ", "$\\Delta$")
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def formatted_frame(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    """``paper_table``'s numbers as text, under the headers of ``HEADERS``, the best per ratio in bold."""
     bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
     task_cols = [c for c in table if c.startswith("acc_") and c != "acc_avg" and not c.startswith("acc_diff")]
     value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", *task_cols, *COST_COLUMNS)
@@ -226,11 +239,7 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
             out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if best.get((i, col)) and s else s
         out.update({c: r[c] for c in env_cols})
         rows.append(out)
-    frame = pd.DataFrame(rows)
-    if fmt == "latex":
-        body = frame.to_latex(index=False, escape=False)
-        return body.replace("_", "\\_").replace("Δ", "$\\Delta$")
-    return frame.to_markdown(index=False, disable_numparse=True)
+    return pd.DataFrame(rows)
 
 
 def cache_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -259,6 +268,38 @@ def cache_table(df: pd.DataFrame) -> pd.DataFrame:
             out[c.replace("ruler_", "")] = _fmt(r[c])
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def heal_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Recovery (``+experiment=heal``): each healed run beside the training-free run of the same variant and ratio,
+    both paired against the baseline, and the healed run paired against the training-free one, on the same windows
+    and documents. Takes the training-free runs (``heal=none``) and the healed ones together."""
+    base = add_paired_intervals(df)
+    gain = add_paired_intervals(df, {"heal": "none"}, ("untrained_variant", "ratio"))
+    base["_order"] = base["method"].map(METHOD_ORDER).fillna(9)
+    healed = base[(base["heal"] != "none") & (base["method"] != "none")].sort_values(["ratio", "_order", "variant"])
+    rows = []
+    for i, r in healed.iterrows():
+        free = base.loc[base["path"] == gain.at[i, "reference_path"]]
+        f = free.iloc[0] if len(free) else None
+        rows.append({
+            "variant": r["untrained_variant"], "ratio": _fmt(r["ratio"], ".2f"),
+            "healed": f"{r['heal']}, {r.get('cfg.heal.source')}", "KV B/token": f"{r['kv_bytes_per_token']:,.0f}",
+            "ppl training-free": "" if f is None else _fmt(f["ppl_wikitext2"], ".2f"),
+            "ppl healed": _fmt(r["ppl_wikitext2"], ".2f"),
+            "ppl x, training-free [95% CI]": "" if f is None else row_interval(f, "ppl_ratio", ".3f"),
+            "ppl x, healed [95% CI]": row_interval(r, "ppl_ratio", ".3f"),
+            "healed / training-free [95% CI]": row_interval(gain.loc[i], "ppl_ratio", ".3f"),
+            "Δacc, training-free [95% CI]": "" if f is None else row_interval(f, "acc_diff", "+.3f"),
+            "Δacc, healed [95% CI]": row_interval(r, "acc_diff", "+.3f"),
+            "Δacc, healed − training-free [95% CI]": row_interval(gain.loc[i], "acc_diff", "+.3f"),
+            "heal time": f"{r['heal_time_s']:,.0f} s" if pd.notna(r.get("heal_time_s")) else ""})
+    return pd.DataFrame(rows)
+
+
+def row_interval(r, col: str, spec: str) -> str:
+    """A row's ``col`` interval (``add_paired_intervals``'s columns) as ``interval_text``."""
+    return interval_text(r[col], r[f"{col}_low"], r[f"{col}_high"], r[f"{col}_significant"] == 1.0, spec)
 
 
 def long_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -311,6 +352,8 @@ def main(argv=None):
     ap.add_argument("--env", action="store_true", help="add the environment columns (env_*)")
     ap.add_argument("--cache", action="store_true", help="the KV-cache quantization table (+experiment=kv_quant)")
     ap.add_argument("--long", action="store_true", help="the RULER table (eval=long): task x length, paired Δ")
+    ap.add_argument("--heal", action="store_true",
+                    help="the healing table: give the training-free and the healed runs' folders")
     ap.add_argument("--against", nargs="+", metavar="COLUMN=VALUE",
                     help="pair every run with the run having these values (e.g. method=rap, variant=..., heal=none) "
                          "instead of the baseline")
@@ -330,8 +373,8 @@ def main(argv=None):
         print(f"warning: these runs come from different environments ({', '.join(differ)}); "
               "the columns are shown, compare with care", file=sys.stderr)
     extra = [c for c in (ENV_COLUMNS if a.env else []) + differ]
-    if a.cache or a.long:
-        table = cache_table(df) if a.cache else long_table(df)
+    if a.cache or a.long or a.heal:
+        table = cache_table(df) if a.cache else long_table(df) if a.long else heal_table(df)
         text = table.to_csv(index=False) if a.format == "csv" else table.to_markdown(index=False, disable_numparse=True)
     elif a.columns or a.env or a.latency:
         table = summary(df, list(a.columns or COLUMNS) + [c for c in extra if c not in (a.columns or COLUMNS)])

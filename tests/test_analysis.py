@@ -137,6 +137,25 @@ def test_paper_table_pairs_each_run_with_its_baseline(sweep):
     assert np.isnan(t[t["method"] == "none"].iloc[0]["ppl_ratio"])
 
 
+def test_heal_table_pairs_healed_runs_with_the_baseline_and_their_training_free_run(sweep):
+    heal = sweep.parent / "heal"
+    for name, ratio, shift, seed in (("rap2h", 0.2, 0.08, 5), ("rap3h", 0.3, 0.25, 6)):
+        d = make_run(heal, name, "rap", ratio, 21.0, kv=80.0, nll_shift=shift, seed=seed, extra={"heal_time_s": 60.0})
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "heal": {"name": "layerwise", "source": "wiki"}}))
+    df, _ = collect_module.collect(sweep, heal, quiet=True)
+    assert set(df.loc[df["path"].str.endswith("h"), "heal"]) == {"layerwise"}
+    assert set(df.loc[~df["path"].str.endswith("h"), "heal"]) == {"none"}
+    t = report.heal_table(df)
+    assert list(t["ratio"]) == ["0.20", "0.30"] and set(t["variant"]) == {"RAP (key_energy)"}  # one row per healed run
+    row = t.iloc[0]
+    est = float(row["healed / training-free [95% CI]"].split()[0])
+    assert est == pytest.approx(np.exp(0.08 - 0.18), rel=1e-2)  # against RAP 0.2 training-free, not the baseline
+    assert float(row["ppl x, healed [95% CI]"].split()[0]) == pytest.approx(np.exp(0.08), rel=1e-2)
+    assert float(row["ppl x, training-free [95% CI]"].split()[0]) == pytest.approx(np.exp(0.18), rel=1e-2)
+    assert row["ppl training-free"] == "24.00" and row["heal time"] == "60 s"
+
+
 def add_long(run_dir, scores: dict):
     """RULER per-document scores ({(task, length): [score per document]}) into a run's per_sample.json."""
     per = json.loads((run_dir / "per_sample.json").read_text())
@@ -227,6 +246,9 @@ def test_kept_pairs_counts_fractions_of_heads():
     # KV-Latent at width 4 of 8: exponents [1, 3] sit at pairs 1*8/8 = 1 and 3*8/8 = 3 (none at the fastest, pair 0)
     latent = {"method": "kvlatent", "head_dim": 8, "rope_exponents": [1, 3], "layers": [{"qk_dims": [0, 2, 4, 6]}]}
     assert figures.kept_pairs(latent)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    # with its original frequencies the exponents are 2i over head_dim: the kept pairs themselves
+    original = {**latent, "rope": "original", "rope_exponents": [0, 4]}
+    assert figures.kept_pairs(original)[0].tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_figures_and_table_logged_to_an_offline_wandb_run(sweep, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from test_baselines import STEP, X, logits_prefill_and_decode
 
 from rap import costs, measure
 from rap.architecture import layer_rope_bases
-from rap.errors import ModelError
+from rap.errors import ConfigError, ModelError, PlanError
 from rap.methods.kvlatent import LatentAttention, reduced_dims, rope_exponents
 from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan
@@ -54,6 +54,40 @@ def test_with_the_original_frequencies_and_scale_the_module_is_exact(name):
         scale = layer.self_attn.scaling
         layer.self_attn = LatentAttention(layer.self_attn, list(range(d)), list(range(d)), inv_freq)
         layer.self_attn.scaling = scale
+    for a, b in zip(logits_prefill_and_decode(c), logits_prefill_and_decode(model)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_ablations_keep_each_pairs_own_frequency_and_the_original_scale():
+    """rope=original: the q/k side is RAP with evenly spaced pairs (each kept dim rotates at its own frequency, so
+    every kept q.k term is exact); scale=original keeps the original softmax scale. Both are recorded in the plan,
+    rebuild from it, and bad values are refused."""
+    model, _ = build_tiny("tiny-llama")
+    d, base = 16, layer_rope_bases(model.config)[0]
+    c = compress(copy.deepcopy(model), "kvlatent", 0.3, rope="original", scale="original")
+    plan = get_plan(c)
+    qk = plan["layers"][0]["qk_dims"]
+    half = len(qk) // 2
+    assert qk[half:] == [i + d // 2 for i in qk[:half]] and plan["rope"] == "original" and plan["scale"] == "original"
+    attn, orig = c.model.layers[0].self_attn, model.model.layers[0].self_attn
+    torch.testing.assert_close(attn.rope.inv_freq, model.model.rotary_emb.inv_freq[qk[:half]])
+    assert attn.scaling == orig.scaling and plan["rope_exponents"] == [2 * i for i in qk[:half]]
+    torch.testing.assert_close(base ** (-torch.tensor(plan["rope_exponents"], dtype=torch.float64) / d),
+                               model.model.rotary_emb.inv_freq[qk[:half]].double())
+    rebuilt = apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(X).logits, c(X).logits, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="method.rope='new' is not one of latent, original"):
+        compress(copy.deepcopy(model), "kvlatent", 0.3, rope="new")
+    with pytest.raises(PlanError, match="rope_exponents"):
+        apply_plan(copy.deepcopy(model), {**plan, "rope": "latent"})
+
+
+def test_original_frequencies_and_scale_at_every_dim_reproduce_the_model():
+    """At ratio 0 with both ablations on, KV-Latent keeps every pair at its own frequency and the original scale:
+    the original logits."""
+    model, _ = build_tiny("tiny-llama")
+    c = compress(copy.deepcopy(model), "kvlatent", 0.0, rope="original", scale="original")
     for a, b in zip(logits_prefill_and_decode(c), logits_prefill_and_decode(model)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..architecture import check_config, check_method, head_dim, layer_rope_bases
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError
 from ..shapes import AttentionShape, has_o_bias, has_qkv_bias
 from .attention import CompressedAttention, linear, linear_rows
 from .base import Method
@@ -44,6 +44,17 @@ def rope_exponents(width: int) -> list[int]:
     return [start + 2 * i for i in range(middle)] + list(range(width - dense, width))
 
 
+ROPES, SCALES = ("latent", "original"), ("reduced", "original")
+
+
+def expected_exponents(rope: str, qk_dims: list[int], d: int) -> list[int]:
+    """The plan's RoPE exponents: KV-Latent's for the reduced width (``latent``), or each kept pair's own, 2i for
+    pair i of a width-d head (``original``; the kept dims are whole pairs, ``reduced_dims``)."""
+    if rope == "original":
+        return [2 * c for c in qk_dims[:len(qk_dims) // 2]]
+    return rope_exponents(len(qk_dims))
+
+
 class LatentRope(torch.nn.Module):
     """RoPE on the reduced head: cos/sin of the positions at the given inverse frequencies, rotate_half layout."""
 
@@ -65,7 +76,7 @@ class LatentRope(torch.nn.Module):
 class LatentAttention(CompressedAttention):
     """KV-Latent's attention: the reduced q/k/v rows, the matching W_o columns, its own RoPE and softmax scale."""
 
-    def __init__(self, attn, qk_dims: list[int], v_dims: list[int], inv_freq: torch.Tensor):
+    def __init__(self, attn, qk_dims: list[int], v_dims: list[int], inv_freq: torch.Tensor, reduced_scale=True):
         super().__init__(attn)
         d, n_heads = self.head_dim, self.n_kv * self.num_key_value_groups
         self.n_qk, self.n_v = len(qk_dims), len(v_dims)
@@ -75,7 +86,8 @@ class LatentAttention(CompressedAttention):
         cols = [h * d + c for h in range(n_heads) for c in v_dims]
         self.o_proj = linear(attn.o_proj.weight[:, cols], attn.o_proj.bias)
         self.rope = LatentRope(inv_freq.to(attn.q_proj.weight.device))
-        self.scaling = self.n_qk ** -0.5
+        if reduced_scale:  # else the original head's scale, kept by CompressedAttention
+            self.scaling = self.n_qk ** -0.5
         self._positions = None
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
@@ -106,14 +118,25 @@ class KVLatent(Method):
     ratio : float
         Fraction of KV-cache dimensions removed. The K width is twice RAP's kept RoPE pairs and the V width RAP's
         kept V channels at this ratio (``kv_budget``), so every method holds the same KV bytes.
+    rope : str
+        ``latent`` (the published recipe): the reduced head's new frequencies. ``original``: each kept pair keeps its
+        own frequency, which makes the q/k side RAP with evenly spaced pairs (an ablation of the recipe).
+    scale : str
+        ``reduced`` (the published recipe): softmax scale 1/sqrt(d') of the reduced head. ``original``: the original
+        head's scale, as RAP keeps it (an ablation).
     """
 
+    rope: str = "latent"
+    scale: str = "reduced"
     name = "kvlatent"
 
     def validate(self, config) -> None:
         check_config(config)
         check_method(config, self.name)
         kv_budget(self.ratio, head_dim(config))
+        for option, value, allowed in (("rope", self.rope, ROPES), ("scale", self.scale, SCALES)):
+            if value not in allowed:
+                raise ConfigError(f"method.{option}={value!r} is not one of {', '.join(allowed)}")
 
     def needs_calibration(self, config=None) -> bool:
         return False
@@ -126,19 +149,22 @@ class KVLatent(Method):
         v_dims, v_rule = reduced_dims(d, n_v)
         layers = [{"qk_dims": qk_dims, "v_dims": v_dims} for _ in range(config.num_hidden_layers)]
         return {"method": self.name, "ratio": self.ratio, "head_dim": d, "qk_selection": qk_rule,
-                "v_selection": v_rule, "rope_exponents": rope_exponents(2 * n_pairs),
+                "v_selection": v_rule, "rope": self.rope, "scale": self.scale,
+                "rope_exponents": expected_exponents(self.rope, qk_dims, d),
                 "rope_bases": layer_rope_bases(config), "layers": layers}
 
     @staticmethod
     def inv_freq(plan: dict, layer: int) -> torch.Tensor:
+        """base^(-a/w): ``w`` the reduced width for the new frequencies, the original head_dim for the original."""
         a = torch.tensor(plan["rope_exponents"], dtype=torch.float64)
-        width = len(plan["layers"][layer]["qk_dims"])
+        width = plan["head_dim"] if plan.get("rope") == "original" else len(plan["layers"][layer]["qk_dims"])
         return (float(plan["rope_bases"][layer]) ** (-a / width)).float()
 
     @staticmethod
     def apply(model, plan: dict):
         for i, (layer, lp) in enumerate(zip(model.model.layers, plan["layers"], strict=True)):
-            layer.self_attn = LatentAttention(layer.self_attn, lp["qk_dims"], lp["v_dims"], KVLatent.inv_freq(plan, i))
+            layer.self_attn = LatentAttention(layer.self_attn, lp["qk_dims"], lp["v_dims"], KVLatent.inv_freq(plan, i),
+                                              reduced_scale=plan.get("scale", "reduced") == "reduced")
         return model
 
     @staticmethod
@@ -158,9 +184,17 @@ class KVLatent(Method):
             widths.add(len(qk))
         if len(widths) != 1:
             raise PlanError(f"its layers keep q/k widths {sorted(widths)}; its RoPE exponents fit one width")
-        width = widths.pop()
-        if entry(plan, "rope_exponents", "the plan") != rope_exponents(width):
-            raise PlanError(f"its rope_exponents are not KV-Latent's for a reduced head of width {width}")
+        widths.pop()
+        rope, scale = plan.get("rope", "latent"), plan.get("scale", "reduced")  # plans from before the options
+        if rope not in ROPES or scale not in SCALES:
+            raise PlanError(f"its rope {rope!r} or scale {scale!r} is not one of {ROPES} / {SCALES}")
+        qk = plan["layers"][0]["qk_dims"]
+        if any(lp["qk_dims"] != qk for lp in plan["layers"]) and rope == "original":
+            raise PlanError("its layers keep different q/k dims; original frequencies fit one set")
+        if rope == "original" and qk[len(qk) // 2:] != [c + d // 2 for c in qk[:len(qk) // 2]]:
+            raise PlanError("its q/k dims are not whole RoPE pairs (i, i + head_dim/2), as original frequencies need")
+        if entry(plan, "rope_exponents", "the plan") != expected_exponents(rope, qk, d):
+            raise PlanError(f"its rope_exponents are not KV-Latent's ({rope}) for q/k dims of width {len(qk)}")
         return {}
 
     @staticmethod
