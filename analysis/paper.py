@@ -25,6 +25,7 @@ from analysis.report import add_paired_intervals, format_table, heal_table, pape
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
+ABLATION = ("main_table", "kvlatent_ablation")  # the baseline and RAP are the main table's
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
 
 
@@ -45,6 +46,7 @@ TABLES = (
     Table("main_table_vs_rap", "main_table", "against", (("variant", "RAP (key_energy)"),)),
     Table("gemma3_270m", "gemma3_270m"),
     Table("healing_table", HEALING, "heal"),
+    Table("kvlatent_ablation", ABLATION, "design"),
     Table("healing_vs_rap", "heal", "against", (("variant", "RAP (key_energy) + healed (layerwise, wiki)"),)),
 )
 FIGURES = {"main_table": ("ratio_curves", "pareto", "kept_frequency")}
@@ -73,6 +75,7 @@ BLOCKS = {
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
     ("docs/healing.md", "healing_table"): (HEALING, lambda df: markdown(heal_table(df))),
+    ("docs/results.md", "kvlatent_ablation"): (ABLATION, lambda df: markdown(design_table(df))),
     ("docs/healing.md", "healing_vs_rap"):
         ("heal", lambda df: against_block(df, "RAP (key_energy) + healed (layerwise, wiki)")),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
@@ -122,10 +125,27 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFrame:
+    """KV-Latent's design choices (``+experiment=kvlatent_ablation``): each combination of its RoPE frequencies and
+    softmax scale, paired against the baseline and against RAP at the same ratio, on the same windows."""
+    base = add_paired_intervals(df)
+    vs_rap = add_paired_intervals(df, {"variant": rap}, ("ratio",))
+    rows = []
+    for i, r in base[base["experiment"] == "kvlatent_ablation"].sort_values(["ratio", "variant"]).iterrows():
+        rows.append({"variant": r["variant"], "ratio": f"{r['ratio']:.2f}",
+                     "frequencies": {"original": "each pair's own"}.get(r.get("cfg.method.rope"), "new (published)"),
+                     "softmax scale": {"original": "original"}.get(r.get("cfg.method.scale"),
+                                                                   "1/sqrt(d') (published)"),
+                     "ppl": f"{r['ppl_wikitext2']:.2f}", "ppl x baseline [95% CI]": row_interval(r, "ppl_ratio", ".3f"),
+                     f"ppl x {rap} [95% CI]": row_interval(vs_rap.loc[i], "ppl_ratio", ".3f")})
+    return pd.DataFrame(rows)
+
+
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
-    if t.kind in ("against", "heal"):
-        frame = heal_table(df) if t.kind == "heal" else against_table(df, dict(t.against), t.match)
+    if t.kind in ("against", "heal", "design"):
+        frame = {"heal": heal_table, "design": design_table}.get(t.kind, lambda d: against_table(d, dict(t.against),
+                                                                                                 t.match))(df)
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)
