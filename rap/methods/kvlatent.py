@@ -184,7 +184,6 @@ class KVLatent(Method):
             widths.add(len(qk))
         if len(widths) != 1:
             raise PlanError(f"its layers keep q/k widths {sorted(widths)}; its RoPE exponents fit one width")
-        widths.pop()
         rope, scale = plan.get("rope", "latent"), plan.get("scale", "reduced")  # plans from before the options
         if rope not in ROPES or scale not in SCALES:
             raise PlanError(f"its rope {rope!r} or scale {scale!r} is not one of {ROPES} / {SCALES}")
