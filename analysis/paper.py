@@ -27,6 +27,7 @@ BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
 ABLATION = ("main_table", "kvlatent_ablation")  # the baseline and RAP are the main table's
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
+HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
 
 
@@ -48,7 +49,7 @@ TABLES = (
     Table("gemma3_270m", "gemma3_270m"),
     Table("healing_table", HEALING, "heal"),
     Table("kvlatent_ablation", ABLATION, "design"),
-    Table("healing_vs_rap", "heal", "against", (("variant", "RAP (key_energy) + healed (layerwise, wiki)"),)),
+    Table("healing_vs_rap", "heal", "against", (("variant", HEALED_RAP),)),
 )
 FIGURES = {"main_table": ("ratio_curves", "pareto", "kept_frequency")}
 BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}  # docs/<name>.md <- (docs/<csv>, ratio)
@@ -77,8 +78,7 @@ BLOCKS = {
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
     ("docs/healing.md", "healing_table"): (HEALING, lambda df: markdown(heal_table(df))),
     ("docs/results.md", "kvlatent_ablation"): (ABLATION, lambda df: markdown(design_table(df))),
-    ("docs/healing.md", "healing_vs_rap"):
-        ("heal", lambda df: against_block(df, "RAP (key_energy) + healed (layerwise, wiki)")),
+    ("docs/healing.md", "healing_vs_rap"): ("heal", lambda df: against_block(df, HEALED_RAP)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
     ("docs/bench/gpu_h100.md", "decode"):
@@ -135,9 +135,9 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
     rows = []
     for i, r in base[base["experiment"] == "kvlatent_ablation"].sort_values(["ratio", "variant"]).iterrows():
         rows.append({"variant": r["variant"], "ratio": f"{r['ratio']:.2f}",
-                     "frequencies": {"original": "each pair's own"}.get(r.get("cfg.method.rope"), "new (published)"),
-                     "softmax scale": {"original": "original"}.get(r.get("cfg.method.scale"),
-                                                                   "1/sqrt(d') (published)"),
+                     "frequencies": "each pair's own" if r.get("cfg.method.rope") == "original" else "new (published)",
+                     "softmax scale":
+                         "original" if r.get("cfg.method.scale") == "original" else "1/sqrt(d') (published)",
                      "ppl": f"{r['ppl_wikitext2']:.2f}", "ppl x baseline [95% CI]": row_interval(r, "ppl_ratio", ".3f"),
                      "ppl x published recipe [95% CI]": row_interval(vs_recipe.loc[i], "ppl_ratio", ".3f"),
                      f"ppl x {rap} [95% CI]": row_interval(vs_rap.loc[i], "ppl_ratio", ".3f")})
@@ -147,8 +147,8 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
     if t.kind in ("against", "heal", "design"):
-        frame = {"heal": heal_table, "design": design_table}.get(t.kind, lambda d: against_table(d, dict(t.against),
-                                                                                                 t.match))(df)
+        frame = (heal_table(df) if t.kind == "heal" else design_table(df) if t.kind == "design"
+                 else against_table(df, dict(t.against), t.match))
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)
