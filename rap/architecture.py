@@ -135,9 +135,6 @@ def check_method(config, method: str) -> None:
     if method == "palu" and not rope_types(config) <= set(STATIC_ROPE_TYPES):
         raise ModelError(f"Palu recomputes RoPE tables for its rebuilt keys, which needs a static RoPE type "
                          f"({', '.join(STATIC_ROPE_TYPES)}); this model uses {', '.join(sorted(rope_types(config)))}.")
-    if method == "kvlatent" and has_qk_norm(config):
-        raise ModelError(f"KV-Latent's reduced head has no counterpart of {config.model_type}'s q_norm/k_norm (an RMS "
-                         "over the whole head), so it cannot be applied faithfully; use rap or palu.")
     if method == "kvlatent" and rope_types(config) != {"default"}:
         raise ModelError(f"KV-Latent's frequency-aware RoPE is defined for plain RoPE (rope_type default); this model "
                          f"uses {', '.join(sorted(rope_types(config)))}.")

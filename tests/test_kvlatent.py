@@ -15,6 +15,8 @@ from rap.methods.kvlatent import LatentAttention, reduced_dims, rope_exponents
 from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan
 
+QK_NORM = ("tiny-qwen3", "tiny-gemma3")
+
 
 def test_published_exponents_and_strided_dims():
     # d' = 8: a = [d'/4, d'/4 + 2] + [3d'/4, ..., d' - 1]; the highest-frequency quarter (a < 2) is dropped
@@ -83,16 +85,17 @@ def test_the_ablations_keep_each_pairs_own_frequency_and_the_original_scale():
         apply_plan(copy.deepcopy(model), {**plan, "rope": "latent"})
 
 
-def test_original_frequencies_and_scale_at_every_dim_reproduce_the_model():
+@pytest.mark.parametrize("name", ("tiny-llama", *QK_NORM))
+def test_original_frequencies_and_scale_at_every_dim_reproduce_the_model(name):
     """At ratio 0 with both ablations on, KV-Latent keeps every pair at its own frequency and the original scale:
-    the original logits."""
-    model, _ = build_tiny("tiny-llama")
+    the original logits, QK-norm models (normalised at full width) and Gemma 3's sliding layers included."""
+    model, _ = build_tiny(name)
     c = compress(copy.deepcopy(model), "kvlatent", 0.0, rope="original", scale="original")
     for a, b in zip(logits_prefill_and_decode(c), logits_prefill_and_decode(model)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + QK_NORM)
 def test_cached_decode_equals_a_full_forward_and_costs_equal_their_formulas(name):
     model, _ = build_tiny(name)
     c = compress(copy.deepcopy(model), "kvlatent", 0.3)
@@ -105,12 +108,13 @@ def test_cached_decode_equals_a_full_forward_and_costs_equal_their_formulas(name
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     m = measure.measure_costs(c, 24)
     kept = len(plan["layers"][0]["qk_dims"]) + len(plan["layers"][0]["v_dims"])
-    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(c.config, plan)
-    assert m["kv_bytes_per_token"] == costs.kv_bytes_per_token(model.config, None) * kept / 32
+    # kv_bytes, not per token: Gemma 3's sliding layers hold at most their window
+    assert m["kv_bytes"] == costs.kv_bytes(c.config, 24, plan)
+    assert m["kv_bytes"] == costs.kv_bytes(model.config, 24, None) * kept / 32
     assert m["params_attention"] == costs.attention_params(c.config, plan)
     assert m["flops_decode_attention"] == costs.attention_decode_flops(c.config, 24, plan)
     rap = measure.measure_costs(compress(copy.deepcopy(model), "rap", 0.3, criterion="weight_norm"), 24)
-    assert m["kv_bytes_per_token"] == rap["kv_bytes_per_token"]  # the same KV budget as every method
+    assert m["kv_bytes"] == rap["kv_bytes"]  # the same KV budget as every method
 
 
 def test_a_saved_plan_rebuilds_the_model(tmp_path):
@@ -124,9 +128,53 @@ def test_a_saved_plan_rebuilds_the_model(tmp_path):
         torch.testing.assert_close(rebuilt(X).logits, c(X).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, pattern", [("tiny-qwen3", "q_norm/k_norm"), ("tiny-llama31", "plain RoPE")])
-def test_models_it_cannot_reproduce_are_refused(name, pattern):
+@pytest.mark.parametrize("name", QK_NORM)
+def test_qk_norm_models_normalise_at_full_width_then_take_the_strided_dims(name):
+    """q and k are projected and normalised as the original, then the strided dims are taken; the plan says so,
+    replays, and a plan whose qk_norm does not fit the model is refused. Gemma 3's reduced scale scales its
+    query_pre_attn_scalar by d'/d."""
     model, _ = build_tiny(name)
-    with pytest.raises(ModelError, match=pattern):
+    c = compress(copy.deepcopy(model), "kvlatent", 0.5)
+    plan = get_plan(c)
+    assert plan["qk_norm"] == "exact"
+    attn, orig = c.model.layers[0].self_attn, model.model.layers[0].self_attn
+    d, dims = orig.head_dim, plan["layers"][0]["qk_dims"]
+    with torch.no_grad():
+        x = torch.randn(1, 5, model.config.hidden_size)
+        want = orig.k_norm(orig.k_proj(x).view(1, 5, -1, d))[..., dims].transpose(1, 2)
+        got = attn.k_norm(attn.k_proj(x).view(1, 5, -1, d))[..., attn.qk_index].transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    pre = getattr(model.config, "query_pre_attn_scalar", None) or d
+    assert attn.scaling == pytest.approx((pre * len(dims) / d) ** -0.5)
+    rebuilt = apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(X).logits, c(X).logits, rtol=0, atol=0)
+    with pytest.raises(PlanError, match="qk_norm"):
+        apply_plan(copy.deepcopy(model), {k: v for k, v in plan.items() if k != "qk_norm"})
+
+
+def test_a_healed_plan_on_a_qk_norm_model_rebuilds_the_healed_model(tmp_path):
+    from rap.heal import heal_layerwise, healed_tensors
+    from rap.plans import save_plan
+
+    model, _ = build_tiny("tiny-gemma3")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, "kvlatent", 0.25)
+    heal_layerwise(model, originals, torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1)),
+                   steps=3, lr=1e-3, batch_size=2)
+    plan = get_plan(model)
+    plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
+    plan["heal"] = {"mode": "layerwise", "steps": 3}
+    save_plan(model, tmp_path / "plan.json")
+    rebuilt = apply_plan(build_tiny("tiny-gemma3")[0], tmp_path / "plan.json")
+    unhealed = compress(build_tiny("tiny-gemma3")[0], "kvlatent", 0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(X).logits, model(X).logits, rtol=0, atol=0)
+        assert not torch.allclose(unhealed(X).logits, model(X).logits)
+
+
+def test_models_it_cannot_reproduce_are_refused():
+    model, _ = build_tiny("tiny-llama31")
+    with pytest.raises(ModelError, match="plain RoPE"):
         compress(model, "kvlatent", 0.3)
     assert not any(type(layer.self_attn) is LatentAttention for layer in model.model.layers)

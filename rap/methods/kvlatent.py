@@ -5,18 +5,24 @@ head (dims 0, r, 2r, ...), v_proj every r_v-th row and o_proj the matching input
 q/k head of width d' is a fresh RoPE head in the rotate_half layout, with d'/2 frequencies base^(-a_j/d'):
 a = [d'/4, d'/4 + 2, ..., 3d'/4 - 2] then [3d'/4, ..., d' - 1], so the highest-frequency quarter is dropped, the middle
 sampled with stride 2 and the lowest kept dense. Attention runs at the reduced widths, with the reduced head's softmax
-scale 1/sqrt(d') (the official code sets the head dim to d'), and the cache holds the reduced keys and values.
+scale 1/sqrt(d') (the official code sets the head dim to d'; Gemma 3's query_pre_attn_scalar is scaled by d'/d), and
+the cache holds the reduced keys and values.
+
+The official code is for Llama 3, which has no QK-norm. On Qwen3 and Gemma 3, whose q_norm/k_norm is an RMS over the
+whole head, q and k are projected at full width and normalised exactly as the original before the strided dims are
+taken: RAP's ``qk_norm=exact``, recorded in the plan as ``qk_norm: exact``.
 
 KV-Latent is meant to be trained afterwards (KL distillation, then the LM loss); training-free it scrambles RoPE, so
 its untrained numbers are expected to be poor. ``heal=layerwise`` / ``heal=e2e`` train it under the common budget.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from ..architecture import check_config, check_method, head_dim, layer_rope_bases
+from ..architecture import check_config, check_method, has_qk_norm, head_dim, layer_rope_bases
 from ..errors import ConfigError, PlanError
 from ..shapes import AttentionShape, has_o_bias, has_qkv_bias
 from .attention import CompressedAttention, linear, linear_rows
@@ -80,14 +86,21 @@ class LatentAttention(CompressedAttention):
         super().__init__(attn)
         d, n_heads = self.head_dim, self.n_kv * self.num_key_value_groups
         self.n_qk, self.n_v = len(qk_dims), len(v_dims)
-        self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_heads) for c in qk_dims])
-        self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(self.n_kv) for c in qk_dims])
+        self.qk_norm = hasattr(attn, "k_norm")  # full-width q/k, normalised as the original, then the strided dims
+        if self.qk_norm:
+            self.q_proj, self.k_proj = (linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
+            self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+            self.register_buffer("qk_index", torch.tensor(qk_dims, device=attn.q_proj.weight.device),
+                                 persistent=False)
+        else:
+            self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_heads) for c in qk_dims])
+            self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(self.n_kv) for c in qk_dims])
         self.v_proj = linear_rows(attn.v_proj, [g * d + c for g in range(self.n_kv) for c in v_dims])
         cols = [h * d + c for h in range(n_heads) for c in v_dims]
         self.o_proj = linear(attn.o_proj.weight[:, cols], attn.o_proj.bias)
         self.rope = LatentRope(inv_freq.to(attn.q_proj.weight.device))
         if reduced_scale:  # else the original head's scale, kept by CompressedAttention
-            self.scaling = self.n_qk ** -0.5
+            self.scaling = ((getattr(self.config, "query_pre_attn_scalar", None) or d) * self.n_qk / d) ** -0.5
         self._positions = None
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
@@ -99,8 +112,12 @@ class LatentAttention(CompressedAttention):
 
     def project(self, x, position_embeddings):
         b, s = x.shape[:2]
-        q = self.q_proj(x).view(b, s, -1, self.n_qk).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.n_qk).transpose(1, 2)
+        if self.qk_norm:
+            q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim))[..., self.qk_index].transpose(1, 2)
+            k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim))[..., self.qk_index].transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, s, -1, self.n_qk).transpose(1, 2)
+            k = self.k_proj(x).view(b, s, self.n_kv, self.n_qk).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.n_v).transpose(1, 2)
         positions = self._positions
         if positions is None:  # called without the decoder layer (layerwise healing): a window from position 0
@@ -124,6 +141,9 @@ class KVLatent(Method):
     scale : str
         ``reduced`` (the published recipe): softmax scale 1/sqrt(d') of the reduced head. ``original``: the original
         head's scale, as RAP keeps it (an ablation).
+
+    On QK-norm models (Qwen3, Gemma 3) q and k are normalised at full width before the strided dims are taken, as
+    RAP's ``qk_norm=exact`` does; the plan says ``qk_norm: exact``.
     """
 
     rope: str = "latent"
@@ -148,10 +168,11 @@ class KVLatent(Method):
         qk_dims, qk_rule = reduced_dims(d, 2 * n_pairs)
         v_dims, v_rule = reduced_dims(d, n_v)
         layers = [{"qk_dims": qk_dims, "v_dims": v_dims} for _ in range(config.num_hidden_layers)]
-        return {"method": self.name, "ratio": self.ratio, "head_dim": d, "qk_selection": qk_rule,
+        plan = {"method": self.name, "ratio": self.ratio, "head_dim": d, "qk_selection": qk_rule,
                 "v_selection": v_rule, "rope": self.rope, "scale": self.scale,
                 "rope_exponents": expected_exponents(self.rope, qk_dims, d),
                 "rope_bases": layer_rope_bases(config), "layers": layers}
+        return {**plan, "qk_norm": "exact"} if has_qk_norm(config) else plan
 
     @staticmethod
     def inv_freq(plan: dict, layer: int) -> torch.Tensor:
@@ -170,6 +191,9 @@ class KVLatent(Method):
     @staticmethod
     def check_plan(config, plan: dict) -> dict[str, tuple]:
         d = plan["head_dim"]
+        if plan.get("qk_norm") != ("exact" if has_qk_norm(config) else None):
+            raise PlanError(f"its qk_norm {plan.get('qk_norm')!r} does not fit {config.model_type} (exact with "
+                            "q_norm/k_norm, absent without)")
         bases = entry(plan, "rope_bases", "the plan")
         if not isinstance(bases, list) or len(bases) != config.num_hidden_layers or not all(
                 isinstance(b, (int, float)) and b > 1 for b in bases):
@@ -199,10 +223,13 @@ class KVLatent(Method):
     @staticmethod
     def attention_shapes(config, plan: dict) -> list[AttentionShape]:
         h, nh, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        exact_norm = plan.get("qk_norm") == "exact"
         shapes = []
         for lp in plan["layers"]:
             nqk, nv = len(lp["qk_dims"]), len(lp["v_dims"])
-            weights = h * nh * nqk + h * nkv * nqk + h * nkv * nv + nh * nv * h
-            bias = (nh * nqk + nkv * (nqk + nv)) * has_qkv_bias(config) + h * has_o_bias(config)
-            shapes.append(AttentionShape(nh, nqk, nv, nkv * (nqk + nv), weights, weights + bias))
+            proj = plan["head_dim"] if exact_norm else nqk  # q/k projected at full width under exact QK-norm
+            weights = h * nh * proj + h * nkv * proj + h * nkv * nv + nh * nv * h
+            bias = (nh * proj + nkv * (proj + nv)) * has_qkv_bias(config) + h * has_o_bias(config)
+            norms = 2 * plan["head_dim"] * exact_norm
+            shapes.append(AttentionShape(nh, nqk, nv, nkv * (nqk + nv), weights, weights + bias + norms))
         return shapes
