@@ -71,14 +71,10 @@ def qk_norm_error(_df=None) -> str:
 # Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
 BLOCKS = {
     ("README.md", "main_table"): ("main_table", lambda df: compact(df)),
-    ("README.md", "main_table_vs_rap"): ("main_table", lambda df: against_block(df, "RAP (key_energy)")),
     ("docs/architectures.md", "gemma3_270m"): ("gemma3_270m", lambda df: compact(df)),
     ("docs/architectures.md", "gemma3_270m_vs_rap"):
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
-    ("docs/healing.md", "healing_table"): (HEALING, lambda df: markdown(heal_table(df))),
-    ("docs/results.md", "kvlatent_ablation"): (ABLATION, lambda df: markdown(design_table(df))),
-    ("docs/healing.md", "healing_vs_rap"): ("heal", lambda df: against_block(df, HEALED_RAP)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
     ("docs/bench/gpu_h100.md", "decode"):
@@ -87,6 +83,11 @@ BLOCKS = {
     ("docs/bench/gpu_h100.md", "prefill"):
         (None, lambda _: markdown(bench_table(BENCH_DIR / "gpu_h100_grid_matmul_decode.csv", 0.3, ("prefill",)))),
 }
+# Page blocks that repeat a whole table of TABLES (its Markdown and provenance line): (page, block name) -> table name.
+TABLE_BLOCKS = {("README.md", "main_table_vs_rap"): "main_table_vs_rap",
+                ("docs/healing.md", "healing_table"): "healing_table",
+                ("docs/results.md", "kvlatent_ablation"): "kvlatent_ablation",
+                ("docs/healing.md", "healing_vs_rap"): "healing_vs_rap"}
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -185,13 +186,15 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     """Write every table, figure and generated block whose inputs exist under ``root`` (the repository, or another
     folder); returns the files written."""
     docs = root / "docs"
-    written, missing, frames = [], [], {}
+    written, missing, frames, table_md = [], [], {}, {}
     for t in TABLES:
         df = frames.setdefault(t.source, runs(results, t.source))
         if df is None:
             missing.append(t.name)
             continue
-        for ext, text in table_text(t, df).items():
+        texts = table_text(t, df)
+        table_md[t.name] = texts["md"].rstrip("\n")
+        for ext, text in texts.items():
             path = docs / f"{t.name}.{ext}"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
@@ -201,8 +204,9 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(markdown(bench_table(REPO / "docs" / csv, ratio)) + "\n")
         written.append(path)
-    for page in sorted({page for page, _ in BLOCKS}):
-        blocks = {}
+    for page in sorted({page for page, _ in [*BLOCKS, *TABLE_BLOCKS]}):
+        blocks = {name: table_md[table] for (where, name), table in TABLE_BLOCKS.items()
+                  if where == page and table in table_md}
         for (where, name), (source, draw) in BLOCKS.items():
             df = frames.get(source) if source else None
             if where == page and (source is None or df is not None):
