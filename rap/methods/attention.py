@@ -121,6 +121,13 @@ def norm_eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
+def full_width_qk(module: nn.Module, attn: nn.Module) -> None:
+    """Give ``module`` copies of ``attn``'s full-width q/k projections and its q_norm/k_norm, so QK-norm runs exactly
+    as in the original before the kept channels are taken (RAP's ``qk_norm=exact``, KV-Latent on QK-norm models)."""
+    module.q_proj, module.k_proj = (linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
+    module.q_norm, module.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+
+
 class KeptHeadNorm(nn.Module):
     """A head RMS norm (Qwen3's or Gemma 3's q_norm/k_norm) over each head's kept channels only, with the statistic
     rescaled to the full head's: x · rsqrt(rho_h · mean_kept(x²) + eps) · gain[kept], where rho_h (calibrated) is the
@@ -340,8 +347,7 @@ class PrunedAttention(CompressedAttention):
         q_channels = [k_channels[h // rep] for h in range(n_kv * rep)]
         self.qk_norm = qk_norm if hasattr(attn, "k_norm") else None
         if self.qk_norm == "exact":
-            self.q_proj, self.k_proj = (linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
-            self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+            full_width_qk(self, attn)
             dev = attn.q_proj.weight.device
             self.register_buffer("q_index", torch.tensor(q_channels, device=dev), persistent=False)
             self.register_buffer("k_index", torch.tensor(k_channels, device=dev), persistent=False)

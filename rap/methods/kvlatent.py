@@ -17,7 +17,6 @@ its untrained numbers are expected to be poor. ``heal=layerwise`` / ``heal=e2e``
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from ..architecture import check_config, check_method, has_qk_norm, head_dim, layer_rope_bases
 from ..errors import ConfigError, PlanError
 from ..shapes import AttentionShape, has_o_bias, has_qkv_bias
-from .attention import CompressedAttention, linear, linear_rows
+from .attention import CompressedAttention, full_width_qk, linear, linear_rows
 from .base import Method
 from .selection import kv_budget
 from .validation import entry, indices
@@ -88,8 +87,7 @@ class LatentAttention(CompressedAttention):
         self.n_qk, self.n_v = len(qk_dims), len(v_dims)
         self.qk_norm = hasattr(attn, "k_norm")  # full-width q/k, normalised as the original, then the strided dims
         if self.qk_norm:
-            self.q_proj, self.k_proj = (linear(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj))
-            self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+            full_width_qk(self, attn)
             self.register_buffer("qk_index", torch.tensor(qk_dims, device=attn.q_proj.weight.device),
                                  persistent=False)
         else:
