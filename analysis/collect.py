@@ -35,14 +35,19 @@ def _grouping(g) -> str:
 def recipe(row) -> str:
     """The variant as a reader names it, from the job config: e.g. "Palu (whiten, per head, fisher_uniform)",
     "EliteKV + whitening (greedy)", "RAP (key_energy) + healed (layerwise, c4)". Falls back to the method's tag."""
+    return untrained_recipe(row) + healed_suffix(row)
+
+
+def healed_suffix(row) -> str:
+    """" + healed (layerwise, wiki)" for a healed compressed run, else ""."""
     heal = row.get("cfg.heal.name")
     if isinstance(heal, str) and heal != "none" and row.get("method") != "none":
-        return f"{untrained_recipe(row)} + healed ({heal}, {row.get('cfg.heal.source')})"
-    return untrained_recipe(row)
+        return f" + healed ({heal}, {row.get('cfg.heal.source')})"
+    return ""
 
 
 def _qk_norm(row) -> str | None:
-    """RAP's QK-norm mode as it ran (metrics.json's ``qk_norm``; absent on models without QK-norm)."""
+    """RAP's or KV-Latent's QK-norm mode as it ran (metrics.json's ``qk_norm``; absent on models without QK-norm)."""
     mode = row.get("qk_norm")
     return f"QK-norm {mode}" if isinstance(mode, str) else None
 
@@ -73,7 +78,8 @@ def untrained_recipe(row) -> str:
     if name == "kvlatent":  # the published recipe, or the ablations of its RoPE and softmax scale
         rope = "original RoPE frequencies" if get("rope") == "original" else "frequency-aware RoPE"
         scale = [", original scale"] if get("scale") == "original" else []
-        return f"KV-Latent (strided dims, {rope}{''.join(scale)})"
+        norm = [f", {_qk_norm(row)}"] if _qk_norm(row) else []
+        return f"KV-Latent (strided dims, {rope}{''.join(scale + norm)})"
     return str(get("tag", name))
 
 
@@ -86,9 +92,10 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
     if "cfg.method.tag" in df:
         df["tag"] = df["cfg.method.tag"]
         rows = [r for _, r in df.iterrows()]
-        df["variant"] = [recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag") for r in rows]
         df["untrained_variant"] = [untrained_recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag")
                                    for r in rows]
+        df["variant"] = [u + healed_suffix(r) if isinstance(r.get("method"), str) else u
+                         for u, r in zip(df["untrained_variant"], rows)]
     # runs from before the heal group existed, and the uncompressed baseline, were not healed
     df["heal"] = df["cfg.heal.name"].fillna("none") if "cfg.heal.name" in df else "none"
     if "method" in df:

@@ -8,9 +8,11 @@ import torch
 from conftest import TINY
 from test_baselines import STEP, X, logits_prefill_and_decode
 
+from analysis.collect import untrained_recipe
 from rap import costs, measure
 from rap.architecture import layer_rope_bases
 from rap.errors import ConfigError, ModelError, PlanError
+from rap.methods import get_method
 from rap.methods.kvlatent import LatentAttention, reduced_dims, rope_exponents
 from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan
@@ -137,6 +139,9 @@ def test_qk_norm_models_normalise_at_full_width_then_take_the_strided_dims(name)
     c = compress(copy.deepcopy(model), "kvlatent", 0.5)
     plan = get_plan(c)
     assert plan["qk_norm"] == "exact"
+    assert get_method("kvlatent").plan_record(plan) == {"qk_norm": "exact"}  # metrics.json, hence the table's label
+    assert untrained_recipe({"method": "kvlatent", "qk_norm": "exact"}) == \
+        "KV-Latent (strided dims, frequency-aware RoPE, QK-norm exact)"
     attn, orig = c.model.layers[0].self_attn, model.model.layers[0].self_attn
     d, dims = orig.head_dim, plan["layers"][0]["qk_dims"]
     with torch.no_grad():

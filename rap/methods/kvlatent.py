@@ -147,6 +147,7 @@ class KVLatent(Method):
     rope: str = "latent"
     scale: str = "reduced"
     name = "kvlatent"
+    recorded = ("qk_norm",)
 
     def validate(self, config) -> None:
         check_config(config)
