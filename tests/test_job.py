@@ -186,19 +186,6 @@ def test_budget_is_checked_before_anything_is_loaded_or_timed(tmp_path, monkeypa
         run_job(tiny_cfg(tmp_path, "ratio=0.2", "method.allocation=wrong"), tmp_path / "alloc")
 
 
-def test_sweep_over_methods_computes_the_baseline_once(tmp_path):
-    cmd = [sys.executable, "run.py", "-m", "model=tiny-llama", "eval=smoke", "eval.zeroshot.tasks=[]", "tracking=none",
-           f"out_dir={tmp_path}", "sweep=s", "calibration.n_samples=2", "calibration.seqlen=32",
-           "method=rap,palu", "ratio=0,0.25"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    done = sorted(p.parent.name for p in (tmp_path / "s").glob("*/metrics.json"))
-    assert len(done) == 3 and sum("_none_r0.0_" in n for n in done) == 1
-    assert r.stdout.count("[rap] skipping") == 1  # palu's ratio-0 job found rap's baseline
-    base = json.loads(next((tmp_path / "s").glob("*_none_r0.0_*/metrics.json")).read_text())
-    assert base["method"] == "none" and base["ratio"] == 0.0 and "kv_bytes_per_token_ratio" not in base
-
-
 def test_threads_per_job_never_oversubscribes():
     from rap.harness.settings import threads_per_job
 
@@ -232,7 +219,8 @@ def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
 
 
 def test_main_table_preset_runs_its_grid(tmp_path):
-    """+experiment=main_table on a tiny model: a baseline and 7 variants at ratio 0.25, in the sweep folder."""
+    """+experiment=main_table on a tiny model: a baseline, computed once for the 7 methods, and 7 variants at ratio
+    0.25, in the sweep folder."""
     cmd = [sys.executable, "run.py", "-m", "+experiment=main_table", "model=tiny-llama", "eval=smoke",
            "eval.zeroshot.tasks=[]", "tracking=none", f"out_dir={tmp_path}", "calibration.n_samples=5",
            "calibration.seqlen=32", "eval.measure.baseline_latency=false", "ratio=0,0.25"]
@@ -240,6 +228,9 @@ def test_main_table_preset_runs_its_grid(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "main_table").glob("*/metrics.json")]
     assert len(runs) == 8 and sum(m["method"] == "none" for m in runs) == 1
+    assert r.stdout.count("[rap] skipping") == 6  # the baseline is computed once: 6 methods found it done
+    base = next(m for m in runs if m["method"] == "none")
+    assert base["ratio"] == 0.0 and "kv_bytes_per_token_ratio" not in base
     tags = sorted(p.parent.name for p in (tmp_path / "main_table").glob("*/metrics.json"))
     # Every variant's run name says its decomposition, grouping and allocation.
     for part in ("vlowrank", "palu-whiten-head-fisher_uniform", "palu-whiten-joint-fisher_uniform",
