@@ -7,7 +7,7 @@ import torch
 from conftest import compose
 
 from rap.cache import cache_spec
-from rap.errors import PlanError
+from rap.errors import ConfigError, PlanError
 from rap.heal import heal_e2e, heal_layerwise, healed_tensors
 from rap.measure import measure_costs
 from rap.models import build_tiny
@@ -117,9 +117,17 @@ def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
                             "batch_size": 2, "lr": 0.001}
     curves = json.loads((tmp_path / "healed" / "per_sample.json").read_text())["heal"]["loss"]
     assert len(curves) == 2 and all(len(c) == 10 for c in curves)
-    # The saved healed plan reproduces the healed job's perplexity.
-    replay = run_job(compose(*common, f"plan={tmp_path / 'healed' / 'plan.json'}"), tmp_path / "replay")
-    assert replay["ppl_wikitext2"] == healed["ppl_wikitext2"]
+    # The saved healed plan, given with its heal settings, reproduces the healed job's perplexity without healing
+    # again, and says it is healed; given with other settings (or none) it is refused, never labelled training-free.
+    given = f"plan={tmp_path / 'healed' / 'plan.json'}"
+    replay = run_job(compose(*common, *heal, given), tmp_path / "replay")
+    assert replay["ppl_wikitext2"] == healed["ppl_wikitext2"] and "time_heal_s" not in replay
+    assert {k: replay[k] for k in ("heal", "heal_steps", "heal_tokens")} == {"heal": "layerwise", "heal_steps": 10,
+                                                                              "heal_tokens": 128}
+    for other in ((), (*heal, "heal.steps=20")):
+        with pytest.raises(ConfigError, match=r"was healed with heal=layerwise \(source=wiki, .*steps=10"):
+            run_job(compose(*common, *other, given), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "metrics.json").exists()
 
 
 def test_e2e_healing_distils_the_uncompressed_model_without_changing_shapes():

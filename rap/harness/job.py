@@ -219,11 +219,19 @@ def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
                 plan = s.method.make_plan(model, calib)
         model = apply_plan(model, plan)
     run.results.update(s.method.plan_record(plan))  # options that resolve by device or model (``auto``) as they ran
-    if s.heal is not None and not plan.get("heal"):  # a given plan that was healed brought its healed weights
+    if s.heal is not None and plan.get("heal"):  # a given healed plan brought its healed weights (same settings)
+        run.results.update(heal_record(s.heal))
+    elif s.heal is not None:
         with run.phase("heal"):
             heal(run, model, tok, originals, plan, documents)
     save_plan(model, run.out_dir / PLAN_FILE)
     return model, plan
+
+
+def heal_record(h: dict) -> dict:
+    """The healing settings as results: ``heal`` (the mode), ``heal_<budget>`` and ``heal_tokens``."""
+    return {"heal": h["mode"], **{f"heal_{k}": v for k, v in h.items() if k != "mode"},
+            "heal_tokens": h["n_samples"] * h["seqlen"]}
 
 
 def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> None:
@@ -235,9 +243,9 @@ def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> 
     out = HEALERS[h["mode"]](model, originals, batch, h["steps"], h["lr"], h["batch_size"], seed=seed)
     plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
     plan["heal"] = dict(h)
-    run.results.update({f"heal_{k}": v for k, v in h.items() if k != "mode"})
-    run.results.update(heal=h["mode"], heal_tokens=h["n_samples"] * h["seqlen"], heal_params=out["params"],
-                       heal_time_s=out["time_s"], heal_loss_before=sum(out["before"]) / len(out["before"]),
+    run.results.update(heal_record(h))
+    run.results.update(heal_params=out["params"], heal_time_s=out["time_s"],
+                       heal_loss_before=sum(out["before"]) / len(out["before"]),
                        heal_loss_after=sum(out["after"]) / len(out["after"]))
     run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
 

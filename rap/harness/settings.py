@@ -185,8 +185,18 @@ def check_before_loading(s: Settings, data_dir: Path | None) -> tuple[dict | Non
     if plan.get("method") != s.method.name or plan.get("ratio") != s.ratio:
         raise ConfigError(f"plan={cfg.plan} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the job "
                           f"asks for method={s.method.name} at ratio={cfg.ratio}; set method= and ratio= to match it.")
+    if plan.get("heal") and plan["heal"] != s.heal:  # its weights are healed: the run must be labelled so
+        raise ConfigError(f"plan={cfg.plan} was healed with {healing_words(plan['heal'])}, but the job asks for "
+                          f"{healing_words(s.heal)}; set heal= and its budget to match the plan.")
     validate_plan(config, plan)
     return plan, documents
+
+
+def healing_words(h: dict | None) -> str:
+    """A heal record in words: "heal=layerwise (source=wiki, steps=200, ...)", or "heal=none"."""
+    if not h:
+        return "heal=none"
+    return f"heal={h['mode']} ({', '.join(f'{k}={v}' for k, v in h.items() if k != 'mode')})"
 
 
 def check_data(s: Settings, data_dir: Path | None, config) -> dict:
