@@ -267,8 +267,9 @@ class CompressedAttention(nn.Module):
         self.num_key_value_groups = attn.num_key_value_groups
         self.n_kv = cfg.num_key_value_heads
 
-    def project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From the new tokens: queries (b, heads, s, w) and what the cache stores for keys and values."""
+    def project(self, x: torch.Tensor, position_embeddings, position_ids=None) -> tuple[torch.Tensor, ...]:
+        """From the new tokens: queries (b, heads, s, w) and what the cache stores for keys and values.
+        ``position_ids`` are the decoder layer's (None when called without it, as layer-wise healing does)."""
         raise NotImplementedError
 
     uses_cache_slots = False  # True: ``expand`` reads ``past`` (read from the cache only then: a GPU sync per layer)
@@ -291,7 +292,7 @@ class CompressedAttention(nn.Module):
         # The decoder layer passes the cache as `cache` from transformers 5.24 on, as `past_key_values` before.
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
-        q, k, v = self.project(hidden_states, position_embeddings)
+        q, k, v = self.project(hidden_states, position_embeddings, kwargs.pop("position_ids", None))
         past = 0
         if cache is not None:
             if self.uses_cache_slots:
@@ -309,7 +310,6 @@ class CompressedAttention(nn.Module):
         # up to a multiple of 8, which cuDNN and the memory-efficient kernel need (``fused_width``).
         n_v = v.shape[-1]
         q, k, v = pad_widths(q, k, v, 8 if q.is_cuda else 1)
-        kwargs.pop("position_ids", None)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
@@ -394,7 +394,7 @@ class PrunedAttention(CompressedAttention):
                 q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2)
 
-    def project(self, x, position_embeddings):
+    def project(self, x, position_embeddings, position_ids=None):
         shape = x.shape[:-1]
         q, k = self.queries_keys(x)
         v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)

@@ -73,7 +73,7 @@ class EliteAttention(CompressedAttention):
         self.o_proj = latent_o_proj(attn, v_up) if value_path == "fold" else LatentUpOut(attn, v_up)
         self.rope = PairRope(elite_ch, d, w.device)
 
-    def project(self, x, position_embeddings):
+    def project(self, x, position_embeddings, position_ids=None):
         shape, b, s = x.shape[:-1], x.shape[0], x.shape[1]
         rep = self.num_key_value_groups
         q = self.q_proj(x).view(*shape, -1, self.n_e + self.n_n).transpose(1, 2)

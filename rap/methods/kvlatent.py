@@ -99,16 +99,8 @@ class LatentAttention(CompressedAttention):
         self.rope = LatentRope(inv_freq.to(attn.q_proj.weight.device))
         if reduced_scale:  # else the original head's scale, kept by CompressedAttention
             self.scaling = ((getattr(self.config, "query_pre_attn_scalar", None) or d) * self.n_qk / d) ** -0.5
-        self._positions = None
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
-        self._positions = kwargs.get("position_ids")  # the reduced head's RoPE angles need the positions themselves
-        try:
-            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
-        finally:
-            self._positions = None
-
-    def project(self, x, position_embeddings):
+    def project(self, x, position_embeddings, position_ids=None):
         b, s = x.shape[:2]
         if self.qk_norm:
             q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim))[..., self.qk_index].transpose(1, 2)
@@ -117,7 +109,7 @@ class LatentAttention(CompressedAttention):
             q = self.q_proj(x).view(b, s, -1, self.n_qk).transpose(1, 2)
             k = self.k_proj(x).view(b, s, self.n_kv, self.n_qk).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.n_v).transpose(1, 2)
-        positions = self._positions
+        positions = position_ids  # the reduced head's RoPE angles need the positions themselves
         if positions is None:  # called without the decoder layer (layerwise healing): a window from position 0
             positions = torch.arange(s, device=x.device)[None].expand(b, -1)
         cos, sin = self.rope.tables(positions, q.dtype)

@@ -66,7 +66,7 @@ class LowRankAttention(CompressedAttention):
             self.cos_table, self.sin_table = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
         return self.cos_table[:n].to(dtype), self.sin_table[:n].to(dtype)
 
-    def project(self, x, position_embeddings):
+    def project(self, x, position_embeddings, position_ids=None):
         shape = x.shape[:-1]
         q = self.q_proj(x).view(*shape, -1, self.head_dim)
         q = (self.q_norm(q) if self.q_norm is not None else q).transpose(1, 2)
