@@ -32,14 +32,9 @@ def _grouping(g) -> str:
     return {"head": "per head", "joint": "joint"}.get(grouping(g), f"g={int(g)}")
 
 
-def recipe(row) -> str:
-    """The variant as a reader names it, from the job config: e.g. "Palu (whiten, per head, fisher_uniform)",
-    "EliteKV + whitening (greedy)", "RAP (key_energy) + healed (layerwise, c4)". Falls back to the method's tag."""
-    return untrained_recipe(row) + healed_suffix(row)
-
-
 def healed_suffix(row) -> str:
-    """" + healed (layerwise, wiki)" for a healed compressed run, else ""."""
+    """" + healed (layerwise, wiki)" for a healed compressed run, else "": the variant is ``untrained_recipe`` plus
+    this, e.g. "RAP (key_energy) + healed (layerwise, c4)"."""
     heal = row.get("cfg.heal.name")
     if isinstance(heal, str) and heal != "none" and row.get("method") != "none":
         return f" + healed ({heal}, {row.get('cfg.heal.source')})"
@@ -53,6 +48,8 @@ def _qk_norm(row) -> str | None:
 
 
 def untrained_recipe(row) -> str:
+    """The variant as a reader names it, from the job config, without healing: e.g. "Palu (whiten, per head,
+    fisher_uniform)", "EliteKV + whitening (greedy)". Falls back to the method's tag."""
     get = lambda k, default=None: row.get(f"cfg.method.{k}", default)  # noqa: E731
     name = row.get("method")
     if name == "none":
