@@ -95,7 +95,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def provenance(df: pd.DataFrame) -> str:
-    """Where the runs came from, in one line, from their env keys."""
+    """Where the runs came from and what they were scored on, in one line, from their env and eval keys."""
     def values(col, fmt=str):
         if col not in df:
             return "unrecorded"
@@ -104,8 +104,14 @@ def provenance(df: pd.DataFrame) -> str:
             return counts[0][0]
         return ", ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts)
 
+    def count(col, fmt=lambda v: str(int(float(v)))):
+        return values(col, fmt) if col in df and df[col].notna().all() else None
+
+    samples = [f"{count('ppl_windows')} windows of {count('ppl_seqlen')} tokens"] if count("ppl_windows") else []
+    samples += [f"{count('zs_limit')} documents per task"] if count("zs_limit") else []
     dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0
-    return (f"{len(df)} runs; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
+    return (f"{len(df)} runs; eval {values('eval_profile')}" + (f" ({', '.join(samples)})" if samples else "")
+            + f"; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
             f"{values('env_threads')}; commit {values('env_git_commit', lambda c: c[:7])}"
             + (f"; {dirty} with uncommitted changes" if dirty else "") + ".")
 
