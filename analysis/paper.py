@@ -11,6 +11,7 @@ from (device, dtype, threads, commits), from the runs' ``env_*`` keys. README bl
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from analysis.report import add_paired_intervals, format_table, heal_table, pape
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
-ABLATION = ("main_table", "kvlatent_ablation")  # the baseline and RAP are the main table's
+ABLATION = ("main_table_quick", "kvlatent_ablation")  # the baseline and RAP at eval=quick, as the ablation
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -170,7 +171,23 @@ def runs(results: Path, source: str | tuple) -> pd.DataFrame | None:
     if not all(f.is_dir() for f in folders):
         return None
     df = collect_local(*folders)[0]
-    return None if df.empty else df
+    return None if df.empty else with_replayed_heal_times(df, results)
+
+
+def with_replayed_heal_times(df: pd.DataFrame, results: Path) -> pd.DataFrame:
+    """A run that replayed a saved healed plan (``plan=<run>/plan.json``) did not train, so it has no
+    ``heal_time_s``: it gets that of the run that trained the plan, found by folder name under ``results/``."""
+    if "cfg.plan" not in df:
+        return df
+    trainer = df["cfg.plan"].map(lambda p: Path(p).parent.name if isinstance(p, str) else None)
+    times = {}
+    for name in trainer.dropna().unique():
+        for metrics in results.glob(f"*/{name}/metrics.json"):
+            times[name] = json.loads(metrics.read_text()).get("heal_time_s")
+    df = df.copy()
+    own = df["heal_time_s"] if "heal_time_s" in df else pd.Series(float("nan"), index=df.index)
+    df["heal_time_s"] = own.fillna(trainer.map(times))
+    return df
 
 
 def against_block(df: pd.DataFrame, variant: str) -> str:

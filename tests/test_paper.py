@@ -20,3 +20,22 @@ def test_regeneration_reproduces_the_committed_docs_byte_for_byte(tmp_path):
         if (REPO / "results" / source).is_dir():
             assert all(any(f.startswith(n.replace("kept_frequency", "method_frequency")) for f in figures)
                        for n in names)
+
+
+def test_a_replayed_healed_plan_takes_the_heal_time_of_the_run_that_trained_it(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from analysis.paper import with_replayed_heal_times
+
+    trainer = tmp_path / "heal_quick" / "rap_r0.2-heal_quick"
+    trainer.mkdir(parents=True)
+    (trainer / "metrics.json").write_text(json.dumps({"heal_time_s": 1234.5}))
+    df = pd.DataFrame({"cfg.plan": [f"/elsewhere/{trainer.name}/plan.json", None, "/elsewhere/unknown/plan.json"],
+                       "heal_time_s": [float("nan"), 99.0, float("nan")]})
+    out = with_replayed_heal_times(df, tmp_path)
+    assert out["heal_time_s"].iloc[0] == 1234.5  # from the trainer, found by folder name
+    assert out["heal_time_s"].iloc[1] == 99.0  # a run that healed keeps its own
+    assert pd.isna(out["heal_time_s"].iloc[2])  # no trainer under results/: left empty, never guessed
+    assert pd.isna(df["heal_time_s"].iloc[0])  # the input frame is not changed
