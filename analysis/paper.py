@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
-from analysis.report import add_paired_intervals, format_table, heal_table, paper_table, row_interval
+from analysis.report import add_paired_intervals, cache_table, format_table, heal_table, paper_table, row_interval
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
@@ -39,7 +39,7 @@ class Table:
 
     name: str
     source: str | tuple
-    kind: str = "paper"  # paper (with per-task columns) | against (paired with a variant) | heal (healing table)
+    kind: str = "paper"  # paper (per-task columns) | against (paired with a variant) | heal | design | cache
     against: tuple = ()  # (column, value) pairs for kind=against
     match: tuple = ("ratio",)
 
@@ -51,8 +51,13 @@ TABLES = (
     Table("healing_table", HEALING, "heal"),
     Table("kvlatent_ablation", ABLATION, "design"),
     Table("healing_vs_rap", "heal", "against", (("variant", HEALED_RAP),)),
+    Table("criteria_ablation", "criteria_ablation"),
+    Table("criteria_vs_key_energy", "criteria_ablation", "against", (("variant", "RAP (key_energy)"),)),
+    Table("kv_quant", "kv_quant", "cache"),
 )
-FIGURES = {"main_table": ("ratio_curves", "pareto", "kept_frequency")}
+# results folder -> {figure: file stem}; the methods' frequency maps are apart from the criteria's kept_frequency_r*
+FIGURES = {"main_table": {"ratio_curves": "ratio_curves", "pareto": "pareto", "kept_frequency": "method_frequency"},
+           "criteria_ablation": {"criteria_ablation": "criteria_ablation", "kept_frequency": "kept_frequency"}}
 BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}  # docs/<name>.md <- (docs/<csv>, ratio)
 TARGETS = {"decode": 0.72, "prefill": 0.78}  # RAP 0.3's attention time against rap-full (docs/benchmark.md)
 
@@ -154,9 +159,9 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
 
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
-    if t.kind in ("against", "heal", "design"):
-        frame = (heal_table(df) if t.kind == "heal" else design_table(df) if t.kind == "design"
-                 else against_table(df, dict(t.against), t.match))
+    if t.kind != "paper":
+        frame = {"heal": heal_table, "design": design_table, "cache": cache_table}.get(
+            t.kind, lambda d: against_table(d, dict(t.against), t.match))(df)
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)
@@ -241,11 +246,12 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     if figures:
         from analysis.figures import all_figures, latency_decode, latency_prefill, save
 
-        for source, names in FIGURES.items():
-            if frames.get(source) is not None:
-                figs = all_figures(frames[source], only=names)
-                # the methods' frequency maps, apart from the criteria ablation's kept_frequency_r*
-                figs = {k.replace("kept_frequency", "method_frequency"): v for k, v in figs.items()}
+        for source, stems in FIGURES.items():
+            df = frames.get(source)
+            if df is not None:
+                figs = all_figures(df, only=tuple(stems))
+                figs = {k.replace(name, stem, 1): v for k, v in figs.items()
+                        for name, stem in stems.items() if k.startswith(name)}
                 written += save(figs, docs / "figures", formats=("png",))
         grid = REPO / "docs" / "bench" / "grid.csv"
         written += save({"latency_decode": latency_decode(grid), "latency_prefill": latency_prefill(grid)},
