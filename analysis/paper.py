@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
-from analysis.report import add_paired_intervals, cache_table, format_table, heal_table, paper_table, row_interval
+from analysis.report import add_paired_intervals, format_table, heal_table, paper_table, row_interval
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
@@ -39,7 +39,7 @@ class Table:
 
     name: str
     source: str | tuple
-    kind: str = "paper"  # paper (per-task columns) | against (paired with a variant) | heal | design | cache
+    kind: str = "paper"  # paper (per-task columns) | against (paired with a variant) | heal | design
     against: tuple = ()  # (column, value) pairs for kind=against
     match: tuple = ("ratio",)
 
@@ -53,7 +53,6 @@ TABLES = (
     Table("healing_vs_rap", "heal", "against", (("variant", HEALED_RAP),)),
     Table("criteria_ablation", "criteria_ablation"),
     Table("criteria_vs_key_energy", "criteria_ablation", "against", (("variant", "RAP (key_energy)"),)),
-    Table("kv_quant", "kv_quant", "cache"),
 )
 # results folder -> {figure: file stem}; the methods' frequency maps are apart from the criteria's kept_frequency_r*
 FIGURES = {"main_table": {"ratio_curves": "ratio_curves", "pareto": "pareto", "kept_frequency": "method_frequency"},
@@ -81,6 +80,7 @@ BLOCKS = {
     ("docs/architectures.md", "gemma3_270m_vs_rap"):
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
+    ("docs/results.md", "criteria_ablation"): ("criteria_ablation", lambda df: compact(df)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
     ("docs/bench/gpu_h100.md", "decode"):
@@ -93,7 +93,8 @@ BLOCKS = {
 TABLE_BLOCKS = {("README.md", "main_table_vs_rap"): "main_table_vs_rap",
                 ("docs/healing.md", "healing_table"): "healing_table",
                 ("docs/results.md", "kvlatent_ablation"): "kvlatent_ablation",
-                ("docs/healing.md", "healing_vs_rap"): "healing_vs_rap"}
+                ("docs/healing.md", "healing_vs_rap"): "healing_vs_rap",
+                ("docs/results.md", "criteria_vs_key_energy"): "criteria_vs_key_energy"}
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -160,7 +161,7 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
     if t.kind != "paper":
-        frame = {"heal": heal_table, "design": design_table, "cache": cache_table}.get(
+        frame = {"heal": heal_table, "design": design_table}.get(
             t.kind, lambda d: against_table(d, dict(t.against), t.match))(df)
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
