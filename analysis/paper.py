@@ -160,9 +160,9 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
 
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
-    if t.kind != "paper":
-        frame = {"heal": heal_table, "design": design_table}.get(
-            t.kind, lambda d: against_table(d, dict(t.against), t.match))(df)
+    if t.kind in ("against", "heal", "design"):
+        frame = (heal_table(df) if t.kind == "heal" else design_table(df) if t.kind == "design"
+                 else against_table(df, dict(t.against), t.match))
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)
