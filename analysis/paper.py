@@ -181,8 +181,9 @@ def runs(results: Path, source: str | tuple) -> pd.DataFrame | None:
 
 
 def with_replayed_heal_times(df: pd.DataFrame, results: Path) -> pd.DataFrame:
-    """A run that replayed a saved healed plan (``plan=<run>/plan.json``) did not train, so it has no
-    ``heal_time_s``: it gets that of the run that trained the plan, found by folder name under ``results/``."""
+    """A run that replayed a saved healed plan (``plan=<run>/plan.json``) did not train. Plans saved since
+    ``heal_outcome`` existed carry the heal time into the replay; a replay of an older plan has no ``heal_time_s`` and
+    gets that of the run that trained the plan, found by folder name under ``results/``."""
     if "cfg.plan" not in df:
         return df
     trainer = df["cfg.plan"].map(lambda p: Path(p).parent.name if isinstance(p, str) else None)

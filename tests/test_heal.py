@@ -122,6 +122,10 @@ def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
     given = f"plan={tmp_path / 'healed' / 'plan.json'}"
     replay = run_job(compose(*common, *heal, given), tmp_path / "replay")
     assert replay["ppl_wikitext2"] == healed["ppl_wikitext2"] and "time_heal_s" not in replay
+    # It records what training the plan cost and achieved, marked as replayed; the training run is not so marked.
+    outcome = ("heal_params", "heal_time_s", "heal_loss_before", "heal_loss_after")
+    assert {k: replay[k] for k in outcome} == {k: healed[k] for k in outcome}
+    assert replay["heal_replayed"] is True and "heal_replayed" not in healed
     assert {k: replay[k] for k in ("heal", "heal_steps", "heal_tokens")} == {"heal": "layerwise", "heal_steps": 10,
                                                                               "heal_tokens": 128}
     for other in ((), (*heal, "heal.steps=20")):

@@ -13,7 +13,9 @@
   ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
   parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
   attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss
-  in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``.
+  in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``. The plan keeps the four outcomes
+  (``heal_outcome``), so a run that replays a healed plan (``plan=``) records them too, with ``heal_replayed``
+  true: its ``heal_time_s`` is what training the plan cost, not time this run spent.
 - environment (``rap.harness.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
@@ -221,6 +223,8 @@ def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
     run.results.update(s.method.plan_record(plan))  # options that resolve by device or model (``auto``) as they ran
     if s.heal is not None and plan.get("heal"):  # a given healed plan brought its healed weights (same settings)
         run.results.update(heal_record(s.heal))
+        if plan.get("heal_outcome"):  # what training the plan cost and achieved, recorded by the run that healed it
+            run.results.update({f"heal_{k}": v for k, v in plan["heal_outcome"].items()}, heal_replayed=True)
     elif s.heal is not None:
         with run.phase("heal"):
             heal(run, model, tok, originals, plan, documents)
@@ -243,10 +247,11 @@ def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> 
     out = HEALERS[h["mode"]](model, originals, batch, h["steps"], h["lr"], h["batch_size"], seed=seed)
     plan["tensors"] = {**(plan.get("tensors") or {}), **healed_tensors(model)}
     plan["heal"] = dict(h)
+    plan["heal_outcome"] = {"params": out["params"], "time_s": out["time_s"],
+                            "loss_before": sum(out["before"]) / len(out["before"]),
+                            "loss_after": sum(out["after"]) / len(out["after"])}
     run.results.update(heal_record(h))
-    run.results.update(heal_params=out["params"], heal_time_s=out["time_s"],
-                       heal_loss_before=sum(out["before"]) / len(out["before"]),
-                       heal_loss_after=sum(out["after"]) / len(out["after"]))
+    run.results.update({f"heal_{k}": v for k, v in plan["heal_outcome"].items()})
     run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
 
 
