@@ -21,7 +21,15 @@ import pandas as pd
 
 from analysis.bench_table import bench_table, model_table, targets_table
 from analysis.collect import collect_local
-from analysis.report import add_paired_intervals, format_table, heal_table, paper_table, row_interval
+from analysis.report import (
+    add_paired_intervals,
+    cache_table,
+    format_table,
+    heal_table,
+    long_table,
+    paper_table,
+    row_interval,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
@@ -39,7 +47,7 @@ class Table:
 
     name: str
     source: str | tuple
-    kind: str = "paper"  # paper (per-task columns) | against (paired with a variant) | heal | design
+    kind: str = "paper"  # paper (per-task columns) | against (paired with a variant) | heal | design | cache | long
     against: tuple = ()  # (column, value) pairs for kind=against
     match: tuple = ("ratio",)
 
@@ -53,6 +61,9 @@ TABLES = (
     Table("healing_vs_rap", "heal", "against", (("variant", HEALED_RAP),)),
     Table("criteria_ablation", "criteria_ablation"),
     Table("criteria_vs_key_energy", "criteria_ablation", "against", (("variant", "RAP (key_energy)"),)),
+    Table("kv_quant", "kv_quant", "cache"),
+    Table("long_context", "long_context", "long"),
+    Table("long_context_vs_rap", "long_context", "against", (("variant", "RAP (key_energy)"),)),
 )
 # results folder -> {figure: file stem}; the methods' frequency maps are apart from the criteria's kept_frequency_r*
 FIGURES = {"main_table": {"ratio_curves": "ratio_curves", "pareto": "pareto", "kept_frequency": "method_frequency"},
@@ -81,6 +92,7 @@ BLOCKS = {
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
     ("docs/results.md", "criteria_ablation"): ("criteria_ablation", lambda df: compact(df)),
+    ("docs/results.md", "long_context"): ("long_context", lambda df: long_per_length(df)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
     ("docs/bench/gpu_h100.md", "decode"):
@@ -94,7 +106,9 @@ TABLE_BLOCKS = {("README.md", "main_table_vs_rap"): "main_table_vs_rap",
                 ("docs/healing.md", "healing_table"): "healing_table",
                 ("docs/results.md", "kvlatent_ablation"): "kvlatent_ablation",
                 ("docs/healing.md", "healing_vs_rap"): "healing_vs_rap",
-                ("docs/results.md", "criteria_vs_key_energy"): "criteria_vs_key_energy"}
+                ("docs/results.md", "criteria_vs_key_energy"): "criteria_vs_key_energy",
+                ("docs/results.md", "kv_quant"): "kv_quant",
+                ("docs/results.md", "long_context_vs_rap"): "long_context_vs_rap"}
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -116,6 +130,7 @@ def provenance(df: pd.DataFrame) -> str:
 
     samples = [f"{count('ppl_windows')} windows of {count('ppl_seqlen')} tokens"] if count("ppl_windows") else []
     samples += [f"{count('zs_limit')} documents per task"] if count("zs_limit") else []
+    samples += [f"{count('ruler_limit')} documents per RULER task and length"] if count("ruler_limit") else []
     dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0
     return (f"{len(df)} runs; eval {values('eval_profile')}" + (f" ({', '.join(samples)})" if samples else "")
             + f"; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
@@ -129,15 +144,25 @@ def compact(df: pd.DataFrame, **pairing) -> str:
 
 
 def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame:
-    """Each run's perplexity ratio and accuracy difference against the ``against`` run (e.g. RAP) at its ratio."""
+    """Each run's perplexity ratio, and its accuracy and long-context score differences where the runs have them,
+    against the ``against`` run (e.g. RAP) at its ratio."""
     paired = add_paired_intervals(df, against, match).dropna(subset=["reference_path"])
+    columns = {"ppl x [95% CI]": ("ppl_ratio", ".3f"), "Δacc [95% CI]": ("acc_diff", "+.3f"),
+               "Δlong [95% CI]": ("long_diff", "+.3f")}
+    columns = {name: c for name, c in columns.items() if paired[c[0]].notna().any()}
     rows = []
     for _, r in paired.sort_values(["ratio", "variant"]).iterrows():
         ref = df.loc[df["path"] == r["reference_path"], "variant"].iloc[0]
         rows.append({"variant": r["variant"], "against": ref, "ratio": f"{r['ratio']:.2f}",
-                     "ppl x [95% CI]": row_interval(r, "ppl_ratio", ".3f"),
-                     "Δacc [95% CI]": row_interval(r, "acc_diff", "+.3f")})
+                     **{name: row_interval(r, col, spec) for name, (col, spec) in columns.items()}})
     return pd.DataFrame(rows)
+
+
+def long_per_length(df: pd.DataFrame) -> str:
+    """The long-context table's per-length columns only: each length's average score over the tasks and its paired
+    difference from the baseline."""
+    table = long_table(df)
+    return markdown(table[["method", "ratio", *(c for c in table if c.startswith(("avg@", "Δ@")))]])
 
 
 def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFrame:
@@ -158,11 +183,13 @@ def design_table(df: pd.DataFrame, rap: str = "RAP (key_energy)") -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+KINDS = {"heal": heal_table, "design": design_table, "cache": cache_table, "long": long_table}
+
+
 def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     """``{"md": ..., "tex": ...}`` for one table, each ending with its provenance line."""
-    if t.kind in ("against", "heal", "design"):
-        frame = (heal_table(df) if t.kind == "heal" else design_table(df) if t.kind == "design"
-                 else against_table(df, dict(t.against), t.match))
+    if t.kind != "paper":
+        frame = against_table(df, dict(t.against), t.match) if t.kind == "against" else KINDS[t.kind](df)
         md, tex = markdown(frame), frame.to_latex(index=False)
     else:
         table = paper_table(df)

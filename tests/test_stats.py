@@ -27,7 +27,9 @@ def runs(n, flip_up, flip_down, seed=0, tasks=("piqa", "arc_easy")):
 def test_same_run_has_zero_difference_and_is_not_significant():
     base, _ = runs(50, 0, 0)
     iv = paired_accuracy_difference(base, base)
-    assert iv.estimate == iv.low == iv.high == 0.0 and not iv.significant
+    assert iv.estimate == 0.0 and iv.low < 0.0 < iv.high and not iv.significant
+    # no document differs: the interval is one discordant pair's width per task, not zero
+    assert iv.high == pytest.approx(-iv.low) and iv.high < 0.03
 
 
 def test_estimate_is_the_acc_avg_difference_and_the_interval_covers_it():
@@ -115,14 +117,17 @@ def test_perplexity_interval_holds_its_level_at_the_window_counts_used(windows, 
     assert cover >= 0.93
 
 
-@pytest.mark.parametrize("docs", [30, 200])  # eval=quick and eval=standard, per task
-@pytest.mark.parametrize("flip_up, flip_down", [(0.05, 0.05), (0.02, 0.08), (0.1, 0.1)])
-def test_accuracy_interval_holds_its_level_at_the_document_counts_used(docs, flip_up, flip_down):
-    """Seven tasks of ``docs`` documents each; the other run turns ``flip_up`` of the base run's wrong documents
-    right and ``flip_down`` of its right ones wrong (5-15% of documents scored differently, as RAP at 0.2-0.3 on
-    SmolLM2). The nominal 95% interval covers the expected difference in >= 93% of repeats."""
+# (tasks, documents per task): eval=long's RULER (6 tasks x 5 per length), the kv_quant preset's one needle task at 10,
+# eval=quick and eval=standard's zero-shot tasks
+@pytest.mark.parametrize("tasks, docs", [(6, 5), (1, 10), (7, 30), (7, 200)])
+@pytest.mark.parametrize("flip_up, flip_down", [(0.0, 0.05), (0.05, 0.05), (0.02, 0.08), (0.1, 0.1), (0.0, 0.4)])
+def test_accuracy_interval_holds_its_level_at_the_document_counts_used(tasks, docs, flip_up, flip_down):
+    """``tasks`` tasks of ``docs`` documents each; the other run turns ``flip_up`` of the base run's wrong documents
+    right and ``flip_down`` of its right ones wrong: from 5% of documents scored differently (few flips, where a task's
+    documents often all agree) through 5-15% (RAP at 0.2-0.3 on SmolLM2) to a large loss. The nominal 95% interval
+    covers the expected difference in >= 93% of repeats."""
     rng = np.random.default_rng(docs)
-    p = np.linspace(0.25, 0.75, 7)
+    p = np.linspace(0.25, 0.75, tasks)
     truth = float(np.mean((1 - p) * flip_up - p * flip_down))
     ids = list(range(docs))
 
