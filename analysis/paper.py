@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
 ABLATION = ("main_table_quick", "kvlatent_ablation")  # the baseline and RAP at eval=quick, as the ablation
+RECIPES = ("main_table_quick", "baseline_recipes")  # each recipe's variants beside the options it chose between
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -61,6 +62,7 @@ TABLES = (
     Table("healing_vs_rap", "heal", "against", (("variant", HEALED_RAP),)),
     Table("criteria_ablation", "criteria_ablation"),
     Table("criteria_vs_key_energy", "criteria_ablation", "against", (("variant", "RAP (key_energy)"),)),
+    Table("baseline_recipes", RECIPES),
     Table("kv_quant", "kv_quant", "cache"),
     Table("long_context", "long_context", "long"),
     Table("long_context_vs_rap", "long_context", "against", (("variant", "RAP (key_energy)"),)),
@@ -92,6 +94,7 @@ BLOCKS = {
         ("gemma3_270m", lambda df: against_block(df, "RAP (key_energy, QK-norm exact)")),
     ("docs/architectures.md", "qk_norm_error"): (None, qk_norm_error),
     ("docs/results.md", "criteria_ablation"): ("criteria_ablation", lambda df: compact(df)),
+    ("docs/results.md", "baseline_recipes"): (RECIPES, lambda df: compact(df)),
     ("docs/results.md", "long_context"): ("long_context", lambda df: long_per_length(df)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
