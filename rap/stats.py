@@ -59,7 +59,7 @@ def paired_accuracy_difference(base: dict, other: dict, metric: str = "acc", tas
 
     Each task's sum of squares gets one discordant pair's worth (+1: half a document flipped each way, Agresti and
     Min's 0.5 per cell). Without it, a task whose few documents all agree gives a zero-width interval, which covers a
-    real difference in as few as a third of repeats at 5-10 documents (and 82-89% at 30 where 1-5% of them differ);
+    real difference in as few as a quarter of repeats at 5-10 documents (and 82-89% at 30 where 1-5% of them differ);
     with it, coverage holds at 93% or more at 5, 10, 30 and 200 documents per task.
 
     ``base`` and ``other`` are ``per_sample.json["zeroshot"]``: ``{task: {"doc_id": [...], metric: [...]}}``.

@@ -224,7 +224,7 @@ def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
     if s.heal is not None and plan.get("heal"):  # a given healed plan brought its healed weights (same settings)
         run.results.update(heal_record(s.heal))
         if plan.get("heal_outcome"):  # what training the plan cost and achieved, recorded by the run that healed it
-            run.results.update({f"heal_{k}": v for k, v in plan["heal_outcome"].items()}, heal_replayed=True)
+            run.results.update(heal_record(s.heal, plan["heal_outcome"]), heal_replayed=True)
     elif s.heal is not None:
         with run.phase("heal"):
             heal(run, model, tok, originals, plan, documents)
@@ -232,9 +232,10 @@ def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
     return model, plan
 
 
-def heal_record(h: dict) -> dict:
-    """The healing settings as results: ``heal`` (the mode), ``heal_<budget>`` and ``heal_tokens``."""
-    return {"heal": h["mode"], **{f"heal_{k}": v for k, v in h.items() if k != "mode"},
+def heal_record(h: dict, outcome: dict | None = None) -> dict:
+    """The healing settings as results: ``heal`` (the mode), ``heal_<budget>`` and ``heal_tokens``, and the plan's
+    ``heal_outcome`` as ``heal_<outcome>`` when given."""
+    return {"heal": h["mode"], **{f"heal_{k}": v for k, v in {**h, **(outcome or {})}.items() if k != "mode"},
             "heal_tokens": h["n_samples"] * h["seqlen"]}
 
 
@@ -250,8 +251,7 @@ def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> 
     plan["heal_outcome"] = {"params": out["params"], "time_s": out["time_s"],
                             "loss_before": sum(out["before"]) / len(out["before"]),
                             "loss_after": sum(out["after"]) / len(out["after"])}
-    run.results.update(heal_record(h))
-    run.results.update({f"heal_{k}": v for k, v in plan["heal_outcome"].items()})
+    run.results.update(heal_record(h, plan["heal_outcome"]))
     run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
 
 
