@@ -7,6 +7,7 @@ stock transformers attention, each variant's ideal ratio (its kept KV fraction) 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -56,7 +57,8 @@ def verdict(q1: float, q3: float, target: float) -> str:
 
 def targets_table(csv_path: str | Path, targets: dict[str, float], ratio: float = 0.3) -> pd.DataFrame:
     """RAP at ``ratio`` against its latency target per mode (``targets``: mode -> ratio to rap-full), beside its
-    ratio to the stock attention, Palu-style at the same ratio, and rap-full against stock."""
+    ratio to the stock attention, Palu-style at the same ratio (and how many times RAP's time it takes: a ratio of
+    the two medians), and rap-full against stock."""
     lat = _ok(csv_path)
     rows = []
     for (mode, length, batch, cache), g in lat.groupby(["mode", "length", "batch", "cache"], sort=False):
@@ -71,6 +73,7 @@ def targets_table(csv_path: str | Path, targets: dict[str, float], ratio: float 
                      f"RAP {ratio} / stock": f"{rap.ratio_to_stock:.3f}", "ideal": f"{rap.ideal_ratio:.3f}",
                      f"Palu {ratio} / rap-full": "" if palu is None else
                      f"{palu.ratio_to_full:.3f} [{palu.ratio_to_full_q1:.3f}, {palu.ratio_to_full_q3:.3f}]",
+                     "Palu / RAP": "" if palu is None else f"{palu.ratio_to_full / rap.ratio_to_full:.2f}",
                      "rap-full / stock": "" if full is None else f"{full.ratio_to_stock:.3f}"})
     return pd.DataFrame(rows)
 
@@ -97,6 +100,43 @@ def model_table(csv_path: str | Path, ratio: float = 0.3) -> pd.DataFrame:
         if rap is not None:
             row["ideal"] = f"{rap.ideal_ratio:.3f}"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """Cells of a latency CSV that a page's prose cites: ``variant`` where every column of ``where`` equals its value
+    (or lies in its tuple of values); ``label`` names them in words."""
+
+    label: str
+    variant: str
+    where: dict = field(default_factory=dict)
+
+
+def _span(values, fmt: str = "{:.3f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def quoted_table(csv_path: str | Path, quotes: tuple) -> pd.DataFrame:
+    """One row per quote: how many cells it covers, the variant's ratio to rap-full (one cell: its median [IQR];
+    several: the range of their medians), its ratio to stock, and its median step time in ms."""
+    lat = _ok(csv_path)
+    rows = []
+    for q in quotes:
+        sel = lat["variant"] == q.variant
+        for col, value in q.where.items():
+            sel &= lat[col].isin(value if isinstance(value, tuple) else (value,))
+        cells = lat[sel]
+        if cells.empty:
+            raise SystemExit(f"error: no cell of {csv_path} matches the quote '{q.label}'")
+        if len(cells) == 1:
+            r = cells.iloc[0]
+            to_full = f"{r.ratio_to_full:.3f} [{r.ratio_to_full_q1:.3f}, {r.ratio_to_full_q3:.3f}]"
+        else:
+            to_full = _span(cells["ratio_to_full"])
+        rows.append({"quoted": q.label, "variant": q.variant, "cells": str(len(cells)), "/ rap-full": to_full,
+                     "/ stock": _span(cells["ratio_to_stock"]), "ms": _span(cells["median_ms"], "{:.2f}")})
     return pd.DataFrame(rows)
 
 

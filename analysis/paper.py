@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.bench_table import bench_table, model_table, targets_table
+from analysis.bench_table import Quote, bench_table, model_table, quoted_table, targets_table
 from analysis.collect import collect_local
 from analysis.report import (
     add_paired_intervals,
@@ -72,6 +72,51 @@ FIGURES = {"main_table": {"ratio_curves": "ratio_curves", "pareto": "pareto", "k
            "criteria_ablation": {"criteria_ablation": "criteria_ablation", "kept_frequency": "kept_frequency"}}
 BENCH = {"bench/grid_r0.3": ("bench/grid.csv", 0.3)}  # docs/<name>.md <- (docs/<csv>, ratio)
 TARGETS = {"decode": 0.72, "prefill": 0.78}  # RAP 0.3's attention time against rap-full (docs/benchmark.md)
+BIG = ("llama3-8b", "mistral-7b", "qwen2.5-7b")
+DEC, PRE = {"mode": "decode"}, {"mode": "prefill"}
+# The cells that docs/benchmark.md's prose cites from the CPU grid (docs/bench/grid.csv).
+GRID_QUOTES = (
+    Quote("Llama-3-8B, decode 8192, batch 1, dynamic", "rap-r0.3",
+          {"shape": "llama3-8b", **DEC, "length": 8192, "batch": 1, "cache": "dynamic"}),
+    Quote("Mistral-7B, decode 4096, batch 1, dynamic", "rap-r0.3",
+          {"shape": "mistral-7b", **DEC, "length": 4096, "batch": 1, "cache": "dynamic"}),
+    Quote("Mistral-7B, decode 4096-8192, batch 4", "rap-r0.3",
+          {"shape": "mistral-7b", **DEC, "length": (4096, 8192), "batch": 4}),
+    Quote("Mistral-7B, decode 8192, batch 1, static", "rap-r0.3",
+          {"shape": "mistral-7b", **DEC, "length": 8192, "batch": 1, "cache": "static"}),
+    Quote("Llama-3-8B, prefill 4096", "palu-r0.3", {"shape": "llama3-8b", **PRE, "length": 4096}),
+    *(Quote(f"7-8B shapes, decode, {cache}", v, {"shape": BIG, **DEC, "cache": cache})
+      for v in ("palu-r0.3", "elitekv-r0.3") for cache in ("dynamic", "static")),
+    *(Quote(f"Llama-3-8B, decode 2048, batch 4, {cache}", v,
+            {"shape": "llama3-8b", **DEC, "length": 2048, "batch": 4, "cache": cache})
+      for v in ("palu-r0.3", "rap-full") for cache in ("dynamic", "static")),
+    *(Quote(f"SmolLM2, prefill {lengths}", v, {"shape": "smollm2-135m", **PRE, "length": n})
+      for lengths, n in (("256", 256), ("512-4096", (512, 1024, 2048, 4096))) for v in ("rap-r0.3", "rap-r0.3-round8")),
+)
+# The cells that the GPU prose cites: (csv under docs/bench, quotes).
+GPU_QUOTES = (
+    ("gpu_h100_decode_fused.csv", (
+        Quote("decode, dynamic, round_to 1", "rap-r0.3", {"cache": "dynamic"}),
+        Quote("decode, dynamic, batch 4-16", "rap-r0.3-round8", {"cache": "dynamic", "batch": (4, 16)}),
+        Quote("decode 32768, batch 1, dynamic", "rap-r0.3-round8", {"length": 32768, "batch": 1, "cache": "dynamic"}),
+        Quote("decode 32768, batch 16, dynamic", "rap-r0.3-round8", {"length": 32768, "batch": 16, "cache": "dynamic"}),
+        Quote("decode 8192, batch 1, dynamic", "rap-r0.3-round8", {"length": 8192, "batch": 1, "cache": "dynamic"}),
+        Quote("decode, static", "rap-r0.3-round8", {"cache": "static"}),
+        Quote("decode, static", "rap-r0.5-round8", {"cache": "static"}),
+        Quote("decode, dynamic (stock against rap-full)", "stock", {"cache": "dynamic"}),
+        Quote("decode, static (stock against rap-full)", "stock", {"cache": "static"}))),
+    ("gpu_h100_grid_matmul_decode.csv", (
+        Quote("prefill, round_to 1", "rap-r0.3", PRE),
+        Quote("prefill 8192-32768", "rap-r0.3-round8", {**PRE, "length": (8192, 32768)}),
+        *(Quote(f"prefill {n}", v, {**PRE, "length": n}) for v in ("palu-r0.3", "elitekv-r0.3") for n in (8192, 32768)),
+        Quote("decode, matmul path (stock against rap-full)", "stock", DEC))),
+)
+
+
+def gpu_quotes(_df=None) -> str:
+    """The GPU prose's cited cells, from both H100 CSVs, one table with the CSV named per row."""
+    frames = [quoted_table(BENCH_DIR / csv, quotes).assign(csv=csv) for csv, quotes in GPU_QUOTES]
+    return markdown(pd.concat(frames, ignore_index=True))
 
 
 def qk_norm_error(_df=None) -> str:
@@ -98,6 +143,9 @@ BLOCKS = {
     ("docs/results.md", "long_context"): ("long_context", lambda df: long_per_length(df)),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
+    ("docs/benchmark.md", "grid_quotes"): (None, lambda _: markdown(quoted_table(BENCH_DIR / "grid.csv", GRID_QUOTES))),
+    ("docs/benchmark.md", "gpu_quotes"): (None, gpu_quotes),
+    ("docs/bench/gpu_h100.md", "gpu_quotes"): (None, gpu_quotes),
     ("docs/bench/gpu_h100.md", "decode"):
         (None, lambda _: markdown(bench_table(BENCH_DIR / "gpu_h100_decode_fused.csv", (0.3, 0.5)))),
     # that file's decode rows predate the fused decode kernel: only its prefill rows are current code

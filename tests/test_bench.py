@@ -1,6 +1,8 @@
 """The latency benchmark on a tiny layer shape: structure and ordering of its rows only (no timing thresholds)."""
 import csv
 
+import pytest
+
 from rap.files import write_csv
 from rap.harness import bench
 
@@ -62,6 +64,18 @@ def test_bench_csv_feeds_the_latency_figures(tmp_path):
     rap = next(r for r in rows if r["variant"] == "rap-r0.3" and r["mode"] == "decode" and r["length"] == 32)
     cell = table[(table["mode"] == "decode") & (table["length"] == 32)]["rap"].iloc[0]
     assert cell.startswith(f"{rap['ratio_to_full']:.3f} [") and cell.endswith(f" / {rap['ratio_to_stock']:.3f}")
+
+    from analysis.bench_table import Quote, quoted_table
+
+    decode = [r for r in rows if r["variant"] == "rap-r0.3" and r["mode"] == "decode"]
+    quotes = (Quote("one", "rap-r0.3", {"mode": "decode", "length": 32}),
+              Quote("both", "rap-r0.3", {"mode": "decode", "length": (16, 32)}))
+    one, both = quoted_table(tmp_path / "b.csv", quotes).to_dict("records")
+    assert one["cells"] == "1" and one["/ rap-full"] == cell.split(" / ")[0]  # one cell: median [IQR]
+    lo, hi = sorted(r["ratio_to_full"] for r in decode)
+    assert both["cells"] == "2" and both["/ rap-full"] == f"{lo:.3f}-{hi:.3f}"  # several: the range of medians
+    with pytest.raises(SystemExit, match="no cell .* matches the quote 'none'"):
+        quoted_table(tmp_path / "b.csv", (Quote("none", "rap-r0.3", {"length": 999}),))
 
 
 def test_a_target_is_met_only_when_the_interquartile_range_lies_below_it():
