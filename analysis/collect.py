@@ -41,10 +41,26 @@ def healed_suffix(row) -> str:
     return ""
 
 
+def _low_rank_v(group_size) -> str:
+    """RAP's value latent: per KV head (the cost of channel pruning), or joint over a group of heads."""
+    return "low-rank V" if int(group_size) == 1 else f"low-rank V, {_grouping(group_size)}"
+
+
 def _qk_norm(row) -> str | None:
     """RAP's or KV-Latent's QK-norm mode as it ran (metrics.json's ``qk_norm``; absent on models without QK-norm)."""
     mode = row.get("qk_norm")
     return f"QK-norm {mode}" if isinstance(mode, str) else None
+
+
+def default_size(row) -> str:
+    """The job's calibration batch as "n × seqlen" (tokens per sequence)."""
+    return f"{row.get('cfg.calibration.n_samples')} × {row.get('cfg.calibration.seqlen')}"
+
+
+def whiten_size(row) -> str:
+    """The batch the whitening Grams read: ``calibration.whiten`` where set, else the job's batch."""
+    size = row.get("cfg.calibration.whiten")
+    return f"{size[0]} × {size[1]}" if isinstance(size, list | tuple) else default_size(row)
 
 
 def untrained_recipe(row) -> str:
@@ -56,11 +72,13 @@ def untrained_recipe(row) -> str:
         return "baseline"
     if name == "rap":
         extra = [x for x in (get("allocation") if get("allocation") != "uniform" else None,
-                             "low-rank V" if get("v_path") == "lowrank" else None,
+                             _low_rank_v(get("group_size", 1)) if get("v_path") == "lowrank" else None,
                              "W_o refit" if get("v_refit") else None, _qk_norm(row)) if x]
         return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
     if name == "palu":
-        return f"Palu ({get('decomposition')}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"
+        size = whiten_size(row)
+        decomposition = str(get("decomposition")) + (f" on {size}" if size != default_size(row) else "")
+        return f"Palu ({decomposition}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"
     if name == "elitekv":
         r = get("elite_pairs") or "r searched"
         r = r if isinstance(r, str) else f"r={r}"
@@ -101,6 +119,8 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
         df["criterion"] = df["cfg.criterion.name"].where(df["method"] == "rap", "-")
     if "cfg.sweep" in df:
         df["experiment"] = df["cfg.sweep"]
+    if "cfg.calibration.n_samples" in df:
+        df["whiten_calibration"] = [whiten_size(r) for _, r in df.iterrows()]
     return df
 
 
