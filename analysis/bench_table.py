@@ -140,6 +140,53 @@ def quoted_table(csv_path: str | Path, quotes: tuple) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def scale_extrapolated(rows: pd.DataFrame) -> pd.DataFrame:
+    """``experiments/scale.py``'s stage rows, per shape x run x stage, from the 1- and 2-layer measurements: seconds
+    per layer (the difference), the peak at each, and the estimate at the real layer count L (``layers_real``):
+    time t1 + (L-1)·(t2-t1), peak p1 + (L-1)·max(0, p2-p1)."""
+    out = []
+    for (shape, run, stage_name), g in rows.groupby(["shape", "run", "stage"], sort=False):
+        m = {int(r.layers): r for r in g.itertuples()}
+        if 1 not in m or 2 not in m:
+            continue
+        L = int(m[1].layers_real)
+        t1, t2 = float(m[1].seconds), float(m[2].seconds)
+        p1, p2 = int(m[1].peak_bytes), int(m[2].peak_bytes)
+        per_layer = max(t2 - t1, 0.0)
+        out.append({"shape": shape, "run": run, "stage": stage_name, "layers_real": L,
+                    "s_per_layer": per_layer, "s_fixed": max(t1 - per_layer, 0.0),
+                    "peak_mb_1": p1 / 2**20, "peak_mb_2": p2 / 2**20,
+                    "est_s": t1 + (L - 1) * per_layer, "est_peak_gb": (p1 + (L - 1) * max(0, p2 - p1)) / 2**30})
+    return pd.DataFrame(out)
+
+
+def scale_table(*csv_paths: str | Path) -> pd.DataFrame:
+    """The scale benchmark's extrapolation (``scale_extrapolated``) from one or more of its CSVs, formatted."""
+    est = scale_extrapolated(pd.concat([pd.read_csv(p) for p in csv_paths], ignore_index=True))
+    return pd.DataFrame({"shape (layers)": [f"{r.shape} ({r.layers_real})" for r in est.itertuples()],
+                         "method": est["run"], "stage": est["stage"],
+                         "s/layer": est["s_per_layer"].map("{:.1f}".format),
+                         "peak MB, 1 layer": est["peak_mb_1"].map("{:.0f}".format),
+                         "peak MB, 2 layers": est["peak_mb_2"].map("{:.0f}".format),
+                         "est. time, all layers": (est["est_s"] / 60).map("{:.1f} min".format),
+                         "est. peak GB, all layers": est["est_peak_gb"].map("{:.2f}".format)})
+
+
+def threads_table(csv_path: str | Path) -> pd.DataFrame:
+    """``experiments/scale.py --threads``: per shape, the median time of one whitened factorisation with eigh/SVD on
+    one thread and on torch's default count, over interleaved rounds, and the ratio of the two medians."""
+    t = pd.read_csv(csv_path)
+    rows = []
+    for shape, g in t.groupby("shape", sort=False):
+        med = g.groupby("linalg_threads")["seconds"].median()
+        one, many = med.loc[1], med.drop(1)
+        for threads, secs in many.items():
+            rounds = int((g["linalg_threads"] == threads).sum())
+            rows.append({"shape": shape, "rounds": str(rounds), "one thread": f"{one:.2f} s",
+                         f"{threads} threads": f"{secs:.2f} s", "one against the other": f"{one / secs:.2f}x"})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv")

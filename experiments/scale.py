@@ -7,8 +7,9 @@ measured is cost, which does not depend on the values.
     python experiments/scale.py --shapes llama3-8b llama3-70b --runs rap:key_energy palu
     python experiments/scale.py --threads                         # eigh/SVD with 1 thread against torch's default
 
-Writes ``<out>/scale.csv`` (one row per shape x run x layers x stage) and ``<out>/scale.md`` (the extrapolation:
-per stage, seconds per layer and the peak at 1 and 2 layers, then the estimate at the real layer count).
+Writes ``<out>/scale.csv`` (one row per shape x run x layers x stage) and ``<out>/scale.md`` (the extrapolation,
+``analysis.bench_table.scale_table``: per stage, seconds per layer and the peak at 1 and 2 layers, then the estimate
+at the real layer count); ``--threads`` writes ``<out>/threads.csv``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from analysis.bench_table import scale_extrapolated, scale_table  # noqa: E402
 from rap.calibration import gradient_settings  # noqa: E402
 from rap.files import write_csv  # noqa: E402
 from rap.harness.bench import SHAPES  # noqa: E402
@@ -65,38 +67,6 @@ def measure(model, run: str, ratio: float, calibration: torch.Tensor) -> list[di
     rows = [dict(r) for r in stages.rows.values()]
     print(f"  {run}: {time.perf_counter() - t0:.1f} s", flush=True)
     return rows
-
-
-def extrapolate(rows: list[dict]) -> list[dict]:
-    """Per shape x run x stage, from the 1- and 2-layer measurements: seconds per layer (the difference), the peak
-    at each, and the estimate at the real layer count L: time t1 + (L-1)·(t2-t1), peak p1 + (L-1)·max(0, p2-p1)."""
-    by = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["run"], r["stage"]), {})[int(r["layers"])] = r
-    out = []
-    for (shape, run, stage_name), m in by.items():
-        if 1 not in m or 2 not in m:
-            continue
-        L = SHAPES[shape][2]
-        t1, t2 = float(m[1]["seconds"]), float(m[2]["seconds"])
-        p1, p2 = int(m[1]["peak_bytes"]), int(m[2]["peak_bytes"])
-        per_layer = max(t2 - t1, 0.0)
-        out.append({"shape": shape, "run": run, "stage": stage_name, "layers_real": L,
-                    "s_per_layer": per_layer, "s_fixed": max(t1 - per_layer, 0.0),
-                    "peak_mb_1": p1 / 2**20, "peak_mb_2": p2 / 2**20,
-                    "est_s": t1 + (L - 1) * per_layer, "est_peak_gb": (p1 + (L - 1) * max(0, p2 - p1)) / 2**30})
-    return out
-
-
-def markdown(est: list[dict]) -> str:
-    lines = ["| shape (layers) | method | stage | s/layer | peak MB, 1 layer | peak MB, 2 layers "
-             "| est. time, all layers | est. peak GB, all layers |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for e in est:
-        lines.append(f"| {e['shape']} ({e['layers_real']}) | {e['run']} | {e['stage']} | {e['s_per_layer']:.1f} | "
-                     f"{e['peak_mb_1']:.0f} | {e['peak_mb_2']:.0f} | {e['est_s'] / 60:.1f} min | "
-                     f"{e['est_peak_gb']:.2f} |")
-    return "\n".join(lines) + "\n"
 
 
 def thread_rows(shape: str, rounds: int) -> list[dict]:
@@ -150,14 +120,17 @@ def main(argv=None):
                   flush=True)
             for run in a.runs:
                 for r in measure(model, run, a.ratio, calibration):
-                    rows.append({"shape": shape, "run": run, "layers": layers, "ratio": a.ratio,
+                    rows.append({"shape": shape, "layers_real": SHAPES[shape][2], "run": run, "layers": layers,
+                                 "ratio": a.ratio,
                                  "calibration_tokens": a.samples * a.seqlen, "threads": torch.get_num_threads(), **r})
                 write_csv(a.out / "scale.csv", rows)  # after every run: a long grid keeps what it has
             del model
-    est = extrapolate(rows)
-    write_csv(a.out / "scale_extrapolated.csv", est)
-    (a.out / "scale.md").write_text(markdown(est))
-    print(markdown(est))
+    import pandas as pd
+
+    write_csv(a.out / "scale_extrapolated.csv", scale_extrapolated(pd.DataFrame(rows)).to_dict("records"))
+    text = scale_table(a.out / "scale.csv").to_markdown(index=False, disable_numparse=True)
+    (a.out / "scale.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
