@@ -47,3 +47,19 @@ def analyse(roots: list[Path], report: Path | None = None, figures: Path | None 
     if figures is not None:
         cmd = [sys.executable, "-m", "analysis.figures", *roots, "--out", str(figures)]
         subprocess.run(cmd + (["--only", *only] if only else []), cwd=REPO, check=True)
+
+
+def preset_model_and_batches(model: str, n_fit: int, n_held_out: int, seqlen: int = 512):
+    """A ``conf/model`` preset in float32, its calibration batch (seed 0) and held-out sequences of the calibration
+    text (seed 1), for the per-layer error studies."""
+    import yaml
+
+    from rap.data import calibration_batch, resolve_data_dir
+    from rap.models import ModelSpec, load_model
+
+    preset = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
+    net, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"],
+                                    dtype="float32"))
+    data = resolve_data_dir()
+    fit = calibration_batch(tok, data, "wiki", n_fit, seqlen, seed=0)
+    return net, fit, calibration_batch(tok, data, "wiki", n_held_out, seqlen, seed=1)

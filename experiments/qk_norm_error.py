@@ -12,16 +12,13 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
-from common import REPO
+from common import preset_model_and_batches
 
 from rap.architecture import layer_kinds
-from rap.data import calibration_batch, resolve_data_dir
 from rap.files import write_csv
 from rap.hooks import temporary_hooks
 from rap.methods.attention import PrunedAttention
 from rap.methods.rap import RAP
-from rap.models import ModelSpec, load_model
 
 
 def layer_errors(model, plan, batch) -> list[dict]:
@@ -60,12 +57,7 @@ def main():
     ap.add_argument("--held-out", type=int, default=4, help="held-out sequences of 512 tokens (another seed)")
     ap.add_argument("--out", default=None, help="CSV of the per-layer errors")
     a = ap.parse_args()
-    preset = yaml.safe_load((REPO / "conf" / "model" / f"{a.model}.yaml").read_text())
-    model, tok = load_model(ModelSpec(name=preset["name"], source=preset["source"], path=preset["path"],
-                                      dtype="float32"))
-    data = resolve_data_dir()
-    calib = calibration_batch(tok, data, "wiki", a.calib, 512, seed=0)
-    held = calibration_batch(tok, data, "wiki", a.held_out, 512, seed=1)
+    model, calib, held = preset_model_and_batches(a.model, a.calib, a.held_out)
     kinds = layer_kinds(model.config)
     rows = []
     for ratio in a.ratios:

@@ -195,3 +195,24 @@ def test_scale_benchmark_writes_stages_and_extrapolation(tmp_path):
     est = list(csv.DictReader(open(tmp_path / "scale_extrapolated.csv")))
     assert {e["layers_real"] for e in est} == {"2"} and all(float(e["est_s"]) >= 0 for e in est)
     assert (tmp_path / "scale.md").read_text().count("\n") == len(est) + 2
+
+
+def test_value_path_errors_are_zero_for_what_keeps_every_value_and_grow_with_the_ratio():
+    import sys
+
+    sys.path.insert(0, str(__import__("conftest").REPO / "experiments"))
+    from value_path_error import layer_errors
+
+    from rap.methods.rap import RAP
+    from rap.models import build_tiny
+
+    model, _ = build_tiny("tiny-llama")
+    batch = torch.randint(0, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    fit, held = batch[:3], batch[3:]
+    plans = {f"{path} {ratio}": RAP(ratio=ratio, round_to=1, v_path=path, prune_k=False).make_plan(model, fit)
+             for path in ("channels", "lowrank") for ratio in (0.0, 0.25, 0.5)}
+    errors = layer_errors(model, plans, held)
+    for err in errors:
+        assert err["channels 0.0"] == 0.0 and err["lowrank 0.0"] < 1e-5  # every channel, or a full-rank latent
+        for path in ("channels", "lowrank"):
+            assert 0 < err[f"{path} 0.25"] < err[f"{path} 0.5"] < 1
