@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.bench_table import Quote, bench_table, model_table, quoted_table, targets_table
+from analysis.bench_table import (
+    Quote,
+    bench_table,
+    model_table,
+    quoted_table,
+    scale_table,
+    targets_table,
+    threads_table,
+)
 from analysis.collect import collect_local
 from analysis.report import (
     add_paired_intervals,
@@ -36,6 +44,8 @@ BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
 ABLATION = ("main_table_quick", "kvlatent_ablation")  # the baseline and RAP at eval=quick, as the ablation
 RECIPES = ("main_table_quick", "baseline_recipes")  # each recipe's variants beside the options it chose between
+PALU_CALIBRATION = ("main_table_quick", "palu_calibration")  # Palu whitened on its own batch size beside the default
+VALUE_PATH = ("main_table_quick", "rap_value_path")  # RAP's joint value latent beside the per-head one and V channels
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -131,6 +141,17 @@ def qk_norm_error(_df=None) -> str:
     return markdown(pd.DataFrame(rows))
 
 
+def value_path_error(_df=None) -> str:
+    """``docs/value_path_error.csv`` (``experiments/value_path_error.py``): per ratio and value path, the relative
+    error of the values on held-out text, the mean over layers and its range."""
+    d = pd.read_csv(REPO / "docs" / "value_path_error.csv")
+    rows = [{"ratio": f"{ratio:.1f}", "value path": path, "layers": str(len(g)),
+             "mean error": f"{g['relative_error'].mean():.3f}",
+             "range": f"{g['relative_error'].min():.3f}-{g['relative_error'].max():.3f}"}
+            for (ratio, path), g in d.groupby(["ratio", "v_path"], sort=False)]
+    return markdown(pd.DataFrame(rows))
+
+
 # Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
 BLOCKS = {
     ("README.md", "main_table"): ("main_table", lambda df: compact(df)),
@@ -141,6 +162,16 @@ BLOCKS = {
     ("docs/results.md", "criteria_ablation"): ("criteria_ablation", lambda df: compact(df)),
     ("docs/results.md", "baseline_recipes"): (RECIPES, lambda df: compact(df)),
     ("docs/results.md", "long_context"): ("long_context", lambda df: long_per_length(df)),
+    ("docs/results.md", "palu_calibration"): (PALU_CALIBRATION, lambda df: against_rows(
+        df, df["experiment"].eq("palu_calibration"),
+        (({"whiten_calibration": "32 × 512"}, ("ratio", "tag")), ({"variant": "RAP (key_energy)"}, ("ratio",))))),
+    ("docs/results.md", "rap_value_path"): (VALUE_PATH, lambda df: against_rows(
+        df, df["experiment"].eq("rap_value_path"),
+        (({"variant": "RAP (key_energy, low-rank V)"}, ("ratio",)), ({"variant": "RAP (key_energy)"}, ("ratio",))))),
+    ("docs/results.md", "value_path_error"): (None, value_path_error),
+    ("docs/scale.md", "scale"):
+        (None, lambda _: markdown(scale_table(BENCH_DIR / "scale_llama3-8b.csv", BENCH_DIR / "scale_big.csv"))),
+    ("docs/scale.md", "scale_threads"): (None, lambda _: markdown(threads_table(BENCH_DIR / "scale_threads.csv"))),
     ("docs/benchmark.md", "model_smollm2"): (None, lambda _: markdown(model_table(BENCH_DIR / "model_smollm2.csv"))),
     ("docs/benchmark.md", "targets"): (None, lambda _: markdown(targets_table(BENCH_DIR / "targets.csv", TARGETS))),
     ("docs/benchmark.md", "grid_quotes"): (None, lambda _: markdown(quoted_table(BENCH_DIR / "grid.csv", GRID_QUOTES))),
@@ -207,6 +238,23 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
         rows.append({"variant": r["variant"], "against": ref, "ratio": f"{r['ratio']:.2f}",
                      **{name: row_interval(r, col, spec) for name, (col, spec) in columns.items()}})
     return pd.DataFrame(rows)
+
+
+def against_rows(df: pd.DataFrame, runs: pd.Series, pairings: tuple) -> str:
+    """The runs selected by ``runs`` (a mask of ``df``) paired against each reference of ``pairings`` ((against,
+    match) as ``against_table`` takes them), with each run's perplexity, compression time, KV bytes and attention
+    decode FLOPs (ratios to the baseline) beside."""
+    own = {(r["variant"], f"{r['ratio']:.2f}"): r for _, r in df[runs].iterrows()}
+    table = pd.concat([against_table(df, against, match) for against, match in pairings], ignore_index=True)
+    table = table[[(v, r) in own for v, r in zip(table["variant"], table["ratio"])]]
+    table = table.fillna("").replace("nan", "")  # a pairing without documents (perplexity-only runs) has no Δacc
+    table = table.loc[:, [c for c in table if table[c].astype(str).str.strip().ne("").any()]]
+    run = [own[(v, r)] for v, r in zip(table["variant"], table["ratio"])]
+    for i, (name, key, spec) in enumerate((("ppl", "ppl_wikitext2", ".2f"), ("compress s", "time_compress_s", ".0f"),
+                                           ("KV", "kv_bytes_per_token_ratio", ".3f"),
+                                           ("attn FLOPs", "flops_decode_attention_ratio", ".3f"))):
+        table.insert(3 + i, name, [format(r[key], spec) for r in run])
+    return markdown(table)
 
 
 def long_per_length(df: pd.DataFrame) -> str:
@@ -316,7 +364,7 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
         blocks = {name: table_md[table] for (where, name), table in TABLE_BLOCKS.items()
                   if where == page and table in table_md}
         for (where, name), (source, draw) in BLOCKS.items():
-            df = frames.get(source) if source else None
+            df = frames.setdefault(source, runs(results, source)) if source else None
             if where == page and (source is None or df is not None):
                 blocks[name] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
         path = root / page

@@ -51,8 +51,8 @@ LINALG_THREADS = 1  # CPU threads for eigh/svd (matmuls keep torch's): see ``lin
 
 @contextmanager
 def linalg_threads(tensor: torch.Tensor):
-    """Run LAPACK on CPU with ``LINALG_THREADS`` threads. On the 2-core machines, MKL's eigh and SVD ran slower
-    with 2 threads than with 1 (``experiments/scale.py --threads`` measures it; README "Scale")."""
+    """Run LAPACK on CPU with ``LINALG_THREADS`` threads. On the 2-core machines one thread is about as fast as two
+    when the machine is idle, and faster beside other work (``experiments/scale.py --threads``; docs/scale.md)."""
     before = torch.get_num_threads()
     if tensor.device.type == "cpu" and LINALG_THREADS and LINALG_THREADS != before:
         torch.set_num_threads(LINALG_THREADS)
