@@ -37,6 +37,11 @@ def tag_option(value, default, prefix: str = "-") -> str:
     return "" if str(value) == str(default) else f"{prefix}{value}"
 
 
+def flag_tag(value, tag: str) -> str:
+    """A run-name tag's part for a boolean option added after runs existed: ``tag`` when it is on, else nothing."""
+    return tag if str(value).lower() == "true" else ""
+
+
 def grouping(group_size) -> str:
     """A Palu grouping as labels name it: ``joint`` for 0, ``head`` for 1, else ``g<size>`` (capped at the KV
     heads when the model has fewer; the plan and the report label record the grouping that ran)."""
@@ -94,4 +99,5 @@ OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 OmegaConf.register_new_resolver("grouping", grouping, replace=True)
 OmegaConf.register_new_resolver("heal_tag", heal_tag, replace=True)
 OmegaConf.register_new_resolver("tag_option", tag_option, replace=True)
+OmegaConf.register_new_resolver("flag_tag", flag_tag, replace=True)
 OmegaConf.register_new_resolver("hub_name", hub_name, replace=True)
