@@ -46,6 +46,7 @@ ABLATION = ("main_table_quick", "kvlatent_ablation")  # the baseline and RAP at 
 RECIPES = ("main_table_quick", "baseline_recipes")  # each recipe's variants beside the options it chose between
 PALU_CALIBRATION = ("main_table_quick", "palu_calibration")  # Palu whitened on its own batch size beside the default
 VALUE_PATH = ("main_table_quick", "rap_value_path")  # RAP's joint value latent beside the per-head one and V channels
+V_REFIT = ("main_table_quick", "rap_v_refit")  # RAP with W_o refit on the kept V channels beside plain RAP
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -168,6 +169,8 @@ BLOCKS = {
     ("docs/results.md", "rap_value_path"): (VALUE_PATH, lambda df: against_rows(
         df, df["experiment"].eq("rap_value_path"),
         (({"variant": "RAP (key_energy, low-rank V)"}, ("ratio",)), ({"variant": "RAP (key_energy)"}, ("ratio",))))),
+    ("docs/results.md", "rap_v_refit"): (V_REFIT, lambda df: against_rows(
+        df, df["experiment"].eq("rap_v_refit"), (({"variant": "RAP (key_energy)"}, ("ratio",)),))),
     ("docs/results.md", "value_path_error"): (None, value_path_error),
     ("docs/scale.md", "scale"):
         (None, lambda _: markdown(scale_table(BENCH_DIR / "scale_llama3-8b.csv", BENCH_DIR / "scale_big.csv"))),
