@@ -347,7 +347,9 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     docs = root / "docs"
     written, missing, frames, table_md = [], [], {}, {}
     for t in TABLES:
-        df = frames.setdefault(t.source, runs(results, t.source))
+        if t.source not in frames:  # each results folder is read once
+            frames[t.source] = runs(results, t.source)
+        df = frames[t.source]
         if df is None:
             missing.append(t.name)
             continue
@@ -367,7 +369,9 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
         blocks = {name: table_md[table] for (where, name), table in TABLE_BLOCKS.items()
                   if where == page and table in table_md}
         for (where, name), (source, draw) in BLOCKS.items():
-            df = frames.setdefault(source, runs(results, source)) if source else None
+            if source and source not in frames:
+                frames[source] = runs(results, source)
+            df = frames.get(source) if source else None
             if where == page and (source is None or df is not None):
                 blocks[name] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
         path = root / page
