@@ -153,6 +153,17 @@ def test_unset_options_leave_the_identity_of_earlier_results():
     assert results.identity(old) != results.identity({**new, "calibration": {**new["calibration"], "whiten": [2, 8]}})
 
 
+def test_tracking_is_not_part_of_a_results_identity():
+    """A run mirrored to W&B and the same run without tracking are one result: a rerun with the other setting skips
+    it instead of refusing the folder."""
+    plain = compose("model=tiny-llama", "ratio=0.2", "tracking=none")
+    mirrored = compose("model=tiny-llama", "ratio=0.2", "tracking=wandb")
+    assert plain.run_name == mirrored.run_name
+    assert results.identity(settings.job_config(plain)) == results.identity(settings.job_config(mirrored))
+    assert results.identity(settings.job_config(plain)) != results.identity(
+        settings.job_config(compose("model=tiny-llama", "ratio=0.3", "tracking=none")))
+
+
 def test_elitekv_value_path_is_named_when_it_is_not_the_default():
     """auto, the default, keeps the run name of before; fold or up is said in the run name and the report label. A
     result from before the option (no value_path, or NaN beside newer ones) ran fold: it is labelled so, and it is not
@@ -254,6 +265,23 @@ def test_every_preset_composes_with_its_method_and_sweep(preset, method):
     cfg = compose(f"+experiment={preset}", "ratio=0.2")
     assert cfg.method.name == method and cfg.sweep == preset.replace("elitekv_options", "baseline_options")
     assert method in cfg.run_name or method == "rap"
+
+
+@pytest.mark.parametrize("preset", ["palu_calibration", "kvlatent_ablation", "rap_value_path", "rap_v_refit"])
+def test_a_rerun_of_a_perplexity_only_preset_finds_its_committed_runs(preset):
+    """Each job of the preset's sweep has the name and the identity of its committed run in results/, so a rerun
+    skips it: the shared perplexity-only scope (conf/eval/scope) changes no result's identity or folder."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(REPO / "conf" / "experiment" / f"{preset}.yaml").hydra.sweeper.params
+    grid = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
+    for overrides in itertools.product(*grid):
+        cfg = compose(f"+experiment={preset}", *overrides)
+        assert list(cfg.eval.zeroshot.tasks) == [] and cfg.eval.name == "quick"
+        folder = REPO / "results" / cfg.sweep / cfg.run_name
+        assert results.finished(folder, settings.job_config(cfg)), (folder, overrides)
 
 
 def test_memory_savers_change_no_plan_and_no_identity(tmp_path, data_dir):

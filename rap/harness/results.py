@@ -27,9 +27,10 @@ FAILURE_FILE = "failure.json"  # written instead of metrics.json when a started 
 
 
 BASELINE_METHOD = {"name": "none", "tag": "none"}
-# Where a result is written and how it was computed (threads, recorded as env_threads; memory savers that change
-# no value), not what it is: a moved result, or one rerun with other such settings, still counts as finished.
-LOCATION_KEYS = ("out_dir", "sweep", "threads", "gradient_checkpointing", "loss_chunk")
+# Where a result is written and mirrored (W&B or none), and how it was computed (threads, recorded as env_threads;
+# memory savers that change no value), not what it is: a moved result, or one rerun with other such settings, still
+# counts as finished.
+LOCATION_KEYS = ("out_dir", "sweep", "tracking", "threads", "gradient_checkpointing", "loss_chunk")
 # Settings that cannot change an uncompressed result.
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
