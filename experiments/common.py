@@ -1,6 +1,7 @@
 """What every experiment driver does: run its Hydra preset as one multirun, then the analysis that draws it."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -63,3 +64,24 @@ def preset_model_and_batches(model: str, n_fit: int, n_held_out: int, seqlen: in
     data = resolve_data_dir()
     fit = calibration_batch(tok, data, "wiki", n_fit, seqlen, seed=0)
     return net, fit, calibration_batch(tok, data, "wiki", n_held_out, seqlen, seed=1)
+
+
+def layer_error_parser(doc: str, model: str) -> argparse.ArgumentParser:
+    """The per-layer error studies' command line: the model preset, the ratios, the fit and held-out batch sizes, and
+    the CSV to write."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=model, help="a preset of conf/model")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens (as the job's default)")
+    ap.add_argument("--held-out", type=int, default=4, help="held-out sequences of 512 tokens (another seed)")
+    ap.add_argument("--out", default=None, help="CSV of the per-layer errors")
+    return ap
+
+
+def write_rows(rows: list[dict], out: str | None) -> None:
+    """The per-layer rows as a CSV at ``out``, when one is given."""
+    from rap.files import write_csv
+
+    if out:
+        write_csv(out, rows)
+        print(Path(out))

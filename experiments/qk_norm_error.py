@@ -8,14 +8,11 @@ queries and keys that RoPE rotates.
 
     python experiments/qk_norm_error.py --model gemma3-270m --ratios 0.2 0.3 --out docs/qk_norm_error.csv
 """
-import argparse
-from pathlib import Path
 
 import torch
-from common import preset_model_and_batches
+from common import layer_error_parser, preset_model_and_batches, write_rows
 
 from rap.architecture import layer_kinds
-from rap.files import write_csv
 from rap.hooks import temporary_hooks
 from rap.methods.attention import PrunedAttention
 from rap.methods.rap import RAP
@@ -50,13 +47,7 @@ def layer_errors(model, plan, batch) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma3-270m", help="a preset of conf/model with QK-norm")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
-    ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens (as the job's default)")
-    ap.add_argument("--held-out", type=int, default=4, help="held-out sequences of 512 tokens (another seed)")
-    ap.add_argument("--out", default=None, help="CSV of the per-layer errors")
-    a = ap.parse_args()
+    a = layer_error_parser(__doc__, model="gemma3-270m").parse_args()  # a model with QK-norm
     model, calib, held = preset_model_and_batches(a.model, a.calib, a.held_out)
     kinds = layer_kinds(model.config)
     rows = []
@@ -70,9 +61,7 @@ def main():
             print(f"ratio {ratio} {kind} ({len(sel)} layers): relative error of normalised q / k against exact: "
                   f"kept {mean['kept_q']:.4f} / {mean['kept_k']:.4f}, "
                   f"kept without rho {mean['kept_rho1_q']:.4f} / {mean['kept_rho1_k']:.4f}", flush=True)
-    if a.out:
-        write_csv(a.out, rows)
-        print(Path(a.out))
+    write_rows(rows, a.out)
 
 
 if __name__ == "__main__":

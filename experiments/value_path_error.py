@@ -9,13 +9,10 @@ over all heads and tokens.
 
     python experiments/value_path_error.py --out docs/value_path_error.csv
 """
-import argparse
-from pathlib import Path
 
 import torch
-from common import preset_model_and_batches
+from common import layer_error_parser, preset_model_and_batches, write_rows
 
-from rap.files import write_csv
 from rap.hooks import temporary_hooks
 from rap.methods.rap import RAP
 
@@ -53,13 +50,8 @@ def layer_errors(model, plans: dict, batch: torch.Tensor) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="a preset of conf/model")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap = layer_error_parser(__doc__, model="smollm2-135m")
     ap.add_argument("--group", type=int, default=3, help="KV heads per joint latent")
-    ap.add_argument("--calib", type=int, default=32, help="calibration sequences of 512 tokens (as the job's default)")
-    ap.add_argument("--held-out", type=int, default=4, help="held-out sequences of 512 tokens (another seed)")
-    ap.add_argument("--out", default=None, help="CSV of the per-layer errors")
     a = ap.parse_args()
     model, calib, held = preset_model_and_batches(a.model, a.calib, a.held_out)
     rows = []
@@ -75,9 +67,7 @@ def main():
             errs = [r["relative_error"] for r in rows if r["ratio"] == ratio and r["v_path"] == name]
             print(f"ratio {ratio} {name}: relative error of V, mean over {len(errs)} layers {sum(errs) / len(errs):.4f}"
                   f" (range {min(errs):.4f}-{max(errs):.4f})", flush=True)
-    if a.out:
-        write_csv(a.out, rows)
-        print(Path(a.out))
+    write_rows(rows, a.out)
 
 
 if __name__ == "__main__":
