@@ -345,7 +345,7 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     """Write every table, figure and generated block whose inputs exist under ``root`` (the repository, or another
     folder); returns the files written."""
     docs = root / "docs"
-    written, missing, frames, table_md = [], [], {}, {}
+    written, missing, frames, table_md, drawn = [], [], {}, {}, {}
     for t in TABLES:
         if t.source not in frames:  # each results folder is read once
             frames[t.source] = runs(results, t.source)
@@ -373,7 +373,9 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
                 frames[source] = runs(results, source)
             df = frames.get(source) if source else None
             if where == page and (source is None or df is not None):
-                blocks[name] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
+                if (draw, source) not in drawn:  # a block on several pages is drawn once
+                    drawn[draw, source] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
+                blocks[name] = drawn[draw, source]
         path = root / page
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(fill_blocks((REPO / page).read_text(), blocks))
