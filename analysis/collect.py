@@ -34,10 +34,19 @@ def _grouping(g) -> str:
 
 def healed_suffix(row) -> str:
     """" + healed (layerwise, wiki)" for a healed compressed run, else "": the variant is ``untrained_recipe`` plus
-    this, e.g. "RAP (key_energy) + healed (layerwise, c4)"."""
+    this, e.g. "RAP (key_energy) + healed (layerwise, wiki)"."""
     heal = row.get("cfg.heal.name")
     if isinstance(heal, str) and heal != "none" and row.get("method") != "none":
         return f" + healed ({heal}, {row.get('cfg.heal.source')})"
+    return ""
+
+
+def calibration_suffix(row) -> str:
+    """" calibrated on c4" for a compressed run whose calibration text is not the default (wiki), else "": the
+    criteria's and decompositions' statistics, and a heal's data, come from it."""
+    source = row.get("cfg.calibration.source")
+    if isinstance(source, str) and source != "wiki" and row.get("method") != "none":
+        return f" calibrated on {source}"
     return ""
 
 
@@ -107,8 +116,8 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
     if "cfg.method.tag" in df:
         df["tag"] = df["cfg.method.tag"]
         rows = [r for _, r in df.iterrows()]
-        df["untrained_variant"] = [untrained_recipe(r) if isinstance(r.get("method"), str) else r.get("cfg.method.tag")
-                                   for r in rows]
+        df["untrained_variant"] = [untrained_recipe(r) + calibration_suffix(r) if isinstance(r.get("method"), str)
+                                   else r.get("cfg.method.tag") for r in rows]
         df["variant"] = [u + healed_suffix(r) if isinstance(r.get("method"), str) else u
                          for u, r in zip(df["untrained_variant"], rows)]
     # runs from before the heal group existed, and the uncompressed baseline, were not healed

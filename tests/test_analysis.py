@@ -288,3 +288,19 @@ def test_pair_compares_two_runs_on_the_same_windows_and_refuses_others(tmp_path,
     c = run("c", [1.0, 2.0, 1.5], [1, 0, 1, 1], eval_profile="standard")
     with pytest.raises(SystemExit, match="differ in eval_profile"):
         pair(a, c)
+
+
+def test_a_run_calibrated_on_other_text_says_so_in_its_variant():
+    """A compressed run calibrated on c4 is another variant than the same recipe on wiki (the default), so a pairing by
+    variant never mixes them; the baseline, which reads no calibration text, is one variant whatever the setting."""
+    import pandas as pd
+
+    from analysis.collect import _derive
+
+    rows = [{"method": m, "cfg.method.tag": t, "cfg.criterion.name": "key_energy", "cfg.calibration.source": s,
+             "cfg.heal.name": h, "cfg.heal.source": s}
+            for m, t, s, h in (("rap", "rap", "wiki", "layerwise"), ("rap", "rap", "c4", "layerwise"),
+                               ("rap", "rap", "c4", "none"), ("none", "none", "c4", "none"))]
+    assert list(_derive(pd.DataFrame(rows))["variant"]) == [
+        "RAP (key_energy) + healed (layerwise, wiki)", "RAP (key_energy) calibrated on c4 + healed (layerwise, c4)",
+        "RAP (key_energy) calibrated on c4", "baseline"]
