@@ -47,6 +47,7 @@ RECIPES = ("main_table_quick", "baseline_recipes")  # each recipe's variants bes
 PALU_CALIBRATION = ("main_table_quick", "palu_calibration")  # Palu whitened on its own batch size beside the default
 VALUE_PATH = ("main_table_quick", "rap_value_path")  # RAP's joint value latent beside the per-head one and V channels
 V_REFIT = ("main_table_quick", "rap_v_refit")  # RAP with W_o refit on the kept V channels beside plain RAP
+HEAL_C4 = ("main_table", "heal", "heal_c4")  # RAP calibrated and healed on c4 beside the same on wiki
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
 COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
@@ -153,7 +154,8 @@ def value_path_error(_df=None) -> str:
     return markdown(pd.DataFrame(rows))
 
 
-# Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder).
+# Generated blocks inside hand-written pages: (page, block name) -> (results source or None, builder). A builder
+# returns the block's text, or its text and the runs it read (its provenance line covers those, else every run).
 BLOCKS = {
     ("README.md", "main_table"): ("main_table", lambda df: compact(df)),
     ("docs/architectures.md", "gemma3_270m"): ("gemma3_270m", lambda df: compact(df)),
@@ -172,6 +174,9 @@ BLOCKS = {
     ("docs/results.md", "rap_v_refit"): (V_REFIT, lambda df: against_rows(
         df, df["experiment"].eq("rap_v_refit"), (({"variant": "RAP (key_energy)"}, ("ratio",)),))),
     ("docs/results.md", "value_path_error"): (None, value_path_error),
+    ("docs/healing.md", "heal_c4"): (HEAL_C4, lambda df: against_rows(
+        df, df["experiment"].eq("heal_c4"), (({"variant": HEALED_RAP}, ("ratio",)),
+                                             ({"variant": "RAP (key_energy)"}, ("ratio",))))),
     ("docs/scale.md", "scale"):
         (None, lambda _: markdown(scale_table(BENCH_DIR / "scale_llama3-8b.csv", BENCH_DIR / "scale_big.csv"))),
     ("docs/scale.md", "scale_threads"): (None, lambda _: markdown(threads_table(BENCH_DIR / "scale_threads.csv"))),
@@ -243,21 +248,25 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def against_rows(df: pd.DataFrame, runs: pd.Series, pairings: tuple) -> str:
+def against_rows(df: pd.DataFrame, runs: pd.Series, pairings: tuple) -> tuple[str, pd.DataFrame]:
     """The runs selected by ``runs`` (a mask of ``df``) paired against each reference of ``pairings`` ((against,
-    match) as ``against_table`` takes them), with each run's perplexity, compression time, KV bytes and attention
-    decode FLOPs (ratios to the baseline) beside."""
+    match) as ``against_table`` takes them), with each run's perplexity, compression (and heal) time, KV bytes and
+    attention decode FLOPs (ratios to the baseline) beside; and the runs the table reads, for its provenance."""
     own = {(r["variant"], f"{r['ratio']:.2f}"): r for _, r in df[runs].iterrows()}
     table = pd.concat([against_table(df, against, match) for against, match in pairings], ignore_index=True)
     table = table[[(v, r) in own for v, r in zip(table["variant"], table["ratio"])]]
     table = table.fillna("").replace("nan", "")  # a pairing without documents (perplexity-only runs) has no Δacc
     table = table.loc[:, [c for c in table if table[c].astype(str).str.strip().ne("").any()]]
     run = [own[(v, r)] for v, r in zip(table["variant"], table["ratio"])]
+    healed = all(pd.notna(r.get("heal_time_s")) for r in run)
     for i, (name, key, spec) in enumerate((("ppl", "ppl_wikitext2", ".2f"), ("compress s", "time_compress_s", ".0f"),
+                                           *([("heal s", "heal_time_s", ".0f")] if healed else []),
                                            ("KV", "kv_bytes_per_token_ratio", ".3f"),
                                            ("attn FLOPs", "flops_decode_attention_ratio", ".3f"))):
         table.insert(3 + i, name, [format(r[key], spec) for r in run])
-    return markdown(table)
+    shown = set(zip(table["variant"], table["ratio"])) | set(zip(table["against"], table["ratio"]))
+    used = [(v, f"{r:.2f}") in shown for v, r in zip(df["variant"], df["ratio"])]
+    return markdown(table), df[used]
 
 
 def long_per_length(df: pd.DataFrame) -> str:
@@ -374,7 +383,8 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
             df = frames.get(source) if source else None
             if where == page and (source is None or df is not None):
                 if (draw, source) not in drawn:  # a block on several pages is drawn once
-                    drawn[draw, source] = draw(df) + ("" if df is None else f"\n\n{provenance(df)}")
+                    text, used = out if isinstance(out := draw(df), tuple) else (out, df)  # used: the runs it read
+                    drawn[draw, source] = text + ("" if used is None else f"\n\n{provenance(used)}")
                 blocks[name] = drawn[draw, source]
         path = root / page
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -304,3 +304,15 @@ def test_a_run_calibrated_on_other_text_says_so_in_its_variant():
     assert list(_derive(pd.DataFrame(rows))["variant"]) == [
         "RAP (key_energy) + healed (layerwise, wiki)", "RAP (key_energy) calibrated on c4 + healed (layerwise, c4)",
         "RAP (key_energy) calibrated on c4", "baseline"]
+
+
+def test_a_paired_block_names_the_runs_it_read_for_its_provenance(sweep):
+    """A block that pairs some runs against a reference draws its provenance line from those runs and the references,
+    not from every run in the folders it loaded."""
+    from analysis.paper import against_rows, provenance
+
+    df = collect_module.collect(sweep)[0].assign(time_compress_s=1.0, flops_decode_attention_ratio=0.8)
+    text, used = against_rows(df, df["method"].eq("palu"), (({"variant": "RAP (key_energy)"}, ("ratio",)),))
+    assert sorted(used["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["palu2", "rap2"]
+    assert "RAP (key_energy)" in text and "0.20" in text and "0.30" not in text
+    assert provenance(used).startswith("2 runs;")
