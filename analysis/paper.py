@@ -355,10 +355,14 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     folder); returns the files written."""
     docs = root / "docs"
     written, missing, frames, table_md, drawn = [], [], {}, {}, {}
+
+    def frame(source):  # each results source is read once
+        if source not in frames:
+            frames[source] = runs(results, source)
+        return frames[source]
+
     for t in TABLES:
-        if t.source not in frames:  # each results folder is read once
-            frames[t.source] = runs(results, t.source)
-        df = frames[t.source]
+        df = frame(t.source)
         if df is None:
             missing.append(t.name)
             continue
@@ -378,14 +382,16 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
         blocks = {name: table_md[table] for (where, name), table in TABLE_BLOCKS.items()
                   if where == page and table in table_md}
         for (where, name), (source, draw) in BLOCKS.items():
-            if source and source not in frames:
-                frames[source] = runs(results, source)
-            df = frames.get(source) if source else None
-            if where == page and (source is None or df is not None):
-                if (draw, source) not in drawn:  # a block on several pages is drawn once
-                    text, used = out if isinstance(out := draw(df), tuple) else (out, df)  # used: the runs it read
-                    drawn[draw, source] = text + ("" if used is None else f"\n\n{provenance(used)}")
-                blocks[name] = drawn[draw, source]
+            if where != page:
+                continue
+            df = frame(source) if source else None
+            if source and df is None:
+                continue
+            if (draw, source) not in drawn:  # a block on several pages is drawn once
+                out = draw(df)
+                text, used = out if isinstance(out, tuple) else (out, df)  # used: the runs it read
+                drawn[draw, source] = text + ("" if used is None else f"\n\n{provenance(used)}")
+            blocks[name] = drawn[draw, source]
         path = root / page
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(fill_blocks((REPO / page).read_text(), blocks))
