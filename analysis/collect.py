@@ -17,19 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from rap.harness.resolvers import grouping
 from rap.harness.results import FAILURE_FILE, flat_config, lock_state
+from rap.methods import METHODS
+from rap.naming import whiten_size
 
 
 def _config(path: Path) -> dict:
     from omegaconf import OmegaConf
 
     return flat_config(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
-
-
-def _grouping(g) -> str:
-    """The run name's grouping (``rap.harness.resolvers.grouping``) in words: joint, per head, g=4."""
-    return {"head": "per head", "joint": "joint"}.get(grouping(g), f"g={int(g)}")
 
 
 def healed_suffix(row) -> str:
@@ -50,61 +46,16 @@ def calibration_suffix(row) -> str:
     return ""
 
 
-def _low_rank_v(group_size) -> str:
-    """RAP's value latent: per KV head (the cost of channel pruning), or joint over a group of heads."""
-    return "low-rank V" if int(group_size) == 1 else f"low-rank V, {_grouping(group_size)}"
-
-
-def _qk_norm(row) -> str | None:
-    """RAP's or KV-Latent's QK-norm mode as it ran (metrics.json's ``qk_norm``; absent on models without QK-norm)."""
-    mode = row.get("qk_norm")
-    return f"QK-norm {mode}" if isinstance(mode, str) else None
-
-
-def default_size(row) -> str:
-    """The job's calibration batch as "n × seqlen" (tokens per sequence)."""
-    return f"{row.get('cfg.calibration.n_samples')} × {row.get('cfg.calibration.seqlen')}"
-
-
-def whiten_size(row) -> str:
-    """The batch the whitening Grams read: ``calibration.whiten`` where set, else the job's batch."""
-    size = row.get("cfg.calibration.whiten")
-    return f"{size[0]} × {size[1]}" if isinstance(size, list | tuple) else default_size(row)
-
-
 def untrained_recipe(row) -> str:
     """The variant as a reader names it, from the job config, without healing: e.g. "Palu (whiten, per head,
-    fisher_uniform)", "EliteKV + whitening (greedy)". Falls back to the method's tag."""
-    get = lambda k, default=None: row.get(f"cfg.method.{k}", default)  # noqa: E731
+    fisher_uniform)", "EliteKV + whitening (greedy)" (each method's ``Method.label``). Falls back to the method's
+    tag."""
     name = row.get("method")
     if name == "none":
         return "baseline"
-    if name == "rap":
-        extra = [x for x in (get("allocation") if get("allocation") != "uniform" else None,
-                             _low_rank_v(get("group_size", 1)) if get("v_path") == "lowrank" else None,
-                             "W_o refit" if get("v_refit") else None, _qk_norm(row)) if x]
-        return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
-    if name == "palu":
-        size = whiten_size(row)
-        decomposition = str(get("decomposition")) + (f" on {size}" if size != default_size(row) else "")
-        return f"Palu ({decomposition}, {_grouping(get('group_size', 4))}, {get('rank_allocation')})"
-    if name == "elitekv":
-        r = get("elite_pairs") or "r searched"
-        r = r if isinstance(r, str) else f"r={r}"
-        head = "EliteKV + whitening" if get("decomposition") == "whiten" else "EliteKV"
-        vp = get("value_path")
-        if vp == "auto":  # named by what it resolved to (metrics.json's value_path); unsaid where not recorded
-            vp = row.get("value_path")
-        elif not isinstance(vp, str):  # a run from before value_path existed (no value, or NaN): it folded B_v into W_o
-            vp = "fold"
-        path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp) if isinstance(vp, str) else None
-        return f"{head} ({', '.join([str(get('selection')), str(r), *([path] if path else [])])})"
-    if name == "kvlatent":  # the published recipe, or the ablations of its RoPE and softmax scale
-        rope = "original RoPE frequencies" if get("rope") == "original" else "frequency-aware RoPE"
-        scale = [", original scale"] if get("scale") == "original" else []
-        norm = [f", {_qk_norm(row)}"] if _qk_norm(row) else []
-        return f"KV-Latent (strided dims, {rope}{''.join(scale + norm)})"
-    return str(get("tag", name))
+    if name in METHODS:
+        return METHODS[name].label(row)
+    return str(row.get("cfg.method.tag", name))
 
 
 def _derive(df: pd.DataFrame) -> pd.DataFrame:

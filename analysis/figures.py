@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.collect import collect  # noqa: E402
 from analysis.report import add_paired_intervals  # noqa: E402
+from rap.methods import METHODS, Method  # noqa: E402
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
                      "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 150, "savefig.bbox": "tight"})
@@ -152,42 +153,17 @@ def criteria_ablation(df: pd.DataFrame):
     return fig
 
 
-def kept_pairs(plan: dict) -> np.ndarray:
+def kept_pairs(plan: dict) -> np.ndarray | None:
     """(layers, d/2): per layer, how much of each original RoPE frequency (pair index) the plan keeps, as a fraction of
-    KV heads. RAP: the kept pairs (a RoPE-blind channel counts half a pair); EliteKV: the elite pairs (the rest of the
-    key is a latent without RoPE); KV-Latent: its new frequencies, each at the original pair of the same frequency
-    (pair i rotates at base^(-2i/d), so exponent a of a width-w head sits at pair a*d/(2w))."""
-    half = plan["head_dim"] // 2
-    out = np.zeros((len(plan["layers"]), half))
-    for i, lp in enumerate(plan["layers"]):
-        if plan.get("method") == "elitekv":
-            for pairs in lp["elite_pairs"]:
-                out[i, pairs] += 1 / len(lp["elite_pairs"])
-        elif plan.get("method") == "kvlatent":  # exponents over the reduced width, or over head_dim when original
-            width = plan["head_dim"] if plan.get("rope") == "original" else len(lp["qk_dims"])
-            for a in plan["rope_exponents"]:
-                out[i, min(half - 1, round(a * plan["head_dim"] / (2 * width)))] = 1.0
-        else:
-            for channels in lp["k_channels"]:
-                for c in channels:
-                    out[i, c % half] += 0.5 / len(lp["k_channels"])
-    return out
-
-
-def _plan_label(r, plan: dict) -> str:
-    """A short panel title: RAP's criterion (and QK-norm mode), EliteKV (+ whitening), KV-Latent."""
-    if r["method"] == "elitekv":
-        return "EliteKV + whitening" if plan.get("decomposition") == "whiten" else "EliteKV"
-    if r["method"] == "kvlatent":
-        return "KV-Latent"
-    return str(r["criterion"]) + (f", QK-norm {plan['qk_norm']}" if plan.get("qk_norm") else "")
+    KV heads (each method's ``Method.kept_frequencies``); None for a method that keeps no frequency as such."""
+    return METHODS[plan["method"]].kept_frequencies(plan) if plan.get("method") in METHODS else None
 
 
 def kept_frequency(df: pd.DataFrame) -> dict:
     """One heatmap figure per ratio: a panel per RAP criterion (and QK-norm mode), EliteKV variant and KV-Latent, layer
     x pair index (pair 0 rotates fastest). On a model with local and global layers (Gemma 3) the global layers' rows
     are marked "G" at the right."""
-    mapped = df[df["method"].isin(("rap", "elitekv", "kvlatent"))]
+    mapped = df[df["method"].isin([n for n, m in METHODS.items() if m.kept_frequencies is not Method.kept_frequencies])]
     figs = {}
     for ratio, group in mapped.groupby("ratio"):
         plans, kinds = {}, {}
@@ -196,7 +172,7 @@ def kept_frequency(df: pd.DataFrame) -> dict:
             plan = json.loads(f.read_text()) if f.exists() else None
             if plan is None:
                 continue
-            label = _plan_label(r, plan)
+            label = METHODS[plan["method"]].panel_label(plan)
             if label not in plans:
                 plans[label], kinds[label] = kept_pairs(plan), plan.get("layer_kinds")
         if not plans:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import collect, collect_local
+from rap.methods import METHODS
 from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
 
 COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg",
@@ -41,7 +42,7 @@ ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python
 COST_COLUMNS = {"kv_bytes_per_token_ratio": "KV", "params_attention_ratio": "attn params",
                 "flops_decode_attention_ratio": "attn FLOPs", "latency_decode_attention_ms_ratio": "decode attn t",
                 "latency_prefill_attention_ms_ratio": "prefill attn t"}
-METHOD_ORDER = {"none": 0, "rap": 1, "palu": 2, "elitekv": 3, "kvlatent": 4}
+METHOD_ORDER = {"none": 0, **{name: m.order for name, m in METHODS.items()}}
 PAIR_KEYS = ("model", "eval_profile", "seed")  # runs sharing these saw the same documents and windows
 
 

@@ -128,17 +128,3 @@ def check_model(model) -> None:
         if has_qk_norm(cfg) != (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
             raise ModelError(f"Layer {i} of this {mt} model {'lacks' if has_qk_norm(cfg) else 'has'} the q_norm/k_norm "
                              f"that {mt} models {'have' if has_qk_norm(cfg) else 'lack'}.")
-
-
-def check_method(config, method: str) -> None:
-    """What one method needs beyond ``check_config``."""
-    if method == "palu" and not rope_types(config) <= set(STATIC_ROPE_TYPES):
-        raise ModelError(f"Palu recomputes RoPE tables for its rebuilt keys, which needs a static RoPE type "
-                         f"({', '.join(STATIC_ROPE_TYPES)}); this model uses {', '.join(sorted(rope_types(config)))}.")
-    if method == "kvlatent" and rope_types(config) != {"default"}:
-        raise ModelError(f"KV-Latent's frequency-aware RoPE is defined for plain RoPE (rope_type default); this model "
-                         f"uses {', '.join(sorted(rope_types(config)))}.")
-    if method == "elitekv" and has_qk_norm(config):
-        raise ModelError(f"EliteKV folds the non-elite key dims of every head into one shared latent, so the per-head "
-                         f"k_norm of {config.model_type} (an RMS over the whole key head) cannot be applied; "
-                         "use rap or palu.")

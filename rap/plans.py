@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .architecture import check_method, check_model
+from .architecture import check_model
 from .errors import ConfigError, PlanError
 from .files import atomic_path, write_atomic
 from .heal import HEAL_PREFIX, expected_heal_tensors, load_healed
@@ -77,8 +77,8 @@ def apply_plan(model, plan: dict | str | Path):
     if getattr(model, "rap_plan", None):
         raise ConfigError("This model is compressed already; apply a plan to an uncompressed model.")
     check_model(model)
-    if isinstance(plan.get("method"), str):
-        check_method(model.config, plan["method"])
+    if plan.get("method") in METHODS:
+        METHODS[plan["method"]].check_supported(model.config)
     originals = [layer.self_attn for layer in model.model.layers]
     with stage("apply plan"):
         validate_plan(model.config, plan).apply(model, plan)

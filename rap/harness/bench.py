@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_csv
+from ..methods import METHODS
 from .timing import build_variants, decode_op, prefill_op, quartiles, time_cell, use, widths
 
 # name: (tiny architecture to build from, its config at the real shape, layers of the real model)
@@ -220,7 +221,7 @@ def parse_args(argv=None):
                     help="decode cache kinds")
     ap.add_argument("--prefill-caches", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
                     help="prefill cache kinds (prefill writes its cache once)")
-    ap.add_argument("--methods", nargs="+", default=["rap", "palu", "elitekv"], choices=["rap", "palu", "elitekv"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=20)

@@ -6,6 +6,8 @@ import sys
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ..naming import grouping
+
 
 def is_baseline_ratio(ratio) -> bool:
     """Ratio 0 removes nothing: the job is the uncompressed baseline, whatever the method."""
@@ -40,13 +42,6 @@ def tag_option(value, default, prefix: str = "-") -> str:
 def flag_tag(value, tag: str) -> str:
     """A run-name tag's part for a boolean option added after runs existed: ``tag`` when it is on, else nothing."""
     return tag if str(value).lower() == "true" else ""
-
-
-def grouping(group_size) -> str:
-    """A Palu grouping as labels name it: ``joint`` for 0, ``head`` for 1, else ``g<size>`` (capped at the KV
-    heads when the model has fewer; the plan and the report label record the grouping that ran)."""
-    g = int(group_size)
-    return "joint" if g <= 0 else "head" if g == 1 else f"g{g}"
 
 
 def hub_name(path) -> str:

@@ -13,13 +13,6 @@ from ..measure import Timer, kernel_used, kv_bytes, rewindable
 from ..modules import swap_attention, swapped_attention
 
 
-def method_options(method: str, head_dim: int, round_to: int) -> dict:
-    """Data-free settings with the method's real shapes: what pairs or ranks are kept does not change the timing."""
-    return {"rap": dict(criterion="weight_norm", round_to=round_to),
-            "palu": dict(decomposition="svd", rank_allocation="uniform", round_to=round_to),
-            "elitekv": dict(selection="uniform", decomposition="svd", elite_pairs=max(1, head_dim // 8))}[method]
-
-
 @dataclass
 class Variant:
     name: str
@@ -32,7 +25,8 @@ class Variant:
 def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
     """``stock``, ``rap-full`` and every compressed variant, each as its own attention modules. The model keeps its
     original modules: each variant is compressed in place and its modules swapped out again (no model copy)."""
-    from ..architecture import has_qk_norm, head_dim
+    from ..architecture import head_dim
+    from ..methods import get_method
     from ..plans import compress
 
     stock = [layer.self_attn for layer in model.model.layers]
@@ -46,14 +40,16 @@ def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
 
     d = head_dim(model.config)
     out = [Variant("stock", "stock", 0.0, 1, stock),
-           Variant("rap-full", "rap", 0.0, 1, compressed("rap", 0.0, **method_options("rap", d, 1)))]
+           Variant("rap-full", "rap", 0.0, 1, compressed("rap", 0.0, **get_method("rap").bench_options(d, 1)))]
     for ratio in ratios:
         for rt in round_tos:
             for m in methods:
-                if m == "elitekv" and (rt != 1 or has_qk_norm(model.config)):  # EliteKV refuses QK-norm
+                cls = get_method(m)
+                options = cls.bench_options(d, rt)
+                if options is None or cls.refusal(model.config):  # it cannot round to rt, or refuses this model
                     continue
                 name = f"{m}-r{ratio}" + (f"-round{rt}" if rt != 1 else "")
-                out.append(Variant(name, m, ratio, rt, compressed(m, ratio, **method_options(m, d, rt))))
+                out.append(Variant(name, m, ratio, rt, compressed(m, ratio, **options)))
     return out
 
 

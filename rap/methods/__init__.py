@@ -1,15 +1,14 @@
-"""Compression methods, one per file, and their registry (plans are built, saved and applied in ``rap.plans``)."""
+"""Compression methods, one per file, each entered in the registry ``METHODS`` where it is defined (``@register``);
+plans are built, saved and applied in ``rap.plans``. A new method is its module, imported here, its
+``conf/method`` file and its section in docs/methods.md."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Method
-from .elitekv import EliteKV
-from .kvlatent import KVLatent
-from .palu import Palu
-from .rap import RAP
+from . import elitekv, kvlatent, palu, rap  # noqa: F401  (each registers its method, in this order)
+from .base import METHODS, Method
 from .selection import check_ratio
 
-METHODS: dict[str, type[Method]] = {"rap": RAP, "palu": Palu, "elitekv": EliteKV, "kvlatent": KVLatent}
+__all__ = ["METHODS", "Method", "get_method", "make_method"]
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,12 +1,28 @@
-"""Base class of compression methods: ``make_plan`` chooses what to keep (the extension point);
-``apply`` rebuilds the compressed model from a plan, so a saved plan reproduces the model exactly."""
+"""Base class of compression methods and their registry. A method is one file: ``make_plan`` chooses what to keep
+(the extension point), ``apply`` rebuilds the compressed model from a plan (so a saved plan reproduces the model
+exactly), and the class carries the rest of what the harness and analysis know of it: the models it refuses, its
+benchmark options, its report label and order, its kept-frequency map, and the option sets the contract tests run
+(``tests/test_methods.py``). ``@register`` enters it in ``METHODS`` where it is defined."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..architecture import check_config, check_method, head_dim
+import numpy as np
+
+from ..architecture import check_config, head_dim
+from ..errors import ModelError
 from ..shapes import AttentionShape
 from .selection import kv_budget
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Enter ``cls`` in ``METHODS`` under its ``name`` (a class decorator); the registry lists methods by ``order``."""
+    METHODS[cls.name] = cls
+    for name in sorted(METHODS, key=lambda n: METHODS[n].order):
+        METHODS[name] = METHODS.pop(name)
+    return cls
 
 
 @dataclass
@@ -22,6 +38,47 @@ class Method:
     ratio: float = 0.0
     name = "base"
     recorded = ()  # plan keys that say how an option resolved as it ran (``auto``): results record them
+    order = 9  # its place in reports (the baseline is 0)
+    exact_at_zero = True  # ratio 0 reproduces the original logits (the contract tests hold it to that)
+    # Small option sets the contract tests run, each on every tiny architecture the method takes; calibration is
+    # passed to all of them.
+    examples: tuple[dict, ...] = ({},)
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        """Why this method cannot compress a model with ``config`` faithfully, in one sentence; None if it can.
+        ``check_config`` has passed already: this is what the method needs beyond it."""
+        return None
+
+    @classmethod
+    def check_supported(cls, config) -> None:
+        """Raise ``ModelError`` with ``refusal``'s sentence."""
+        reason = cls.refusal(config)
+        if reason:
+            raise ModelError(reason)
+
+    @classmethod
+    def bench_options(cls, head_dim: int, round_to: int) -> dict | None:
+        """Data-free options with the method's real shapes, for timing (``rap.harness.bench``): which pairs or ranks
+        are kept does not change the timing. None: the method cannot run with widths rounded to ``round_to``."""
+        return {} if round_to == 1 else None
+
+    @classmethod
+    def label(cls, row) -> str:
+        """The variant as a reader names it (e.g. "Palu (whiten, per head, fisher_uniform)"), from a flat result row:
+        its config as ``cfg.<key>`` and its metrics (``rap.naming`` reads them)."""
+        return str(row.get("cfg.method.tag", cls.name))
+
+    @staticmethod
+    def panel_label(plan: dict) -> str:
+        """A short title for the method's panel of the kept-frequency figure."""
+        return plan.get("method", "?")
+
+    @staticmethod
+    def kept_frequencies(plan: dict) -> np.ndarray | None:
+        """(layers, d/2): per layer, how much of each original RoPE frequency (pair index) the plan keeps, as a
+        fraction of KV heads; None for a method that keeps no RoPE frequency as such (low-rank keys)."""
+        return None
 
     @classmethod
     def from_options(cls, ratio: float, options: dict, **shared) -> Method:
@@ -48,7 +105,7 @@ class Method:
         """Cheap checks from the model config alone (options, the KV budget at ``ratio``), so a bad setting fails
         before any model is loaded or timed. ``make_plan`` runs it first; methods with options extend it."""
         check_config(config)
-        check_method(config, self.name)
+        self.check_supported(config)
         kv_budget(self.ratio, head_dim(config))
 
     def needs_calibration(self, config=None) -> bool:

@@ -8,18 +8,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..architecture import check_config, check_method, head_dim
+from ..architecture import check_config, has_qk_norm, head_dim
 from ..calibration import attention_errors, calibration_for, hold_out, rope_elite_order, whitening_grams
 from ..devices import model_device
 from ..errors import ConfigError, PlanError
 from ..memory import stage
 from ..modules import swapped_attention
+from ..naming import option
 from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias
 from .attention import CompressedAttention, LatentUpOut, PairRope, decode_probs, latent_o_proj, linear, linear_rows
-from .base import Method
+from .base import Method, register
 from .lowrank import check_decomposition, factorize
 from .selection import kv_budget
 from .validation import entry, per_head_indices, positive_int
@@ -110,6 +112,7 @@ class EliteAttention(CompressedAttention):
         return (probs @ c).view(b, 1, nh, self.kv_dim)
 
 
+@register
 @dataclass
 class EliteKV(Method):
     """EliteKV-style elite RoPE pairs plus a joint low-rank K/V latent, at RAP's KV-cache budget.
@@ -153,6 +156,50 @@ class EliteKV(Method):
     value_path: str = "auto"
     name = "elitekv"
     recorded = ("value_path",)
+    order = 3
+    exact_at_zero = False  # by design: the non-elite key dims and V share one latent of RAP's budget
+    examples = ({"elite_pairs": 2, "value_path": "fold"}, {"elite_pairs": 2, "value_path": "up"},
+                {"elite_pairs": 2, "selection": "uniform", "decomposition": "whiten"})
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        if has_qk_norm(config):
+            return (f"EliteKV folds the non-elite key dims of every head into one shared latent, so the per-head "
+                    f"k_norm of {config.model_type} (an RMS over the whole key head) cannot be applied; use rap or "
+                    "palu.")
+        return None
+
+    @classmethod
+    def bench_options(cls, head_dim: int, round_to: int) -> dict | None:
+        if round_to != 1:  # its widths follow from the elite pairs and the latent; nothing rounds them
+            return None
+        return {"selection": "uniform", "decomposition": "svd", "elite_pairs": max(1, head_dim // 8)}
+
+    @classmethod
+    def label(cls, row) -> str:
+        r = option(row, "elite_pairs") or "r searched"
+        r = r if isinstance(r, str) else f"r={r}"
+        head = "EliteKV + whitening" if option(row, "decomposition") == "whiten" else "EliteKV"
+        vp = option(row, "value_path")
+        if vp == "auto":  # named by what it resolved to (metrics.json's value_path); unsaid where not recorded
+            vp = row.get("value_path")
+        elif not isinstance(vp, str):  # a run from before value_path existed (no value, or NaN): it folded B_v into W_o
+            vp = "fold"
+        path = {"fold": "W_o folded", "up": "V up-projection"}.get(vp) if isinstance(vp, str) else None
+        return f"{head} ({', '.join([str(option(row, 'selection')), str(r), *([path] if path else [])])})"
+
+    @staticmethod
+    def panel_label(plan: dict) -> str:
+        return "EliteKV + whitening" if plan.get("decomposition") == "whiten" else "EliteKV"
+
+    @staticmethod
+    def kept_frequencies(plan: dict) -> np.ndarray:
+        """The elite pairs (the rest of the key is a latent without RoPE)."""
+        out = np.zeros((len(plan["layers"]), plan["head_dim"] // 2))
+        for i, lp in enumerate(plan["layers"]):
+            for pairs in lp["elite_pairs"]:
+                out[i, pairs] += 1 / len(lp["elite_pairs"])
+        return out
 
     def _candidates(self, config) -> tuple[list[int], int]:
         """The elite pair counts to try and RAP's cache elements per layer (the budget they must fit)."""
@@ -176,7 +223,7 @@ class EliteKV(Method):
         if self.value_path not in ("auto", "fold", "up"):
             raise ConfigError(f"Unknown value_path '{self.value_path}'; use auto, fold or up.")
         check_config(config)
-        check_method(config, self.name)
+        self.check_supported(config)
         self._candidates(config)
 
     def make_plan(self, model, calibration=None) -> dict:

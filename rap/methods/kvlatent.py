@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..architecture import check_config, check_method, has_qk_norm, head_dim, layer_rope_bases
+from ..architecture import check_config, has_qk_norm, head_dim, layer_rope_bases, rope_types
 from ..errors import ConfigError, PlanError
+from ..naming import option, qk_norm_words
 from ..shapes import AttentionShape, has_o_bias, has_qkv_bias
 from .attention import CompressedAttention, full_width_qk, linear, linear_rows
-from .base import Method
+from .base import Method, register
 from .selection import kv_budget
 from .validation import entry, indices
 
@@ -116,6 +118,7 @@ class LatentAttention(CompressedAttention):
         return LatentRope.rotate(q, cos, sin), LatentRope.rotate(k, cos, sin), v
 
 
+@register
 @dataclass
 class KVLatent(Method):
     """KV-Latent-style strided dimensions with frequency-aware RoPE.
@@ -140,14 +143,52 @@ class KVLatent(Method):
     scale: str = "reduced"
     name = "kvlatent"
     recorded = ("qk_norm",)
+    order = 4
+    examples = ({}, {"rope": "original", "scale": "original"})
+
+    @property
+    def exact_at_zero(self) -> bool:
+        """Only its ablation keeping each pair's own frequency and the original scale: the published recipe gives the
+        full-width head new frequencies and 1/sqrt(d') at every ratio."""
+        return self.rope == "original" and self.scale == "original"
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        if rope_types(config) != {"default"}:
+            return (f"KV-Latent's frequency-aware RoPE is defined for plain RoPE (rope_type default); this model uses "
+                    f"{', '.join(sorted(rope_types(config)))}.")
+        return None
+
+    @classmethod
+    def label(cls, row) -> str:
+        rope = "original RoPE frequencies" if option(row, "rope") == "original" else "frequency-aware RoPE"
+        scale = [", original scale"] if option(row, "scale") == "original" else []
+        norm = [f", {qk_norm_words(row)}"] if qk_norm_words(row) else []
+        return f"KV-Latent (strided dims, {rope}{''.join(scale + norm)})"
+
+    @staticmethod
+    def panel_label(plan: dict) -> str:
+        return "KV-Latent"
+
+    @staticmethod
+    def kept_frequencies(plan: dict) -> np.ndarray:
+        """Its new frequencies, each at the original pair of the same frequency: pair i rotates at base^(-2i/d), so
+        exponent a of a width-w head sits at pair a*d/(2w) (w is head_dim itself with ``rope=original``)."""
+        half = plan["head_dim"] // 2
+        out = np.zeros((len(plan["layers"]), half))
+        for i, lp in enumerate(plan["layers"]):
+            width = plan["head_dim"] if plan.get("rope") == "original" else len(lp["qk_dims"])
+            for a in plan["rope_exponents"]:
+                out[i, min(half - 1, round(a * plan["head_dim"] / (2 * width)))] = 1.0
+        return out
 
     def validate(self, config) -> None:
         check_config(config)
-        check_method(config, self.name)
+        self.check_supported(config)
         kv_budget(self.ratio, head_dim(config))
-        for option, value, allowed in (("rope", self.rope, ROPES), ("scale", self.scale, SCALES)):
+        for name, value, allowed in (("rope", self.rope, ROPES), ("scale", self.scale, SCALES)):
             if value not in allowed:
-                raise ConfigError(f"method.{option}={value!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"method.{name}={value!r} is not one of {', '.join(allowed)}")
 
     def needs_calibration(self, config=None) -> bool:
         return False

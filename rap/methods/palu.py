@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
+from ..architecture import STATIC_ROPE_TYPES, rope_types
 from ..calibration import calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
+from ..naming import default_size, grouping_words, option, whiten_size
 from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
 from .attention import CompressedAttention, latent_o_proj, layer_rope, linear
-from .base import Method
+from .base import Method, register
 from .lowrank import check_decomposition, fisher_uniform_ranks, group_factors, group_size_for
 from .selection import kv_budget
 from .validation import entry, positive_int
@@ -96,6 +98,7 @@ class LowRankAttention(CompressedAttention):
         return q * qc + rotate_half(q) * qs, k * cos + rotate_half(k) * sin, c_v
 
 
+@register
 @dataclass
 class Palu(Method):
     """Palu-style low-rank K and V at the same KV-cache budget as RAP.
@@ -128,6 +131,26 @@ class Palu(Method):
     round_to: int = 1
     floor: int = 1
     name = "palu"
+    order = 2
+    examples = ({}, {"group_size": 1, "decomposition": "svd"}, {"rank_allocation": "uniform", "decomposition": "svd"})
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        if not rope_types(config) <= set(STATIC_ROPE_TYPES):
+            return (f"Palu recomputes RoPE tables for its rebuilt keys, which needs a static RoPE type "
+                    f"({', '.join(STATIC_ROPE_TYPES)}); this model uses {', '.join(sorted(rope_types(config)))}.")
+        return None
+
+    @classmethod
+    def bench_options(cls, head_dim: int, round_to: int) -> dict:
+        return {"decomposition": "svd", "rank_allocation": "uniform", "round_to": round_to}
+
+    @classmethod
+    def label(cls, row) -> str:
+        size = whiten_size(row)
+        decomposition = str(option(row, "decomposition")) + (f" on {size}" if size != default_size(row) else "")
+        return (f"Palu ({decomposition}, {grouping_words(option(row, 'group_size', 4))}, "
+                f"{option(row, 'rank_allocation')})")
 
     def needs_calibration(self, config=None) -> bool:
         return self.decomposition == "whiten" or self.rank_allocation == "fisher_uniform"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import criteria
@@ -12,9 +13,10 @@ from ..architecture import check_config, has_qk_norm, head_dim, layer_kinds, lay
 from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
 from ..devices import model_device
 from ..errors import ConfigError, PlanError
+from ..naming import low_rank_v_words, option, qk_norm_words
 from ..shapes import AttentionShape, has_latent_o_bias, has_o_bias, has_qkv_bias
 from .attention import PrunedAttention
-from .base import Method
+from .base import Method, register
 from .lowrank import check_decomposition, group_factors, group_size_for
 from .selection import allocate, kv_budget, least_squares_map, top_per_head
 from .validation import entry, per_head_indices, positive_int
@@ -50,6 +52,7 @@ def resolve_round_to(round_to, device) -> int:
     return round_to
 
 
+@register
 @dataclass
 class RAP(Method):
     """RoPE-aligned pruning.
@@ -106,6 +109,36 @@ class RAP(Method):
     seed: int = 0
     name = "rap"
     recorded = ("round_to", "qk_norm")
+    order = 1
+    examples = ({"criterion": "key_energy"}, {"criterion": "rope_blind"},
+                {"criterion": "weight_norm", "v_path": "lowrank"}, {"criterion": "weight_norm", "qk_norm": "kept"})
+
+    @classmethod
+    def bench_options(cls, head_dim: int, round_to: int) -> dict:
+        return {"criterion": "weight_norm", "round_to": round_to}
+
+    @classmethod
+    def label(cls, row) -> str:
+        extra = [x for x in (option(row, "allocation") if option(row, "allocation") != "uniform" else None,
+                             low_rank_v_words(option(row, "group_size", 1)) if option(row, "v_path") == "lowrank"
+                             else None,
+                             "W_o refit" if option(row, "v_refit") else None, qk_norm_words(row)) if x]
+        return f"RAP ({', '.join([str(row.get('cfg.criterion.name', '?')), *extra])})"
+
+    @staticmethod
+    def panel_label(plan: dict) -> str:
+        return str(plan.get("criterion")) + (f", QK-norm {plan['qk_norm']}" if plan.get("qk_norm") else "")
+
+    @staticmethod
+    def kept_frequencies(plan: dict) -> np.ndarray:
+        """The kept pairs; a RoPE-blind channel counts half a pair."""
+        half = plan["head_dim"] // 2
+        out = np.zeros((len(plan["layers"]), half))
+        for i, lp in enumerate(plan["layers"]):
+            for channels in lp["k_channels"]:
+                for c in channels:
+                    out[i, c % half] += 0.5 / len(lp["k_channels"])
+        return out
 
     @classmethod
     def resolve_options(cls, options: dict, device) -> dict:
