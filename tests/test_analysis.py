@@ -237,7 +237,8 @@ def test_figures_are_written_without_running_a_model(sweep, tmp_path):
 
 
 def test_kept_pairs_counts_fractions_of_heads():
-    plan = {"method": "rap", "head_dim": 8, "layers": [{"k_channels": [[0, 1, 4, 5], [0, 2, 4, 6]]}, {"k_channels": [[3, 7], [3, 6]]}]}
+    plan = {"method": "rap", "head_dim": 8,
+            "layers": [{"k_channels": [[0, 1, 4, 5], [0, 2, 4, 6]]}, {"k_channels": [[3, 7], [3, 6]]}]}
     grid = figures.kept_pairs(plan)
     assert grid.shape == (2, 4)
     assert grid[0].tolist() == [1.0, 0.5, 0.5, 0.0]

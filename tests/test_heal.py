@@ -6,10 +6,8 @@ import pytest
 import torch
 from conftest import compose
 
-from rap.cache import cache_spec
 from rap.errors import ConfigError, PlanError
 from rap.heal import heal_e2e, heal_layerwise, healed_tensors
-from rap.measure import measure_costs
 from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan, save_plan
 
@@ -32,25 +30,6 @@ def model_tensors(module):
 
 def shapes(model):
     return {n: tuple(t.shape) for n, t in model_tensors(model).items()}
-
-
-@pytest.mark.parametrize("method", ["rap", "palu", "elitekv", "kvlatent"])
-def test_healing_keeps_every_shape_and_cost_and_lowers_each_layers_error(method):
-    model, _ = build_tiny("tiny-llama")
-    originals = [layer.self_attn for layer in model.model.layers]
-    compress(model, method, 0.25, **OPTIONS[method])
-    before_shapes, before_costs = shapes(model), measure_costs(model, 16, cache_spec(None))
-    rope = [{k: v.clone() for k, v in dict(layer.self_attn.named_buffers()).items()
-             if k in model_tensors(layer.self_attn)}
-            for layer in model.model.layers]
-    batch = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
-    out = heal_layerwise(model, originals, batch, steps=30, lr=1e-3, batch_size=3)
-    assert shapes(model) == before_shapes and measure_costs(model, 16, cache_spec(None)) == before_costs
-    for r, layer in zip(rope, model.model.layers):  # RoPE tables and kept-channel indices are buffers: untouched
-        assert all(torch.equal(v, dict(layer.self_attn.named_buffers())[k]) for k, v in r.items())
-    assert all(a < b for a, b in zip(out["after"], out["before"])), (out["before"], out["after"])
-    assert len(out["loss"]) == 2 and all(len(c) == 30 for c in out["loss"]) and all(o is None for o in originals)
-    assert out["params"] == sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
 
 
 @pytest.mark.parametrize("method", ["rap", "elitekv", "kvlatent"])

@@ -40,18 +40,10 @@ def refused(path, pattern, model=None):
     return message
 
 
-@pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
-def test_saved_plan_rebuilds_the_same_model(tmp_path, method):
-    path = saved_plan(tmp_path, method)
-    plan = json.loads(path.read_text())
+def test_a_saved_plan_records_the_models_signature(tmp_path):
+    plan = json.loads(saved_plan(tmp_path, "rap").read_text())
     assert plan["model"] == {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
                              "num_key_value_heads": 2, "hidden_size": 64, "head_dim": 16}
-    ids = torch.randint(0, 256, (1, 12))
-    ref, _ = build_tiny("tiny-llama")
-    compress(ref, method, 0.25, **OPTIONS[method])
-    rebuilt = apply_plan(build_tiny("tiny-llama")[0], path)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt(ids).logits, ref(ids).logits)
 
 
 @pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
