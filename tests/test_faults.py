@@ -12,6 +12,8 @@ from conftest import REPO, compose
 
 from rap.harness.job import run_job
 
+pytestmark = pytest.mark.slow  # each case runs sweeps that are killed and rerun
+
 PHASES = ["load", "compress", "latency", "ppl", "zeroshot", "write:metrics.json", "finish"]
 RATIOS = ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0"]  # one job per phase; the last is the baseline
 COMMON = ["model=tiny-llama", "eval=smoke", "eval.zeroshot.limit=2", "tracking=wandb", "criterion=weight_norm"]

@@ -76,6 +76,7 @@ def test_a_healed_elitekv_plan_from_before_value_path_rebuilds_folded(tmp_path):
         torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
     from rap.harness.job import run_job
 

@@ -209,6 +209,7 @@ def test_threads_per_job_never_oversubscribes():
     assert threads_per_job("auto", {"_target_": "x.submitit_launcher.LocalLauncher", "cpus_per_task": 2}, cores=8) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
     extra = (["hydra.launcher.n_jobs=2"] if launcher == "joblib"
@@ -229,6 +230,7 @@ def test_two_job_multirun_through_a_launcher(tmp_path, data_dir, launcher):
         p.stat().st_mtime for p in sorted((tmp_path / "s").glob("*/metrics.json"))]
 
 
+@pytest.mark.slow
 def test_main_table_preset_runs_its_grid(tmp_path):
     """+experiment=main_table on a tiny model: a baseline, computed once for the 7 methods, and 7 variants at ratio
     0.25, in the sweep folder."""
@@ -284,6 +286,7 @@ def test_a_rerun_of_a_perplexity_only_preset_finds_its_committed_runs(preset):
         assert results.finished(folder, settings.job_config(cfg)), (folder, overrides)
 
 
+@pytest.mark.slow
 def test_memory_savers_change_no_plan_and_no_identity(tmp_path, data_dir):
     """gradient_checkpointing and loss_chunk change how the Fisher pass runs, not what it finds: the same pairs are
     kept, and a result computed with them counts as finished for a config without them (and the reverse)."""

@@ -57,6 +57,7 @@ def test_quantized_cache_bytes_equal_closed_form(method):
             assert (held["full"] > 0) == (quantized_tokens(23, 9, spec.residual_length)[1] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS[1:] + [CacheSpec("quantized", "quanto", 4, 4, 8),
                                                CacheSpec("quantized", "quanto", 2, 8, 8)],
                          ids=lambda s: s.label)
@@ -111,6 +112,7 @@ def test_bad_cache_options_fail_clearly(bad, message):
         CacheSpec(**bad).validate()
 
 
+@pytest.mark.slow
 def test_quantized_cache_job_measures_bytes_and_cached_perplexity(tmp_path, data_dir):
     from conftest import compose
 

@@ -7,6 +7,8 @@ from rap.errors import ConfigError
 from rap.harness.ruler import check_tasks, evaluate_long, long_lengths
 from rap.models import build_tiny
 
+pytestmark = pytest.mark.slow  # RULER documents through a model
+
 
 def test_ruler_runs_offline_through_the_given_cache():
     model, tok = build_tiny("tiny-llama")

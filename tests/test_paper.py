@@ -1,6 +1,9 @@
 """``python -m analysis.paper`` rebuilds, from results/ and the benchmark CSVs alone, exactly the committed tables and
 README blocks, and draws every figure."""
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # rebuilds every generated doc from results/
 
 
 def test_regeneration_reproduces_the_committed_docs_byte_for_byte(tmp_path):

@@ -148,6 +148,7 @@ def test_a_plan_for_another_architecture_is_refused(tmp_path):
 TIMING = ("latency_", "base_latency_", "time_", "wall_time_s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rap", "palu", "elitekv"])
 def test_same_config_same_plan_and_metrics(tmp_path, data_dir, method):
     from conftest import compose

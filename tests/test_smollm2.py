@@ -6,6 +6,8 @@ from rap.data import wikitext2_test_text
 from rap.harness.perplexity import perplexity
 from rap.models import ModelSpec, load_model
 
+pytestmark = pytest.mark.slow  # the real 135M model
+
 
 @pytest.fixture(scope="module")
 def smollm2():

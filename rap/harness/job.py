@@ -58,7 +58,7 @@ from omegaconf import OmegaConf
 from .. import costs, measure
 from ..cache import cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
 from ..calibration import gradient_settings
-from ..data import WIKITEXT_TEST, calibration_batches, check_window, resolve_data_dir, wikitext2_test_text, window_bos
+from ..data import WIKITEXT_TEST, calibration_batches, check_window, wikitext2_test_text, window_bos
 from ..devices import model_devices, resolve_dtype
 from ..faults import kill_point, set_current_run
 from ..files import remove_temp_files, writable_dir, write_atomic
@@ -135,7 +135,7 @@ def skip(s: Settings, out_dir: Path) -> dict:
 
 
 def compute_job(s: Settings, out_dir: Path) -> dict:
-    data_dir = resolve_data_dir(s.cfg.data.dir)
+    data_dir = s.data_dir
     if data_dir is not None and s.model.source != "hub":
         # Everything is local: keep transformers/datasets from reaching the hub (must precede `import datasets`).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cache import CacheSpec, cache_spec
 from ..calibration import STATISTICS
-from ..data import calibration_documents, check_wikitext2_test
+from ..data import calibration_documents, check_wikitext2_test, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..methods import Method, get_method, make_method
@@ -40,6 +40,7 @@ class Settings:
     ppl_mode: str
     calibration: dict  # statistic -> (n_samples, seqlen); "default" for the rest
     threads: int | None
+    data_dir: Path | None  # None: nothing configured and no ../shared/data (the hub's copies are read)
 
     @property
     def run_name(self) -> str:
@@ -47,7 +48,9 @@ class Settings:
 
 
 def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
-    """Every setting of the job, checked; a bad one ends here in one sentence, before any model is loaded."""
+    """Every setting of the job, checked; a bad one ends here in one sentence, before any model is loaded or an
+    output folder is read. The checks run in the order a user's mistake shows: the ratio, the method and its plan,
+    then the data dir."""
     ratio = check_ratio(cfg.ratio)
     chunk = cfg.get("loss_chunk", 1024)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
@@ -55,13 +58,19 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
     if cfg.method.name == "none" and ratio != 0.0:
         raise ConfigError(f"method=none keeps the model uncompressed, so ratio must be 0 (got ratio={ratio}); "
                           "pick a method or set ratio=0.")
+    if cfg.get("plan") and is_baseline(cfg):
+        plan = load_plan(cfg.plan)  # an unreadable file is named as such first
+        raise ConfigError(f"plan={cfg.plan} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the job "
+                          f"is the uncompressed baseline (method={cfg.method.name}, ratio={ratio:g}); set method= and "
+                          "ratio= to the plan's, or drop plan=.")
     device = resolve_device(cfg.device)
     config = job_config(cfg, device)
     spec = cache_spec(cfg.get("cache"))
     return Settings(cfg=cfg, config=config, ratio=ratio, method=build_method(cfg, config), model=model_spec(cfg),
                     device=device, heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
                     calibration=calibration_sizes(cfg.calibration),
-                    threads=threads_per_job(cfg.get("threads", "auto"), launcher))
+                    threads=threads_per_job(cfg.get("threads", "auto"), launcher),
+                    data_dir=resolve_data_dir(cfg.data.dir))
 
 
 def is_baseline(cfg: DictConfig) -> bool:
