@@ -143,6 +143,17 @@ def qk_norm_error(_df=None) -> str:
     return markdown(pd.DataFrame(rows))
 
 
+def coverage(_df=None) -> str:
+    """The perplexity interval's coverage by simulation (``analysis.coverage``), over the committed main table."""
+    from analysis.coverage import coverage_table
+
+    table = coverage_table(REPO / "results")
+    table["coverage"] = table["coverage"].map("{:.3f}".format)
+    committed = table["dependence"].str.startswith("committed")
+    table["worst"] = [f"{w:.3f}" if c else "" for w, c in zip(table["worst"], committed)]
+    return markdown(table)
+
+
 def value_path_error(_df=None) -> str:
     """``docs/value_path_error.csv`` (``experiments/value_path_error.py``): per ratio and value path, the relative
     error of the values on held-out text, the mean over layers and its range."""
@@ -174,6 +185,7 @@ BLOCKS = {
     ("docs/results.md", "rap_v_refit"): (V_REFIT, lambda df: against_rows(
         df, df["experiment"].eq("rap_v_refit"), (({"variant": "RAP (key_energy)"}, ("ratio",)),))),
     ("docs/results.md", "value_path_error"): (None, value_path_error),
+    ("docs/usage.md", "coverage"): (None, coverage),
     ("docs/healing.md", "heal_c4"): (HEAL_C4, lambda df: against_rows(
         df, df["experiment"].eq("heal_c4"), (({"variant": HEALED_RAP}, ("ratio",)),
                                              ({"variant": "RAP (key_energy)"}, ("ratio",))))),
@@ -218,7 +230,10 @@ def provenance(df: pd.DataFrame) -> str:
     def count(col, fmt=lambda v: str(int(float(v)))):
         return values(col, fmt) if col in df and df[col].notna().all() else None
 
-    samples = [f"{count('ppl_windows')} windows of {count('ppl_seqlen')} tokens"] if count("ppl_windows") else []
+    chosen = values("ppl_window_choice") if "ppl_window_choice" in df and df["ppl_window_choice"].notna().all() \
+        else "the first"  # runs from before the choice read the first windows
+    samples = [f"{count('ppl_windows')} windows of {count('ppl_seqlen')} tokens, {chosen}"] if count("ppl_windows") \
+        else []
     samples += [f"{count('zs_limit')} documents per task"] if count("zs_limit") else []
     samples += [f"{count('ruler_limit')} documents per RULER task and length"] if count("ruler_limit") else []
     dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0

@@ -20,7 +20,8 @@
   ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
   ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
 - perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
-  ``ppl_seqlen``, ``ppl_dataset``, ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
+  ``ppl_window_choice`` (``spread`` over the text or the ``first`` N), ``ppl_seqlen``, ``ppl_dataset``,
+  ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
   ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.data.window_bos``).
 - long context (``eval=long``, ``rap.harness.ruler``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
   ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
@@ -322,12 +323,14 @@ def evaluate_perplexity(run: Run, model, tok) -> None:
         chunk = (p.get("chunk") or 256) if mode == "cached" else None
         bos = window_bos(tok)
         ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
-                         make_cache=lambda: make_cache(spec, model), bos_id=bos)
+                         make_cache=lambda: make_cache(spec, model), bos_id=bos, windows=run.s.ppl_windows)
     run.results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
-                        "ppl_windows": ppl["windows"], "ppl_seqlen": p.seqlen, "ppl_dataset": "wikitext-2-raw-v1",
+                        "ppl_windows": ppl["windows"], "ppl_window_choice": run.s.ppl_windows, "ppl_seqlen": p.seqlen,
+                        "ppl_dataset": "wikitext-2-raw-v1",
                         "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {}),
                         **({"ppl_bos": True} if bos is not None else {})})
-    run.per_sample.update({"ppl": {"window_nll": ppl["window_nll"], "seqlen": p.seqlen}, "zeroshot": {}})
+    run.per_sample.update({"ppl": {"window_nll": ppl["window_nll"], "window_index": ppl["window_index"],
+                                   "seqlen": p.seqlen}, "zeroshot": {}})
     if run.heal_curves is not None:
         run.per_sample["heal"] = run.heal_curves
 

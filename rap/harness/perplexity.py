@@ -27,9 +27,27 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
     return torch.cat(out, 1)
 
 
+WINDOW_CHOICES = ("spread", "first")
+
+
+def window_indices(n_total: int, n: int | None, choice: str = "spread") -> list[int]:
+    """Which of the corpus's ``n_total`` windows to read: all of them, or ``n`` of them, either ``spread`` evenly over
+    the whole text (window i of n at the middle of its n-th of the corpus: neighbouring windows, which share an
+    article, are rarely both read) or the ``first`` n (contiguous, a handful of articles; results from before the
+    choice existed)."""
+    if choice not in WINDOW_CHOICES:
+        raise ValueError(f"eval.ppl.windows={choice!r} is not one of {', '.join(WINDOW_CHOICES)}.")
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    if choice == "first":
+        return list(range(n))
+    return [int((i + 0.5) * n_total / n) for i in range(n)]
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               desc: str = "perplexity", chunk: int | None = None, make_cache=None, bos_id: int | None = None) -> dict:
+               desc: str = "perplexity", chunk: int | None = None, make_cache=None, bos_id: int | None = None,
+               windows: str = "spread") -> dict:
     """Token-level perplexity over non-overlapping windows of ``seqlen`` tokens.
 
     Parameters
@@ -37,7 +55,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     model : transformers causal LM
     input_ids : 1-D LongTensor, the whole tokenized corpus.
     seqlen : window length; the tail shorter than a window is dropped, as in the GPTQ protocol.
-    max_windows : evaluate only the first N windows (quick profile); ``None`` for all.
+    max_windows : evaluate only N windows (``None`` for all), chosen as ``windows`` says (``window_indices``).
     chunk, make_cache : cache-in-the-loop perplexity (``window_logits``); ``None``: one forward per window.
     bos_id : when set (``rap.data.window_bos``), every window is this token followed by ``seqlen - 1`` corpus tokens
         (the corpus's own leading BOS dropped), so each window starts as the model's texts do; the count predicted per
@@ -46,21 +64,21 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     Returns
     -------
     dict with ``ppl``, ``nll`` (mean CE in nats), ``tokens`` (predicted tokens), ``windows`` and
-    ``window_nll`` (each window's mean CE, for paired comparisons: every window predicts the same count).
+    ``window_nll`` (each window's mean CE, for paired comparisons: every window predicts the same count) and
+    ``window_index`` (which windows of the corpus, in order).
     """
     if bos_id is not None:
         corpus = input_ids[1:] if input_ids[:1].tolist() == [bos_id] else input_ids
         width = seqlen - 1
     else:
         corpus, width = input_ids, seqlen
-    n_windows = corpus.numel() // width
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
+    if corpus.numel() // width == 0:
         raise ValueError(f"Corpus has {input_ids.numel()} tokens, fewer than one window of {seqlen}.")
+    index = window_indices(corpus.numel() // width, max_windows, windows)
+    n_windows = len(index)
     device = model_device(model)
     window_nll = []
-    for w in tqdm(range(n_windows), desc=desc, leave=False):
+    for w in tqdm(index, desc=desc, leave=False):
         ids = corpus[w * width:(w + 1) * width]
         if bos_id is not None:
             ids = torch.cat([ids.new_tensor([bos_id]), ids])
@@ -69,4 +87,4 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
     nll = sum(window_nll) / n_windows
     return {"ppl": math.exp(nll), "nll": nll, "tokens": n_windows * (seqlen - 1), "windows": n_windows,
-            "window_nll": window_nll}
+            "window_nll": window_nll, "window_index": index}

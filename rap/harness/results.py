@@ -34,6 +34,8 @@ LOCATION_KEYS = ("out_dir", "sweep", "tracking", "threads", "gradient_checkpoint
 # Settings that cannot change an uncompressed result.
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
+# Options added later whose absence meant one value: results from before them read that value.
+IMPLIED = {("eval", "ppl", "windows"): "first"}
 
 
 def _set_only(x):
@@ -52,6 +54,12 @@ def identity(config: dict | None) -> dict | None:
     # A group at its default is what every result before that group existed used (full-precision cache, no healing).
     drop += tuple(g for g, default in GROUP_DEFAULTS.items() if (config.get(g) or {}).get("name", default) == default)
     out = {k: _set_only(v) for k, v in config.items() if k not in drop}
+    for path, value in IMPLIED.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
     if "ratio" in out:
         out["ratio"] = float(out["ratio"])
     return out

@@ -18,6 +18,7 @@ from ..methods import Method, get_method, make_method
 from ..methods.selection import check_ratio
 from ..models import ModelSpec, check_rope_config, load_config
 from ..plans import load_plan, validate_plan
+from .perplexity import WINDOW_CHOICES
 from .resolvers import is_baseline_ratio
 from .results import BASELINE_METHOD
 
@@ -38,6 +39,7 @@ class Settings:
     heal: dict | None
     cache: CacheSpec
     ppl_mode: str
+    ppl_windows: str  # spread | first (``rap.harness.perplexity.window_indices``)
     calibration: dict  # statistic -> (n_samples, seqlen); "default" for the rest
     threads: int | None
     data_dir: Path | None  # None: nothing configured and no ../shared/data (the hub's copies are read)
@@ -68,6 +70,7 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
     spec = cache_spec(cfg.get("cache"))
     return Settings(cfg=cfg, config=config, ratio=ratio, method=build_method(cfg, config), model=model_spec(cfg),
                     device=device, heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
+                    ppl_windows=ppl_windows(cfg),
                     calibration=calibration_sizes(cfg.calibration),
                     threads=threads_per_job(cfg.get("threads", "auto"), launcher),
                     data_dir=resolve_data_dir(cfg.data.dir))
@@ -155,6 +158,15 @@ def ppl_mode(cfg: DictConfig, spec: CacheSpec) -> str:
     if mode not in ("forward", "cached"):
         raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
     return mode
+
+
+def ppl_windows(cfg: DictConfig) -> str:
+    """Which perplexity windows: ``spread`` over the test text or the ``first`` N (unset: ``first``, as every result
+    from before the choice existed read)."""
+    choice = cfg.eval.ppl.get("windows") or "first"
+    if choice not in WINDOW_CHOICES:
+        raise ConfigError(f"eval.ppl.windows={choice!r} is not one of {', '.join(WINDOW_CHOICES)}.")
+    return choice
 
 
 def threads_per_job(threads, launcher: dict | None = None, cores: int | None = None) -> int | None:
