@@ -4,16 +4,17 @@
     python -m analysis.paper                  # docs/<table>.md and .tex, docs/figures/*.png, README blocks
     python -m analysis.paper --out /tmp/x     # the same files under another folder (the test compares them)
 
-A table whose runs are not in ``results/`` is skipped and named on stderr. Each table ends with where its runs came
-from (device, dtype, threads, commits), from the runs' ``env_*`` keys. README blocks lie between the markers
-``<!-- generated: <name> -->`` and ``<!-- end generated: <name> -->``; nothing between them is typed by hand.
+A table or block whose results folder is missing or empty, or holds a run made from a tree with uncommitted changes,
+stops the rebuild with one sentence naming the folder: nothing published may rest on a run no commit rebuilds. Each
+table ends with where its runs came from (device, dtype, threads, commits), from the runs' ``env_*`` keys. README
+blocks lie between the markers ``<!-- generated: <name> -->`` and ``<!-- end generated: <name> -->``; nothing between
+them is typed by hand.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,13 +325,28 @@ def table_text(t: Table, df: pd.DataFrame) -> dict[str, str]:
     return {"md": f"{md}\n\n{line}\n", "tex": f"{tex}\n% {line}\n"}
 
 
-def runs(results: Path, source: str | tuple) -> pd.DataFrame | None:
-    """The finished runs of one results folder, or of several read together; None when one is missing or empty."""
+class SourceError(SystemExit):
+    """A table's results cannot be published: a folder is missing or empty, or a run in it is from a dirty tree."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def runs(results: Path, source: str | tuple) -> pd.DataFrame:
+    """The finished runs of one results folder, or of several read together. A missing or empty folder, or a run
+    made from a tree with uncommitted changes, ends the rebuild (``SourceError``)."""
     folders = [results / f for f in ((source,) if isinstance(source, str) else source)]
-    if not all(f.is_dir() for f in folders):
-        return None
+    for folder in folders:
+        if not folder.is_dir() or not any(folder.glob("*/metrics.json")):
+            raise SourceError(f"{folder} holds no finished run, and the docs are rebuilt from it; restore it "
+                              "(git checkout -- results) or rerun its preset.")
     df = collect_local(*folders)[0]
-    return None if df.empty else with_replayed_heal_times(df, results)
+    dirty = df[df["env_git_dirty"].astype(str).eq("True")] if "env_git_dirty" in df else df.iloc[:0]
+    if len(dirty):
+        raise SourceError(f"{len(dirty)} run(s) in {', '.join(str(f) for f in folders)} were made from a tree with "
+                          f"uncommitted changes ({', '.join(Path(p).name for p in dirty['path'])}); rerun them from a "
+                          "clean commit.")
+    return with_replayed_heal_times(df, results)
 
 
 def with_replayed_heal_times(df: pd.DataFrame, results: Path) -> pd.DataFrame:
@@ -369,7 +385,7 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
     """Write every table, figure and generated block whose inputs exist under ``root`` (the repository, or another
     folder); returns the files written."""
     docs = root / "docs"
-    written, missing, frames, table_md, drawn = [], [], {}, {}, {}
+    written, frames, table_md, drawn = [], {}, {}, {}
 
     def frame(source):  # each results source is read once
         if source not in frames:
@@ -378,9 +394,6 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
 
     for t in TABLES:
         df = frame(t.source)
-        if df is None:
-            missing.append(t.name)
-            continue
         texts = table_text(t, df)
         table_md[t.name] = texts["md"].rstrip("\n")
         for ext, text in texts.items():
@@ -400,8 +413,6 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
             if where != page:
                 continue
             df = frame(source) if source else None
-            if source and df is None:
-                continue
             if (draw, source) not in drawn:  # a block on several pages is drawn once
                 out = draw(df)
                 text, used = out if isinstance(out, tuple) else (out, df)  # used: the runs it read
@@ -424,8 +435,6 @@ def build(results: Path, root: Path, figures: bool = True) -> list[Path]:
         grid = REPO / "docs" / "bench" / "grid.csv"
         written += save({"latency_decode": latency_decode(grid), "latency_prefill": latency_prefill(grid)},
                         docs / "figures", formats=("png",))
-    if missing:
-        print(f"[paper] no runs in {results} for: {', '.join(missing)}", file=sys.stderr)
     return written
 
 
