@@ -31,12 +31,15 @@ from analysis.bench_table import (
 )
 from analysis.collect import collect_local
 from analysis.report import (
+    above_chance_tasks,
     add_paired_intervals,
     cache_table,
+    chance_table,
     format_table,
     heal_table,
     long_table,
     paper_table,
+    per_sample,
     row_interval,
 )
 
@@ -51,7 +54,8 @@ V_REFIT = ("main_table_quick", "rap_v_refit")  # RAP with W_o refit on the kept 
 HEAL_C4 = ("main_table", "heal", "heal_c4")  # RAP calibrated and healed on c4 beside the same on wiki
 KVLATENT = "KV-Latent (strided dims, frequency-aware RoPE)"  # its published recipe
 HEALED_RAP = "RAP (key_energy) + healed (layerwise, wiki)"
-COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc", "Δacc [95% CI]", "KV", "attn params", "attn FLOPs"]
+COMPACT = ["variant", "ratio", "ppl", "ppl x [95% CI]", "acc>chance", "Δacc>chance [95% CI]", "KV", "attn params",
+           "attn FLOPs", "decode FLOPs"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,8 @@ BLOCKS = {
     ("docs/results.md", "rap_v_refit"): (V_REFIT, lambda df: against_rows(
         df, df["experiment"].eq("rap_v_refit"), (({"variant": "RAP (key_energy)"}, ("ratio",)),))),
     ("docs/results.md", "value_path_error"): (None, value_path_error),
+    ("docs/results.md", "chance_main_table"): ("main_table", lambda df: markdown(chance_table(df))),
+    ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
     ("docs/healing.md", "heal_c4"): (HEAL_C4, lambda df: against_rows(
         df, df["experiment"].eq("heal_c4"), (({"variant": HEALED_RAP}, ("ratio",)),
@@ -238,6 +244,10 @@ def provenance(df: pd.DataFrame) -> str:
     samples += [f"{count('zs_limit')} documents per task"] if count("zs_limit") else []
     samples += [f"{count('ruler_limit')} documents per RULER task and length"] if count("ruler_limit") else []
     dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0
+    above = sorted({f"{r['model']}: {', '.join(above_chance_tasks(per_sample(r['path']))) or 'none'}"
+                    for _, r in df[df["method"] == "none"].iterrows()
+                    if (per_sample(r["path"]) or {}).get("zeroshot")}) if "method" in df else []
+    samples += [f"acc>chance over the tasks whose baseline is above chance ({'; '.join(above)})"] if above else []
     return (f"{len(df)} runs; eval {values('eval_profile')}" + (f" ({', '.join(samples)})" if samples else "")
             + f"; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
             f"{values('env_threads')}; commit {values('env_git_commit', lambda c: c[:7])}"
@@ -254,7 +264,7 @@ def against_table(df: pd.DataFrame, against: dict, match: tuple) -> pd.DataFrame
     against the ``against`` run (e.g. RAP) at its ratio."""
     paired = add_paired_intervals(df, against, match).dropna(subset=["reference_path"])
     columns = {"ppl x [95% CI]": ("ppl_ratio", ".3f"), "Δacc [95% CI]": ("acc_diff", "+.3f"),
-               "Δlong [95% CI]": ("long_diff", "+.3f")}
+               "Δacc>chance [95% CI]": ("acc_above_diff", "+.3f"), "Δlong [95% CI]": ("long_diff", "+.3f")}
     columns = {name: c for name, c in columns.items() if paired[c[0]].notna().any()}
     rows = []
     for _, r in paired.sort_values(["ratio", "variant"]).iterrows():

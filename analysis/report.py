@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import collect, collect_local
+from rap.harness.zeroshot import CHANCE
 from rap.methods import METHODS
-from rap.stats import paired_accuracy_difference, paired_perplexity_ratio
+from rap.stats import above_chance, paired_accuracy_difference, paired_perplexity_ratio, wilson_lower_bound
 
 COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg",
            "acc_norm_avg", "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio",
@@ -39,9 +40,12 @@ COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "
            "latency_prefill_attention_ms_ratio", "time_compress_s"]
 ENV_COLUMNS = ["env_rap_version", "env_git_commit", "env_git_dirty", "env_python", "env_torch", "env_transformers",
                "env_lm_eval", "env_datasets", "env_hydra_core", "env_device_name", "env_dtype", "env_threads"]
+# Measured costs, as ratios to the baseline. In-job latencies stay out: they are timed beside other work, so the
+# benchmark (rap.harness.bench, docs/benchmark.md) is the latency source.
 COST_COLUMNS = {"kv_bytes_per_token_ratio": "KV", "params_attention_ratio": "attn params",
-                "flops_decode_attention_ratio": "attn FLOPs", "latency_decode_attention_ms_ratio": "decode attn t",
-                "latency_prefill_attention_ms_ratio": "prefill attn t"}
+                "flops_decode_attention_ratio": "attn FLOPs", "flops_decode_ratio": "decode FLOPs"}
+# Each interval column and the value column that ranks with it.
+RANKED = {"ppl_ratio": "ppl_wikitext2", "acc_diff": "acc_avg", "acc_above_diff": "acc_above"}
 METHOD_ORDER = {"none": 0, **{name: m.order for name, m in METHODS.items()}}
 PAIR_KEYS = ("model", "eval_profile", "seed")  # runs sharing these saw the same documents and windows
 
@@ -87,7 +91,7 @@ def _read_per_sample(path: str) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def _per_sample(path) -> dict | None:
+def per_sample(path) -> dict | None:
     """A run's ``per_sample.json`` (read once per report; callers do not modify it)."""
     return _read_per_sample(str(path))
 
@@ -130,7 +134,8 @@ def add_paired_intervals(df: pd.DataFrame, against: dict | None = None,
     reference (``_references``: the baseline unless ``against`` says otherwise), paired on the same windows and
     documents; ``reference_path`` names it (``baseline_path`` too, for the baseline)."""
     df = df.copy()
-    names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff", "long_diff") for s in ("", "_low", "_high", "_significant")]
+    names = [f"{m}{s}" for m in ("ppl_ratio", "acc_diff", "acc_above_diff", "long_diff")
+             for s in ("", "_low", "_high", "_significant")]
     for n in names:
         df[n] = math.nan
     df["baseline_path"], df["reference_path"] = None, None
@@ -146,10 +151,58 @@ def add_paired_intervals(df: pd.DataFrame, against: dict | None = None,
         df.at[i, "reference_path"] = ref["path"]
         if against is None:
             df.at[i, "baseline_path"] = ref["path"]
-        for name, iv in paired(_per_sample(ref["path"]), _per_sample(row["path"])).items():
+        for name, iv in paired(per_sample(ref["path"]), per_sample(row["path"])).items():
             df.at[i, name], df.at[i, f"{name}_low"], df.at[i, f"{name}_high"] = iv.estimate, iv.low, iv.high
             df.at[i, f"{name}_significant"] = float(iv.significant)
+    return add_above_chance(df, refs, keys)
+
+
+def above_chance_tasks(per_sample: dict | None) -> list[str]:
+    """The zero-shot tasks on which a (baseline) run's accuracy is resolved above chance (``rap.stats.above_chance``,
+    ``rap.harness.zeroshot.CHANCE``), in its task order."""
+    zs = (per_sample or {}).get("zeroshot") or {}
+    return [t for t, d in zs.items() if t in CHANCE and above_chance(d["acc"], CHANCE[t])]
+
+
+def add_above_chance(df: pd.DataFrame, refs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``acc_above``: each run's mean accuracy over the tasks on which its model's baseline (same model, eval profile
+    and seed) is above chance (``above_tasks``), and ``acc_above_diff`` against its reference on those tasks."""
+    baselines = df[df["method"] == "none"]
+    if "kv_cache" in baselines:
+        baselines = baselines[baselines["kv_cache"].fillna("fp") == "fp"]
+    base_keys = [k for k in PAIR_KEYS if k in df]
+    df["acc_above"], df["above_tasks"] = math.nan, None
+    for i, row in df.iterrows():
+        base = baselines[(baselines[base_keys] == row[base_keys]).all(axis=1)] if base_keys else baselines
+        tasks = above_chance_tasks(per_sample(base.iloc[0]["path"])) if len(base) else []
+        if not tasks or not all(f"acc_{t}" in row and pd.notna(row[f"acc_{t}"]) for t in tasks):
+            continue
+        df.at[i, "acc_above"] = float(np.mean([row[f"acc_{t}"] for t in tasks]))
+        df.at[i, "above_tasks"] = ", ".join(tasks)
+        ref, own = row.get("reference_path"), per_sample(row["path"])
+        ref_zs = (per_sample(ref) or {}).get("zeroshot") or {} if isinstance(ref, str) else {}
+        if own and set(tasks) <= set(own.get("zeroshot") or {}) and set(tasks) <= set(ref_zs):
+            iv = paired_accuracy_difference(ref_zs, own["zeroshot"], tasks=tasks)
+            df.at[i, "acc_above_diff"], df.at[i, "acc_above_diff_low"] = iv.estimate, iv.low
+            df.at[i, "acc_above_diff_high"], df.at[i, "acc_above_diff_significant"] = iv.high, float(iv.significant)
     return df
+
+
+def chance_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Each baseline's accuracy per task beside the chance accuracy: the margin, the 95% Wilson lower bound, and
+    whether the task counts in the headline ``acc_above``."""
+    rows = []
+    for _, r in df[df["method"] == "none"].sort_values("model").iterrows():
+        zs = (per_sample(r["path"]) or {}).get("zeroshot") or {}
+        for t, d in zs.items():
+            if t not in CHANCE:
+                continue
+            acc = float(np.mean(d["acc"]))
+            rows.append({"model": r["model"], "task": t, "documents": str(len(d["acc"])), "acc": f"{acc:.3f}",
+                         "chance": f"{CHANCE[t]:.3f}", "margin": f"{acc - CHANCE[t]:+.3f}",
+                         "95% lower bound": f"{wilson_lower_bound(d['acc']):.3f}",
+                         "above chance": "yes" if above_chance(d["acc"], CHANCE[t]) else "no"})
+    return pd.DataFrame(rows)
 
 
 def paired(a: dict | None, b: dict | None) -> dict:
@@ -178,9 +231,11 @@ def paper_table(df: pd.DataFrame, tasks: bool = True, extra: list[str] = (), aga
     df["_order"] = df["method"].map(METHOD_ORDER).fillna(9)
     df = df.sort_values([c for c in ("model", "ratio", "_order", "variant") if c in df]).reset_index(drop=True)
     task_cols = sorted(c for c in df
-                       if c.startswith("acc_") and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff")))
+                       if c.startswith("acc_")
+                       and not c.startswith(("acc_norm", "acc_stderr", "acc_avg", "acc_diff", "acc_above")))
     cols = ["model", "method", "variant", "ratio", "ppl_wikitext2", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high",
             "ppl_ratio_significant", "acc_avg", "acc_diff", "acc_diff_low", "acc_diff_high", "acc_diff_significant",
+            "acc_above", "acc_above_diff", "acc_above_diff_low", "acc_above_diff_high", "acc_above_diff_significant",
             *(task_cols if tasks else []), *COST_COLUMNS, *(["heal_time_s"] if "heal_time_s" in df else []), *extra]
     return df[[c for c in cols if c in df]]
 
@@ -212,32 +267,49 @@ def format_table(table: pd.DataFrame, fmt: str = "md", columns: list[str] | None
     return frame.to_markdown(index=False, disable_numparse=True)
 
 
-def formatted_frame(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
-    """``paper_table``'s numbers as text, under the headers of ``HEADERS``, the best per ratio in bold."""
-    bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
-    task_cols = [c for c in table if c.startswith("acc_") and c != "acc_avg" and not c.startswith("acc_diff")]
-    value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", *task_cols, *COST_COLUMNS)
-                  if c in table]
-    env_cols = [c for c in table if c.startswith("env_")]
-    best = {}
-    compressed = table[table["method"] != "none"]
-    for col in value_cols:
-        for _, group in compressed.groupby("ratio"):
+def best_cells(table: pd.DataFrame, value_cols: list[str]) -> set:
+    """(row, column) of each ratio's best compressed value that is bold: a measured cost where it is the best (costs
+    carry no sampling noise), and a quality column (an interval and the value ranked with it) only where the best
+    interval excludes the runner-up's estimate. Per-task accuracies have no interval, so none is bold."""
+    best = set()
+    for _, group in table[table["method"] != "none"].groupby("ratio"):
+        for col in [c for c in COST_COLUMNS if c in value_cols]:
             vals = group[col].dropna()
             if len(vals) > 1 and vals.nunique() > 1:  # equal values (the KV budget of every method) mark nothing
-                top = vals.min() if col in LOWER_IS_BETTER else vals.max()
-                best.update({(idx, col): True for idx in vals.index[vals == top]})
+                best |= {(idx, col) for idx in vals.index[vals == vals.min()]}
+        for col, value in RANKED.items():
+            if col not in value_cols:
+                continue
+            vals = group[col].dropna().sort_values(ascending=col in LOWER_IS_BETTER)
+            if len(vals) < 2:
+                continue
+            top, runner_up = vals.index[0], vals.iloc[1]
+            if not group.at[top, f"{col}_low"] <= runner_up <= group.at[top, f"{col}_high"]:
+                best |= {(top, col), (top, value)}
+    return best
+
+
+def formatted_frame(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    """``paper_table``'s numbers as text, under the headers of ``HEADERS``, the best per ratio in bold
+    (``best_cells``)."""
+    bold = (lambda s: f"**{s}**") if fmt == "md" else (lambda s: f"\\textbf{{{s}}}")
+    task_cols = [c for c in table if c.startswith("acc_") and c != "acc_avg"
+                 and not c.startswith(("acc_diff", "acc_above"))]
+    value_cols = [c for c in ("ppl_wikitext2", "ppl_ratio", "acc_avg", "acc_diff", "acc_above", "acc_above_diff",
+                              *task_cols, *COST_COLUMNS) if c in table]
+    env_cols = [c for c in table if c.startswith("env_")]
+    best = best_cells(table, value_cols)
     rows = []
     for i, r in table.iterrows():
         out = {"model": r.get("model", ""), "method": r["method"], "variant": r.get("variant", ""),
                "ratio": _fmt(r["ratio"], ".2f")}
         for col in value_cols:
-            if col in ("ppl_ratio", "acc_diff"):
+            if col in RANKED:
                 s = interval_text(r.get(col), r.get(col + "_low"), r.get(col + "_high"),
                                   r.get(col + "_significant") == 1.0, ".3f" if col == "ppl_ratio" else "+.3f")
             else:
                 s = _fmt(r[col], ".2f" if col == "ppl_wikitext2" else ".3f")
-            out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if best.get((i, col)) and s else s
+            out[HEADERS.get(col, col.replace("acc_", ""))] = bold(s) if (i, col) in best and s else s
         out.update({c: r[c] for c in env_cols})
         rows.append(out)
     return pd.DataFrame(rows)
@@ -312,11 +384,11 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["model", "_order", "ratio"])
     rows = []
     for _, r in df.iterrows():
-        run = _per_sample(r["path"])
+        run = per_sample(r["path"])
         if not (run or {}).get("long"):
             continue
         cells = _by_length(run["long"])
-        base = _per_sample(r["baseline_path"]) if r["baseline_path"] else None
+        base = per_sample(r["baseline_path"]) if r["baseline_path"] else None
         base_cells = _by_length(base["long"]) if base and base.get("long") else None
         out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f")}
         lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
@@ -338,7 +410,7 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 HEADERS = {"ppl_wikitext2": "ppl", "ppl_ratio": "ppl x [95% CI]", "acc_avg": "acc", "acc_diff": "Δacc [95% CI]",
-           **COST_COLUMNS}
+           "acc_above": "acc>chance", "acc_above_diff": "Δacc>chance [95% CI]", **COST_COLUMNS}
 
 
 def main(argv=None):

@@ -120,6 +120,21 @@ def paired_perplexity_ratio(base_nll, other_nll, level: float = 0.95) -> Interva
     return Interval(float(np.exp(d.mean())), float(np.exp(low)), float(np.exp(high)), null=1.0)
 
 
+def wilson_lower_bound(scores, level: float = 0.95) -> float:
+    """The lower end of the Wilson score interval for the mean of 0/1 ``scores``."""
+    n = len(scores)
+    if n == 0:
+        return float("nan")
+    p, z = float(np.mean(scores)), float(_dist.norm.ppf(0.5 + level / 2))
+    centre = p + z * z / (2 * n)
+    return (centre - z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def above_chance(scores, chance: float, level: float = 0.95) -> bool:
+    """Whether 0/1 ``scores`` are resolved above ``chance`` accuracy: the Wilson interval's lower end is above it."""
+    return wilson_lower_bound(scores, level) > chance
+
+
 def detectable_difference(discordance: float, docs_per_task: int, n_tasks: int, z: float = 1.96) -> float:
     """The smallest average-accuracy difference a paired test resolves at ``z`` (1.96: 95%), when a fraction
     ``discordance`` of documents is scored differently by the two runs: each document's difference is -1, 0

@@ -121,3 +121,24 @@ def test_missing_data_names_file(tmp_path):
 def test_unknown_task(tmp_path):
     with pytest.raises(RapError, match="valid tasks are hellaswag"):
         build_local_tasks(tmp_path, tmp_path / "work", ["piqa", "mmlu"])
+
+
+def test_lambada_uses_lm_evals_own_prompt_and_reports_accuracy_and_perplexity(tmp_path):
+    from pathlib import Path
+
+    import lm_eval
+    import yaml
+
+    from rap.harness.zeroshot import TEMPLATE_DIR
+    from rap.models import build_tiny
+
+    stock = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml").read_text())
+    local = yaml.safe_load((TEMPLATE_DIR / "lambada_openai.yaml").read_text())
+    for key in ("output_type", "doc_to_text", "doc_to_target", "metric_list"):
+        assert local[key] == stock[key], key
+    model, tok = build_tiny("tiny-llama")
+    r = evaluate_zero_shot(model, tok, ["lambada_openai"], DATA_DIR, limit=4, seed=0, work_dir=tmp_path)
+    docs = r["zs_per_doc"]["lambada_openai"]
+    assert r["n_lambada_openai"] == 4 and set(docs["acc"]) <= {0.0, 1.0}
+    assert sum(docs["acc"]) / 4 == pytest.approx(r["acc_lambada_openai"])
+    assert math.isfinite(r["ppl_lambada_openai"]) and r["ppl_lambada_openai"] > 1.0

@@ -20,7 +20,12 @@ TEMPLATE_DIR = Path(__file__).parent / "tasks"
 
 # Stock lm-eval names, used when no data_dir is given (online users).
 STOCK_NAMES = {"hellaswag": "hellaswag", "piqa": "piqa", "arc_easy": "arc_easy", "arc_challenge": "arc_challenge",
-               "winogrande": "winogrande", "openbookqa": "openbookqa", "boolq": "boolq"}
+               "winogrande": "winogrande", "openbookqa": "openbookqa", "boolq": "boolq",
+               "lambada_openai": "lambada_openai"}
+# Accuracy a model scores by guessing, per task: 1 / choices for multiple choice (HellaSwag 4, PIQA 2, ARC's mostly 4,
+# WinoGrande 2, OpenBookQA 4, BoolQ 2); LAMBADA's open-vocabulary last word has none to speak of.
+CHANCE = {"hellaswag": 0.25, "piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "winogrande": 0.5,
+          "openbookqa": 0.25, "boolq": 0.5, "lambada_openai": 0.0}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -77,6 +82,8 @@ CONVERTERS = {
     "boolq": (["boolq/dev.jsonl"],
               lambda p: [{"question": r["question"], "passage": r["passage"], "idx": i, "label": int(r["answer"])}
                          for i, r in enumerate(_read_jsonl(p[0]))]),
+    "lambada_openai": (["lambada_openai/lambada_test.jsonl"],
+                       lambda p: [{"text": r["text"]} for r in _read_jsonl(p[0])]),
 }
 TASKS = tuple(CONVERTERS)
 
@@ -196,6 +203,8 @@ def evaluate_zero_shot(model, tokenizer, tasks, data_dir, limit=None, seed=0, ba
         flat[f"acc_stderr_{t}"] = float(stderr) if isinstance(stderr, (int, float)) else float("nan")  # "N/A" if n=1
         if "acc_norm,none" in r:
             flat[f"acc_norm_{t}"] = float(r["acc_norm,none"])
+        if "perplexity,none" in r:  # LAMBADA: perplexity of the target words
+            flat[f"ppl_{t}"] = float(r["perplexity,none"])
         flat[f"n_{t}"] = int(out["n-samples"][names[t]]["effective"])
         accs.append(flat[f"acc_{t}"])
         norms.append(flat.get(f"acc_norm_{t}", flat[f"acc_{t}"]))
