@@ -148,6 +148,68 @@ def qk_norm_error(_df=None) -> str:
     return markdown(pd.DataFrame(rows))
 
 
+def in_job_latency(df: pd.DataFrame) -> str:
+    """The range of the in-job attention latency ratios (compressed against uncompressed, timed at other moments in
+    the same job) over the committed runs of each folder: why the quality tables leave them out."""
+    rows = []
+    for experiment, g in df[df["method"] != "none"].groupby("experiment"):
+        row = {"results": experiment, "runs": str(len(g))}
+        for name, key in (("decode", "latency_decode_attention_ms_ratio"),
+                          ("prefill", "latency_prefill_attention_ms_ratio")):
+            v = g[key].dropna() if key in g else pd.Series(dtype=float)
+            row[f"{name} attention, to baseline"] = f"{v.min():.3f}-{v.max():.3f}" if len(v) else ""
+        rows.append(row)
+    return markdown(pd.DataFrame(rows))
+
+
+def standard_sizing(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """Per compressed run, the fraction of documents it scores differently from the baseline (over the tasks both
+    scored) and the half-width of the 95% average-accuracy interval that gives (``detectable_difference``)."""
+    from rap.stats import detectable_difference
+
+    base = df[df["method"] == "none"]
+    base_docs = per_sample(base.iloc[0]["path"])["zeroshot"]
+    rows = []
+    for _, r in df[df["method"] != "none"].sort_values(["ratio", "variant"]).iterrows():
+        zs = per_sample(r["path"])["zeroshot"]
+        flips = [a != b for t in base_docs for a, b in zip(base_docs[t]["acc"], zs[t]["acc"])]
+        discordance = sum(flips) / len(flips)
+        per_task = len(flips) // len(base_docs)
+        half = 100 * detectable_difference(discordance, per_task, len(base_docs))
+        rows.append({"variant": r["variant"], "ratio": f"{r['ratio']:.2f}", "documents differing": f"{discordance:.1%}",
+                     "half-width (points)": f"{half:.1f}"})
+    return markdown(pd.DataFrame(rows)), df
+
+
+def standard_wall_time(df: pd.DataFrame) -> str:
+    """Each run's wall time and its largest phases (``time_*_s``), and the compressed runs' total."""
+    rows = []
+    compressed = df[df["method"] != "none"]
+    for _, r in df.sort_values(["ratio", "variant"]).iterrows():
+        phases = {f"{p} s": f"{r.get(f'time_{p}_s', float('nan')):.0f}" for p in ("compress", "ppl", "zeroshot")}
+        rows.append({"variant": r["variant"], "ratio": f"{r['ratio']:.2f}", "wall s": f"{r['wall_time_s']:.0f}",
+                     **phases})
+    rows.append({"variant": f"all {len(compressed)} compressed runs", "ratio": "",
+                 "wall s": f"{compressed['wall_time_s'].sum():.0f} ({compressed['wall_time_s'].sum() / 3600:.1f} h)",
+                 "compress s": "", "ppl s": "", "zeroshot s": ""})
+    return markdown(pd.DataFrame(rows))
+
+
+def default_job(df: pd.DataFrame) -> str:
+    """What the default job (``python run.py``) measured, from its committed run."""
+    (_, r), = df.iterrows()
+    rows = [("WikiText-2 perplexity", f"{r['ppl_wikitext2']:.2f}"),
+            ("average zero-shot acc / acc_norm", f"{r['acc_avg']:.3f} / {r['acc_norm_avg']:.3f}"),
+            ("KV bytes per token", f"{r['kv_bytes_per_token']:,.0f}"),
+            ("parameters (attention)", f"{r['params_total'] / 1e6:.1f}M ({r['params_attention'] / 1e6:.1f}M)"),
+            (f"decode FLOPs per token at context {r['cfg.eval.measure.context_len']} (attention)",
+             f"{r['flops_decode'] / 1e6:.1f}M ({r['flops_decode_attention'] / 1e6:.1f}M)"),
+            (f"prefill of {r['cfg.eval.measure.context_len']} tokens", f"{r['latency_prefill_ms'] / 1000:.1f} s"),
+            ("decode", f"{r['latency_decode_ms']:.0f} ms/token"),
+            ("the whole job", f"{r['wall_time_s']:.0f} s")]
+    return markdown(pd.DataFrame(rows, columns=["measure", "value"]))
+
+
 def coverage(_df=None) -> str:
     """The perplexity interval's coverage by simulation (``analysis.coverage``), over the committed main table."""
     from analysis.coverage import coverage_table
@@ -193,6 +255,10 @@ BLOCKS = {
     ("docs/results.md", "chance_main_table"): ("main_table", lambda df: markdown(chance_table(df))),
     ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
+    ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
+    ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),
+    ("docs/usage.md", "default_job"): ("default", default_job),
+    ("docs/benchmark.md", "in_job_latency"): (("main_table", "criteria_ablation"), in_job_latency),
     ("docs/healing.md", "heal_c4"): (HEAL_C4, lambda df: against_rows(
         df, df["experiment"].eq("heal_c4"), (({"variant": HEALED_RAP}, ("ratio",)),
                                              ({"variant": "RAP (key_energy)"}, ("ratio",))))),

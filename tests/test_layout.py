@@ -52,3 +52,14 @@ def test_readme_and_docs_link_only_to_files_that_exist():
               if "://" not in target and not (page.parent / target).exists()]
     assert broken == []
     assert len((REPO / "README.md").read_text().splitlines()) <= 250
+
+
+def test_the_docs_prose_types_no_result_by_hand():
+    """Every decimal number in the README's and docs' prose outside generated blocks is an allowed configuration
+    value, version or identifier (scripts/typed_numbers.py); a typed result is caught."""
+    spec = importlib.util.spec_from_file_location("typed_numbers", REPO / "scripts" / "typed_numbers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.typed_numbers() == []
+    page = "A sentence.\n<!-- generated: x -->\n| 1.5 |\n<!-- end generated: x -->\nIt took 3.4 hours (`0.9`).\n"
+    assert [n for _, line in module.prose(page) for n in module.NUMBER.findall(line)] == ["3.4"]
