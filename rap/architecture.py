@@ -9,12 +9,12 @@ scale, and may attend within a sliding window on some layers (Gemma 3's local la
 from __future__ import annotations
 
 from .errors import ModelError
+from .families import FAMILIES, NOPE_FAMILIES
 
-# model_type -> the attention class transformers builds for it.
-ATTENTION_CLASSES = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
-                     "qwen3": "Qwen3Attention", "gemma3_text": "Gemma3Attention"}
-ROPE_MODEL_TYPES = tuple(ATTENTION_CLASSES)
-QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# model_type -> the attention class the methods compress (``rap.families``).
+ATTENTION_CLASSES = {t: f.attention for t, f in FAMILIES.items()}
+ROPE_MODEL_TYPES = tuple(FAMILIES)
+QK_NORM_TYPES = tuple(t for t, f in FAMILIES.items() if f.qk_norm)
 # RoPE types whose tables are fixed by the config (inv_freq and one attention scaling): Palu recomputes them.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Multimodal wrappers around a supported text model: their decoder is not ``model.model.layers``.
@@ -86,6 +86,10 @@ def check_config(config) -> None:
                          "per-head RoPE keys, so there are no RoPE pairs to prune.")
     if mt in TEXT_ONLY:
         raise ModelError(f"Model type '{mt}' is a multimodal wrapper; compress its text model as {TEXT_ONLY[mt]}.")
+    no_rope = getattr(config, "no_rope_layers", None)
+    if mt in NOPE_FAMILIES or (no_rope and not all(no_rope)):
+        raise ModelError(f"{NOPE_FAMILIES.get(mt, mt)} has layers that attend without RoPE (NoPE), whose key dims have "
+                         "no frequency to keep, so rap compresses only models whose every layer uses RoPE.")
     if mt not in ROPE_MODEL_TYPES:
         raise unsupported_layout(mt)
     check_even_head_dim(head_dim(config))
@@ -115,8 +119,10 @@ def check_model(model) -> None:
         name = type(attn).__name__
         if getattr(model, "rap_plan", None) is None and name != ATTENTION_CLASSES[mt]:
             if any(hasattr(attn, p) for p in ("qkv_proj", "Wqkv", "c_attn")):
+                fix = ("; rap.families.adapt(model) splits them without changing what the model computes (rap's "
+                       "loaders do it)") if FAMILIES[mt].adapter else ""
                 raise ModelError(f"Layer {i} of this {mt} model projects q, k and v fused ({name}); the methods need "
-                                 "separate q/k/v projections.")
+                                 f"separate q/k/v projections{fix}.")
             raise ModelError(f"Layer {i} of this {mt} model has the attention class {name}, not transformers' "
                              f"{ATTENTION_CLASSES[mt]}, so rap cannot tell what it computes.")
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):

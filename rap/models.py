@@ -15,24 +15,15 @@ import torch
 from .architecture import ROPE_MODEL_TYPES, check_config, check_model  # noqa: F401 (ROPE_MODEL_TYPES re-exported)
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelError
+from .families import FAMILIES, adapt
 
+# Tiny random models for tests: one per family (``rap.families``), named tiny-<family>, and Llama 3.1's RoPE scaling
+# (low frequencies stretched, high ones kept). GQA everywhere (4 query heads over 2 KV heads).
 TINY_ARCHS = {
-    # name: (model_type, extra config). GQA everywhere (4 query heads over 2 KV heads).
-    "tiny-llama": ("llama", {}),
-    "tiny-mistral": ("mistral", {"sliding_window": None}),
-    "tiny-qwen2": ("qwen2", {}),  # Qwen2 has q/k/v biases built in
-    # Llama 3.1's RoPE scaling (low frequencies stretched, high ones kept)
+    **{f"tiny-{t.split('_')[0]}": (t, f.tiny) for t, f in FAMILIES.items()},
     "tiny-llama31": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 64}}),
-    "tiny-qwen3": ("qwen3", {}),  # q_norm / k_norm over each head before RoPE
-    # Gemma 3: QK-norm, a sliding window on most layers, RoPE bases 10k (local) and 1M (global), its own softmax
-    # scale (query_pre_attn_scalar), scaled embeddings and four norms per layer. 3 layers: local, local, global.
-    "tiny-gemma3": ("gemma3_text", {"num_hidden_layers": 3, "sliding_window": 8, "query_pre_attn_scalar": 24,
-                                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
-                                    "rope_parameters": {
-                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
 }
 
 
@@ -258,7 +249,7 @@ def build_tiny(name: str, seed: int = 0, **overrides):
                 p.normal_(0, 0.2)  # larger than the 0.02 init so attention scores vary and errors are visible
             elif "q_norm" in n or "k_norm" in n:
                 p.add_(torch.rand_like(p) - 0.5)  # per-channel gains that differ, so dropping channels shows
-    return model.eval(), byte_tokenizer()
+    return adapt(model).eval(), byte_tokenizer()
 
 
 def check_source(spec: ModelSpec) -> None:
@@ -333,6 +324,7 @@ def load_model(spec: ModelSpec):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config._attn_implementation = "sdpa"
+    adapt(model)  # a family's load adapter (Phi-3: fused qkv split), before the gate reads the layout
     check_rope_model(model)
     if spec.device_map is not None:  # placed while loading; a .to() would undo it
         check_resident(model)

@@ -276,3 +276,36 @@ def test_gemma3_heals_and_its_healed_plan_rebuilds_the_healed_model(tmp_path, me
     with torch.no_grad():
         assert torch.equal(rebuilt(ids()).logits, model(ids()).logits)
 
+
+
+def test_phi3s_fused_qkv_is_split_at_load_without_changing_the_model():
+    """Phi-3 projects q, k and v in one matrix; its family adapter splits it into separate projections (views, no
+    copy) of an attention that computes the same, and rap refuses the unsplit model in one sentence naming it."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from rap.families import adapt
+
+    torch.manual_seed(0)
+    raw = AutoModelForCausalLM.from_config(tiny_config("tiny-phi3"), dtype=torch.float32,
+                                           attn_implementation="sdpa").eval()
+    x = ids()
+    ref = raw(x).logits
+    with pytest.raises(ModelError, match=r"projects q, k and v fused \(Phi3Attention\).*rap.families.adapt"):
+        compress(copy.deepcopy(raw), "rap", 0.3, criterion="weight_norm")
+    fused = raw.model.layers[0].self_attn.qkv_proj.weight
+    adapted = adapt(raw)
+    attn = adapted.model.layers[0].self_attn
+    assert type(attn).__name__ == "MistralAttention" and attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert torch.equal(adapted(x).logits, ref)
+
+
+@pytest.mark.parametrize("model_type, extra", [("smollm3", {}), ("llama", {"no_rope_layers": [1, 0]})])
+def test_families_with_layers_without_rope_are_refused_in_one_sentence(model_type, extra):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=2, **extra)
+    with pytest.raises(ModelError, match=r"has layers that attend without RoPE \(NoPE\)"):
+        check_config(cfg)

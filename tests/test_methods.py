@@ -20,7 +20,7 @@ from rap.methods.rap import RAP
 from rap.models import build_tiny
 from rap.plans import apply_plan, compress, get_plan, save_plan
 
-ARCHS = ("tiny-llama", "tiny-llama31", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3")
+ARCHS = ("tiny-llama", "tiny-llama31", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3")
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
 PREFILL = 16
@@ -69,7 +69,7 @@ def test_a_saved_plan_rebuilds_the_same_model(tmp_path, arch, case):
     torch.testing.assert_close(logits(rebuilt), logits(c))
 
 
-@pytest.mark.parametrize("arch", ("tiny-llama", "tiny-qwen3", "tiny-gemma3"))
+@pytest.mark.parametrize("arch", ("tiny-llama", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cached_decode_equals_a_full_forward_and_the_cache_holds_the_methods_widths(arch, case):
     _, model = compressed(arch, *case)

@@ -26,6 +26,7 @@ EXPECTED = {
     "winogrande": (1267, {"sentence", "option1", "option2", "answer"}),
     "openbookqa": (500, {"question_stem", "choices", "answerKey"}),
     "boolq": (3270, {"passage", "question", "label"}),
+    "lambada_openai": (5153, {"text"}),
 }
 
 
@@ -64,6 +65,9 @@ def test_yamls_load_in_lm_eval(built):
         assert len(docs) == EXPECTED[task][0]
         for i in range(0, len(docs), max(1, len(docs) // 50)):  # ~50 docs per task, spread over the file
             doc = docs[i]
+            if task == "lambada_openai":  # open vocabulary: the target is the passage's last word
+                assert t.doc_to_target(doc) == " " + doc["text"].split(" ")[-1]
+                continue
             choices, target = t.doc_to_choice(doc), t.doc_to_target(doc)
             if task == "winogrande":  # partial scoring: the gold index comes from doc_to_text
                 target = t.doc_to_text(doc)
