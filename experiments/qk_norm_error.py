@@ -14,8 +14,7 @@ from common import layer_error_parser, preset_model_and_batches, write_rows
 
 from rap.architecture import layer_kinds
 from rap.hooks import temporary_hooks
-from rap.methods.attention import PrunedAttention
-from rap.methods.rap import RAP
+from rap.methods.rap import RAP, PrunedAttention
 
 
 def layer_errors(model, plan, batch) -> list[dict]:

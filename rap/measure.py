@@ -39,7 +39,7 @@ def sdpa_kernels(counter: FlopCounterMode) -> str:
     return ",".join(sorted(o.replace("aten.", "") for o in ops if "scaled_dot_product" in o)) or "matmul"
 
 
-def kernel_used(model, op) -> str:
+def kernel_used(op) -> str:
     """The attention kernel one call of ``op`` dispatches (``sdpa_kernels``)."""
     counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
     with torch.no_grad(), counter:
@@ -87,7 +87,7 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     n_prefill, _ = measured_split(spec, context_len)
     ids = random_ids(model, context_len)
     cache = make_cache(spec, model)
-    prefill_kernels = kernel_used(model, lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
+    prefill_kernels = kernel_used(lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
     for t in range(n_prefill, context_len):
         model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
     held = cache_bytes(cache)

@@ -16,14 +16,19 @@ def swap_attention(model, modules: list) -> list:
 @contextmanager
 def swapped_attention(model, modules: list | None = None):
     """Within the block the layers' attention is ``modules`` (or whatever the block puts in, when None); on exit,
-    however it ends, the modules that were there before are back. Yields those modules."""
+    however it ends, the modules that were there before are back, and so is the model's plan (``rap_plan``: a
+    compression inside the block leaves none behind). Yields those modules."""
     before = [layer.self_attn for layer in model.model.layers]
+    plan = model.__dict__.get("rap_plan")
     if modules is not None:
         swap_attention(model, modules)
     try:
         yield before
     finally:
         swap_attention(model, before)
+        model.__dict__.pop("rap_plan", None)
+        if plan is not None:
+            model.rap_plan = plan
 
 
 @contextmanager

@@ -151,9 +151,9 @@ def compute_job(s: Settings, out_dir: Path) -> dict:
     write_atomic(out_dir / CONFIG_FILE, OmegaConf.to_yaml(s.config))
     try:
         model, tok = load(run)
-        model, plan = compress(run, model, tok, given_plan, documents)
-        measure_costs(run, model, plan)
-        measure_latency(run, model, plan)
+        model, plan = compress_and_heal(run, model, tok, given_plan, documents)
+        record_costs(run, model, plan)
+        measure_latency(run, model)
         evaluate(run, model, tok)
         run.results.update({f"time_{k}_s": v for k, v in run.times.items()})
         run.results["wall_time_s"] = time.time() - run.t0
@@ -201,7 +201,7 @@ def load(run: Run):
     return model, tok
 
 
-def compress(run: Run, model, tok, given_plan: dict | None, documents: dict):
+def compress_and_heal(run: Run, model, tok, given_plan: dict | None, documents: dict):
     """Apply the method (or the given plan), heal it when asked, and save the plan; ``(model, None)`` for the
     baseline."""
     s = run.s
@@ -268,7 +268,7 @@ def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dic
     }
 
 
-def measure_costs(run: Run, model, plan: dict | None) -> None:
+def record_costs(run: Run, model, plan: dict | None) -> None:
     """KV bytes, parameters and FLOPs, measured on the model and in closed form."""
     spec, n = run.s.cache, run.s.cfg.eval.measure.context_len
     with run.phase("measure"):
@@ -293,7 +293,7 @@ def measure_costs(run: Run, model, plan: dict | None) -> None:
             run.base.update({k: dense[f"{k}_formula"] for k in RATIO_KEYS if f"{k}_formula" in dense})
 
 
-def measure_latency(run: Run, model, plan: dict | None) -> None:
+def measure_latency(run: Run, model) -> None:
     """Prefill and decode latency, then every ``*_ratio`` key against the uncompressed model."""
     m = run.s.cfg.eval.measure
     with run.phase("latency"):

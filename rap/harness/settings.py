@@ -81,7 +81,7 @@ def is_baseline(cfg: DictConfig) -> bool:
     return cfg.method.name == "none" or is_baseline_ratio(cfg.ratio)
 
 
-def method_options(cfg: DictConfig, device: torch.device) -> dict:
+def resolved_method_options(cfg: DictConfig, device: torch.device) -> dict:
     """``cfg.method`` as plain values, resolved as they will run on ``device`` (``Method.resolve_options``): the
     resolved value decides the result, so it is what the config records."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
@@ -96,7 +96,7 @@ def job_config(cfg: DictConfig, device: torch.device | None = None) -> dict:
     if is_baseline(cfg):
         config["method"] = dict(BASELINE_METHOD)
     else:
-        config["method"] = method_options(cfg, device if device is not None else resolve_device(cfg.device))
+        config["method"] = resolved_method_options(cfg, device if device is not None else resolve_device(cfg.device))
     return config
 
 

@@ -34,9 +34,7 @@ def build_variants(model, methods, ratios, round_tos) -> list[Variant]:
     def compressed(method, ratio, **opts):
         with swapped_attention(model):
             compress(model, method, ratio, **opts)
-            out = [layer.self_attn for layer in model.model.layers]
-        del model.rap_plan
-        return out
+            return [layer.self_attn for layer in model.model.layers]
 
     d = head_dim(model.config)
     out = [Variant("stock", "stock", 0.0, 1, stock),
@@ -65,7 +63,7 @@ def _cache(kind: str, model, max_len: int):
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
-def filled_cache(kind: str, model, batch: int, context: int, shapes):
+def filled_cache(kind: str, model, context: int, shapes):
     """A cache holding ``context`` random tokens of the current variant's cached tensors (+1 slot when static)."""
     cache = _cache(kind, model, context + 1)
     g = torch.Generator(device=model.device).manual_seed(0)  # drawn where it is used: 32k-token caches on GPU
@@ -78,7 +76,7 @@ def filled_cache(kind: str, model, batch: int, context: int, shapes):
 
 def decode_op(model, batch: int, context: int, kind: str):
     """One decode step at exactly ``context`` cached tokens: (the op, the KV bytes it reads per token per layer)."""
-    cache = rewindable(filled_cache(kind, model, batch, context, cached_widths(model, batch)))
+    cache = rewindable(filled_cache(kind, model, context, cached_widths(model, batch)))
     held = kv_bytes(cache)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     pos = torch.full((batch, 1), context, device=model.device)
@@ -136,7 +134,7 @@ def time_cell(model, variants, ops: dict, rounds: int, warmup: int, inner: int, 
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(warmup):
                 op()
-            extra[v.name] = {"kernel": kernel_used(model, op), "memory_mb": memory_mb(model.device)}
+            extra[v.name] = {"kernel": kernel_used(op), "memory_mb": memory_mb(model.device)}
         for r in range(rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
             for v in order:

@@ -4,8 +4,7 @@ caches.
 ``CompressedAttention`` is the shared forward (project -> cache -> expand -> attend -> o_proj); a method's
 module overrides ``project`` (what is computed from the new tokens and cached) and, if the cached tensors are
 not what the kernel attends over, ``expand`` (and ``decode``, the one-token step, to attend without expanding
-them). ``PrunedAttention`` (RAP) keeps RoPE pairs of the keys, and either value channels or a low-rank value
-latent whose up-projection is absorbed into W_o.
+them). Each method's module lives in the method's own file (RAP's ``PrunedAttention`` in ``rap.methods.rap``).
 """
 from __future__ import annotations
 
@@ -315,88 +314,3 @@ class CompressedAttention(nn.Module):
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out[..., :n_v]
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
-
-
-class PrunedAttention(CompressedAttention):
-    """RAP's attention: kept RoPE pairs of the keys (and the same rows of W_q for each query head of the group);
-    values either pruned to kept channels or cached as a low-rank latent.
-
-    Parameters
-    ----------
-    attn : the original attention module (weights are copied, not shared).
-    k_channels : per KV head, the kept key channels (original indices in [0, head_dim)); equal counts.
-    v_channels : per KV head, the kept value channels; equal counts. Ignored with ``v_latent``.
-    o_maps : optional (n_heads, d, n_v) least-squares maps from each query head's kept value channels to its
-        full attention output; W_o of head h becomes W_o[:, head h] @ o_maps[h].
-    v_latent : optional ``(down, up)``: down (G·r, hidden) computes a rank-r latent per group of g KV heads (the
-        cache holds it), up (G, g·d, r) is absorbed into W_o (``latent_o_proj``), so nothing is rebuilt.
-    qk_norm : with a QK-norm model, ``exact`` (q and k projected at full width, normalised as the original, then the
-        kept channels taken: exact, but the q/k projections do not shrink) or ``kept`` (only the kept rows projected,
-        normalised over the kept channels with the statistic rescaled by ``qk_rho``: everything shrinks).
-    qk_rho : with ``kept``, ``(q_rho (n_heads,), k_rho (n_kv,))``, ``KeptHeadNorm``'s corrections.
-    """
-
-    def __init__(self, attn: nn.Module, k_channels: list[list[int]], v_channels: list[list[int]] | None = None,
-                 o_maps: torch.Tensor | None = None, v_latent: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 qk_norm: str | None = None, qk_rho: tuple[torch.Tensor, torch.Tensor] | None = None):
-        super().__init__(attn)
-        d, rep, n_kv = self.head_dim, self.num_key_value_groups, len(k_channels)
-        self.n_k = len(k_channels[0])
-        if any(len(c) != self.n_k for c in k_channels):
-            raise ValueError("kept key channel counts must be equal across the KV heads of a layer")
-        q_channels = [k_channels[h // rep] for h in range(n_kv * rep)]
-        self.qk_norm = qk_norm if hasattr(attn, "k_norm") else None
-        if self.qk_norm == "exact":
-            full_width_qk(self, attn)
-            dev = attn.q_proj.weight.device
-            self.register_buffer("q_index", torch.tensor(q_channels, device=dev), persistent=False)
-            self.register_buffer("k_index", torch.tensor(k_channels, device=dev), persistent=False)
-        else:
-            self.q_proj = linear_rows(attn.q_proj, [h * d + c for h in range(n_kv * rep) for c in q_channels[h]])
-            self.k_proj = linear_rows(attn.k_proj, [g * d + c for g in range(n_kv) for c in k_channels[g]])
-            if self.qk_norm == "kept":
-                self.q_norm = KeptHeadNorm(attn.q_norm, q_channels, qk_rho[0])
-                self.k_norm = KeptHeadNorm(attn.k_norm, k_channels, qk_rho[1])
-            elif self.qk_norm is not None:
-                raise ValueError(f"qk_norm={qk_norm!r} is not exact or kept")
-        if v_latent is not None:
-            down, up = v_latent
-            self.v_heads, self.n_v = up.shape[0], up.shape[2]
-            self.v_proj = linear(down.to(attn.v_proj.weight), None)
-            self.o_proj = latent_o_proj(attn, up)
-        else:
-            self.v_heads, self.n_v = n_kv, len(v_channels[0])
-            if any(len(c) != self.n_v for c in v_channels):
-                raise ValueError("kept value channel counts must be equal across the KV heads of a layer")
-            self.v_proj = linear_rows(attn.v_proj, [g * d + c for g in range(n_kv) for c in v_channels[g]])
-            o_cols = [h * d + c for h in range(n_kv * rep) for c in v_channels[h // rep]]
-            if o_maps is None:
-                w_o = attn.o_proj.weight[:, o_cols]
-            else:
-                w = attn.o_proj.weight
-                heads = w.view(w.shape[0], -1, d).transpose(0, 1)  # (n_heads, hidden, d)
-                w_o = (heads.float() @ o_maps.to(w.device).float()).transpose(0, 1).reshape(w.shape[0], -1).to(w.dtype)
-            self.o_proj = linear(w_o, attn.o_proj.bias)
-        self.rope = PairRope(k_channels, d, attn.q_proj.weight.device)
-
-    def queries_keys(self, x):
-        """Queries and keys (b, heads, s, n_k) before RoPE, normalised as ``qk_norm`` says."""
-        shape = x.shape[:-1]
-        if self.qk_norm == "exact":
-            q = self.q_norm(self.q_proj(x).view(*shape, -1, self.head_dim))
-            k = self.k_norm(self.k_proj(x).view(*shape, -1, self.head_dim))
-            q = q.gather(-1, self.q_index.expand(*shape, -1, -1))
-            k = k.gather(-1, self.k_index.expand(*shape, -1, -1))
-        else:
-            q = self.q_proj(x).view(*shape, -1, self.n_k)
-            k = self.k_proj(x).view(*shape, -1, self.n_k)
-            if self.qk_norm == "kept":
-                q, k = self.q_norm(q), self.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2)
-
-    def project(self, x, position_embeddings, position_ids=None):
-        shape = x.shape[:-1]
-        q, k = self.queries_keys(x)
-        v = self.v_proj(x).view(*shape, self.v_heads, self.n_v).transpose(1, 2)
-        tables = self.rope.tables(*position_embeddings)
-        return self.rope(q, tables), self.rope(k, tables), v

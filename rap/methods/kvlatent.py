@@ -54,7 +54,7 @@ def rope_exponents(width: int) -> list[int]:
 ROPES, SCALES = ("latent", "original"), ("reduced", "original")
 
 
-def expected_exponents(rope: str, qk_dims: list[int], d: int) -> list[int]:
+def expected_exponents(rope: str, qk_dims: list[int]) -> list[int]:
     """The plan's RoPE exponents: KV-Latent's for the reduced width (``latent``), or each kept pair's own, 2i for
     pair i of a width-d head (``original``; the kept dims are whole pairs, ``reduced_dims``)."""
     if rope == "original":
@@ -202,7 +202,7 @@ class KVLatent(Method):
         layers = [{"qk_dims": qk_dims, "v_dims": v_dims} for _ in range(config.num_hidden_layers)]
         plan = {"method": self.name, "ratio": self.ratio, "head_dim": d, "qk_selection": qk_rule,
                 "v_selection": v_rule, "rope": self.rope, "scale": self.scale,
-                "rope_exponents": expected_exponents(self.rope, qk_dims, d),
+                "rope_exponents": expected_exponents(self.rope, qk_dims),
                 "rope_bases": layer_rope_bases(config), "layers": layers}
         return {**plan, "qk_norm": "exact"} if has_qk_norm(config) else plan
 
@@ -248,7 +248,7 @@ class KVLatent(Method):
             raise PlanError("its layers keep different q/k dims; original frequencies fit one set")
         if rope == "original" and qk[len(qk) // 2:] != [c + d // 2 for c in qk[:len(qk) // 2]]:
             raise PlanError("its q/k dims are not whole RoPE pairs (i, i + head_dim/2), as original frequencies need")
-        if entry(plan, "rope_exponents", "the plan") != expected_exponents(rope, qk, d):
+        if entry(plan, "rope_exponents", "the plan") != expected_exponents(rope, qk):
             raise PlanError(f"its rope_exponents are not KV-Latent's ({rope}) for q/k dims of width {len(qk)}")
         return {}
 
