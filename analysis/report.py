@@ -30,9 +30,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import collect, collect_local
+from rap.harness.evaluators import by_length, pair_runs
 from rap.harness.zeroshot import CHANCE
 from rap.methods import METHODS
-from rap.stats import above_chance, paired_accuracy_difference, paired_perplexity_ratio, wilson_lower_bound
+from rap.stats import above_chance, paired_accuracy_difference, wilson_lower_bound
 
 COLUMNS = ["model", "method", "variant", "criterion", "ratio", "eval_profile", "ppl_wikitext2", "acc_avg",
            "acc_norm_avg", "kv_bytes_per_token_ratio", "params_attention_ratio", "params_total_ratio",
@@ -94,18 +95,6 @@ def _read_per_sample(path: str) -> dict | None:
 def per_sample(path) -> dict | None:
     """A run's ``per_sample.json`` (read once per report; callers do not modify it)."""
     return _read_per_sample(str(path))
-
-
-def _by_length(long: dict) -> dict:
-    """``per_sample.json["long"]`` ({task: doc_id, length, score}) as one task per task and length, the shape
-    ``paired_accuracy_difference`` takes: the mean over (task, length) cells, as ``ruler_avg``."""
-    out = {}
-    for task, d in long.items():
-        for doc, length, score in zip(d["doc_id"], d["length"], d["score"]):
-            cell = out.setdefault(f"{task}_{length}", {"doc_id": [], "score": []})
-            cell["doc_id"].append(doc)
-            cell["score"].append(score)
-    return out
 
 
 def _references(df: pd.DataFrame, against: dict | None, match: tuple[str, ...]) -> tuple[pd.DataFrame, list[str]]:
@@ -207,17 +196,9 @@ def chance_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired(a: dict | None, b: dict | None) -> dict:
     """Run ``b``'s intervals against run ``a`` from their ``per_sample.json``: ``ppl_ratio`` (b/a), ``acc_diff`` and
-    ``long_diff`` (b - a), each where both runs have it on the same windows or documents."""
-    if a is None or b is None:
-        return {}
-    out = {}
-    if a["ppl"]["window_nll"] and len(a["ppl"]["window_nll"]) == len(b["ppl"]["window_nll"]):
-        out["ppl_ratio"] = paired_perplexity_ratio(a["ppl"]["window_nll"], b["ppl"]["window_nll"])
-    if a["zeroshot"] and b["zeroshot"]:
-        out["acc_diff"] = paired_accuracy_difference(a["zeroshot"], b["zeroshot"])
-    if a.get("long") and b.get("long"):
-        out["long_diff"] = paired_accuracy_difference(_by_length(a["long"]), _by_length(b["long"]), "score")
-    return out
+    ``long_diff`` (b - a), each where both runs have it on the same windows or documents (each evaluation's own
+    pairing rule, ``rap.harness.evaluators``)."""
+    return pair_runs(a, b)
 
 
 def paper_table(df: pd.DataFrame, tasks: bool = True, extra: list[str] = (), against: dict | None = None,
@@ -387,9 +368,9 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
         run = per_sample(r["path"])
         if not (run or {}).get("long"):
             continue
-        cells = _by_length(run["long"])
+        cells = by_length(run["long"])
         base = per_sample(r["baseline_path"]) if r["baseline_path"] else None
-        base_cells = _by_length(base["long"]) if base and base.get("long") else None
+        base_cells = by_length(base["long"]) if base and base.get("long") else None
         out = {"model": r["model"], "method": r["method"], "ratio": _fmt(r["ratio"], ".2f")}
         lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
         for n in lengths:

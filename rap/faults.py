@@ -1,7 +1,8 @@
 """Fault injection for the kill tests: with ``RAP_KILL_AT=<point>[@<run name>]`` the process SIGKILLs itself on
 reaching that point (of that job), the way a preempted or OOM-killed job dies: no handler or cleanup runs.
-Points: the job phases ``load``, ``compress``, ``latency``, ``ppl``, ``zeroshot``, ``finish`` (W&B), and
-``write:<file>`` between a result file's complete temp copy and its rename."""
+Points: every timed phase of the job (``Run.phase``: ``load``, ``baseline``, ``compress``, ``heal``, ``measure``,
+``latency``, and each evaluation by its key, ``rap.harness.evaluators``), ``finish`` (W&B), and ``write:<file>``
+between a result file's complete temp copy and its rename."""
 from __future__ import annotations
 
 import os

@@ -48,7 +48,6 @@ computes (``rap.harness.results.job_lock``). ``RAP_KILL_AT`` injects kills for t
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,9 +56,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .. import costs, measure
-from ..cache import cached_widths, check_group_size, make_cache, measured_split, quantized_cache_bytes
+from ..cache import cached_widths, check_group_size, measured_split, quantized_cache_bytes
 from ..calibration import gradient_settings
-from ..data import WIKITEXT_TEST, calibration_batches, check_window, wikitext2_test_text, window_bos
+from ..data import calibration_batches
 from ..devices import model_devices, resolve_dtype
 from ..faults import kill_point, set_current_run
 from ..files import remove_temp_files, writable_dir, write_atomic
@@ -67,7 +66,7 @@ from ..heal import HEALERS, healed_tensors
 from ..models import load_model
 from ..plans import apply_plan, save_plan
 from .environment import describe_environment
-from .perplexity import perplexity
+from .evaluators import EVALUATORS, Context
 from .results import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -172,17 +171,17 @@ def start(s: Settings, out_dir: Path, data_dir: Path | None) -> Run:
     device = s.device
     print(f"[rap] computing {s.run_name} in {out_dir}", flush=True)
     results = {"model": s.model.name, "method": s.config["method"]["name"], "ratio": s.ratio,
-               "eval_profile": s.cfg.eval.name, "seed": s.cfg.seed, "run_name": s.run_name,
+               "eval_profile": s.eval_name, "seed": s.seed, "run_name": s.run_name,
                **describe_environment(device, resolve_dtype(s.model.dtype, device))}
     return Run(s=s, out_dir=out_dir, data_dir=data_dir, results=results)
 
 
 def open_tracker(run: Run):
-    s, t = run.s, run.s.cfg.tracking
+    s, t = run.s, run.s.tracking
     if t.backend == "none":
         return make_tracker("none")
-    return make_tracker(t.backend, out_dir=run.out_dir, project=t.project, entity=t.get("entity"), mode=t.get("mode"),
-                        group=s.cfg.sweep, name=s.run_name, config={**flat_config(s.config), **run.results},
+    return make_tracker(t.backend, out_dir=run.out_dir, project=t.project, entity=t.entity, mode=t.mode,
+                        group=s.sweep, name=s.run_name, config={**flat_config(s.config), **run.results},
                         tags=[f"method:{run.results['method']}", f"model:{s.model.name}"]
                         + (s.method.run_tags() if s.method is not None else []))
 
@@ -193,7 +192,7 @@ def load(run: Run):
     with run.phase("load"):
         model, tok = load_model(run.s.model)
     run.results["model_devices"] = ",".join(str(d) for d in model_devices(model))  # a scalar, as W&B summaries take
-    m = run.s.cfg.eval.measure
+    m = run.s.measure
     if run.s.method is not None and m.baseline_latency:
         with run.phase("baseline"):
             run.base.update(measure.measure_latency(model, m.context_len, repeats=m.latency_repeats,
@@ -214,11 +213,9 @@ def compress_and_heal(run: Run, model, tok, given_plan: dict | None, documents: 
         else:
             calib = None
             if s.method.needs_calibration(model.config):
-                c = s.cfg.calibration
-                calib = calibration_batches(tok, run.data_dir, c.source, s.calibration, seed=s.cfg.seed,
-                                            documents=documents.get(c.source))
-            with gradient_settings(checkpointing=bool(s.cfg.get("gradient_checkpointing")),
-                                   loss_chunk=s.cfg.get("loss_chunk", 1024)):
+                calib = calibration_batches(tok, run.data_dir, s.calibration_source, s.calibration, seed=s.seed,
+                                            documents=documents.get(s.calibration_source))
+            with gradient_settings(**s.gradients):
                 plan = s.method.make_plan(model, calib)
         model = apply_plan(model, plan)
     run.results.update(s.method.plan_record(plan))  # options that resolve by device or model (``auto``) as they ran
@@ -243,7 +240,7 @@ def heal_record(h: dict, outcome: dict | None = None) -> dict:
 def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> None:
     """Heal the compressed ``model`` in place (``rap.heal``) and record the healed weights and the settings in
     ``plan``; the ``heal_*`` metrics go to the results, the per-step losses to ``per_sample.json`` and W&B."""
-    h, seed = run.s.heal, run.s.cfg.seed
+    h, seed = run.s.heal, run.s.seed
     batch = calibration_batches(tok, run.data_dir, h["source"], {"heal": (h["n_samples"], h["seqlen"])}, seed=seed,
                                 documents=documents.get(h["source"]))["heal"]
     out = HEALERS[h["mode"]](model, originals, batch, h["steps"], h["lr"], h["batch_size"], seed=seed)
@@ -270,7 +267,7 @@ def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dic
 
 def record_costs(run: Run, model, plan: dict | None) -> None:
     """KV bytes, parameters and FLOPs, measured on the model and in closed form."""
-    spec, n = run.s.cache, run.s.cfg.eval.measure.context_len
+    spec, n = run.s.cache, run.s.measure.context_len
     with run.phase("measure"):
         shapes = cached_widths(model)
         widths = sorted({w[3] for kv in shapes for w in kv})
@@ -295,7 +292,7 @@ def record_costs(run: Run, model, plan: dict | None) -> None:
 
 def measure_latency(run: Run, model) -> None:
     """Prefill and decode latency, then every ``*_ratio`` key against the uncompressed model."""
-    m = run.s.cfg.eval.measure
+    m = run.s.measure
     with run.phase("latency"):
         run.results.update(measure.measure_latency(model, m.context_len, repeats=m.latency_repeats,
                                                    warmup=m.latency_warmup, decode_steps=m.decode_steps))
@@ -306,59 +303,17 @@ def measure_latency(run: Run, model) -> None:
 
 
 def evaluate(run: Run, model, tok) -> None:
-    evaluate_perplexity(run, model, tok)
-    if run.s.cfg.eval.zeroshot.tasks:
-        evaluate_zero_shot(run, model, tok)
-    long = run.s.cfg.eval.get("long")
-    if long is not None and long.tasks:
-        evaluate_long(run, model, tok)
-
-
-def evaluate_perplexity(run: Run, model, tok) -> None:
-    p, spec = run.s.cfg.eval.ppl, run.s.cache
-    with run.phase("ppl"):
-        ids = tok(wikitext2_test_text(run.data_dir), return_tensors="pt").input_ids[0]
-        check_window(ids.numel(), p.seqlen, "WikiText-2 test" if run.data_dir is None else run.data_dir / WIKITEXT_TEST)
-        mode = run.s.ppl_mode
-        chunk = (p.get("chunk") or 256) if mode == "cached" else None
-        bos = window_bos(tok)
-        ppl = perplexity(model, ids, seqlen=p.seqlen, max_windows=p.max_windows, chunk=chunk,
-                         make_cache=lambda: make_cache(spec, model), bos_id=bos, windows=run.s.ppl_windows)
-    run.results.update({"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
-                        "ppl_windows": ppl["windows"], "ppl_window_choice": run.s.ppl_windows, "ppl_seqlen": p.seqlen,
-                        "ppl_dataset": "wikitext-2-raw-v1",
-                        "ppl_split": "test", "ppl_mode": mode, **({"ppl_chunk": chunk} if chunk else {}),
-                        **({"ppl_bos": True} if bos is not None else {})})
-    run.per_sample.update({"ppl": {"window_nll": ppl["window_nll"], "window_index": ppl["window_index"],
-                                   "seqlen": p.seqlen}, "zeroshot": {}})
+    """Every configured evaluation in turn (``rap.harness.evaluators``), each timed as ``time_<key>_s``."""
+    s = run.s
+    ctx = Context(data_dir=run.data_dir, cache=s.cache, seed=s.seed, ppl_mode=s.ppl_mode)
+    run.per_sample["zeroshot"] = {}  # every per_sample.json has the key, as analysis reads it
+    for key, spec in s.evals.items():
+        with run.phase(key):
+            metrics, per_sample = EVALUATORS[key].run(model, tok, spec, ctx)
+        run.results.update(metrics)
+        run.per_sample[key] = per_sample
     if run.heal_curves is not None:
         run.per_sample["heal"] = run.heal_curves
-
-
-def evaluate_zero_shot(run: Run, model, tok) -> None:
-    from .zeroshot import evaluate_zero_shot as zero_shot
-
-    z, seed = run.s.cfg.eval.zeroshot, run.s.cfg.seed
-    with run.phase("zeroshot"), tempfile.TemporaryDirectory(prefix="rap_tasks_") as work:
-        zs = zero_shot(model, tok, list(z.tasks), run.data_dir, limit=z.limit, seed=seed, batch_size=z.batch_size,
-                       work_dir=work)
-    run.per_sample["zeroshot"] = zs.pop("zs_per_doc")
-    run.results.update(zs)
-    run.results.update({"zs_limit": z.limit, "zs_seed": seed})
-
-
-def evaluate_long(run: Run, model, tok) -> None:
-    from .ruler import evaluate_long as ruler
-    from .ruler import long_lengths
-
-    lc, spec = run.s.cfg.eval.long, run.s.cache
-    with run.phase("long"):
-        lengths = long_lengths(lc.get("lengths"), model)
-        lr = ruler(model, tok, list(lc.tasks), lengths, lc.limit, seed=run.s.cfg.seed,
-                   make_cache=lambda: make_cache(spec, model))
-    run.per_sample["long"] = lr.pop("ruler_per_doc")
-    run.results.update(lr)
-    run.results.update({"ruler_limit": lc.limit, "ruler_lengths": lengths})
 
 
 def mirror(run: Run, tracker, model_config, plan: dict | None) -> None:

@@ -11,14 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cache import CacheSpec, cache_spec
 from ..calibration import STATISTICS
-from ..data import calibration_documents, check_wikitext2_test, resolve_data_dir
+from ..data import calibration_documents, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..methods import Method, get_method, make_method
 from ..methods.selection import check_ratio
 from ..models import ModelSpec, check_rope_config, load_config
 from ..plans import load_plan, validate_plan
-from .perplexity import WINDOW_CHOICES
+from .evaluators import EVALUATORS, eval_specs
 from .resolvers import is_baseline_ratio
 from .results import BASELINE_METHOD
 
@@ -26,27 +26,53 @@ HEAL_MODES = ("none", "layerwise", "e2e")
 HEAL_BUDGET = (("n_samples", int), ("seqlen", int), ("steps", int), ("batch_size", int), ("lr", float))
 
 
-@dataclass
-class Settings:
-    """What a job does, as plain values. ``cfg`` stays for the evaluation groups (``cfg.eval``) and names."""
+@dataclass(frozen=True)
+class Measure:
+    """``eval.measure``: costs and latency at ``context_len`` tokens of context."""
 
-    cfg: DictConfig
+    context_len: int
+    latency_repeats: int
+    latency_warmup: int
+    baseline_latency: bool
+    decode_steps: int
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """``tracking``: where the result is mirrored (``none`` or ``wandb``)."""
+
+    backend: str
+    project: str | None = None
+    entity: str | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a job does, as plain values, each resolved and checked once (``read_settings``); no phase reads
+    the raw config."""
+
     config: dict  # the resolved config that identifies the result (``job_config``)
+    run_name: str
+    sweep: str
+    seed: int
     ratio: float
     method: Method | None  # None: the uncompressed baseline
     model: ModelSpec
     device: torch.device
     heal: dict | None
     cache: CacheSpec
+    eval_name: str
+    evals: dict  # evaluation key -> its spec, in order (``rap.harness.evaluators``)
+    measure: Measure
     ppl_mode: str
-    ppl_windows: str  # spread | first (``rap.harness.perplexity.window_indices``)
+    calibration_source: str
     calibration: dict  # statistic -> (n_samples, seqlen); "default" for the rest
+    gradients: dict  # checkpointing, loss_chunk (``rap.calibration.gradient_settings``)
+    plan_path: str | None
+    tracking: Tracking
     threads: int | None
     data_dir: Path | None  # None: nothing configured and no ../shared/data (the hub's copies are read)
-
-    @property
-    def run_name(self) -> str:
-        return self.cfg.run_name
 
 
 def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
@@ -68,10 +94,17 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
     device = resolve_device(cfg.device)
     config = job_config(cfg, device)
     spec = cache_spec(cfg.get("cache"))
-    return Settings(cfg=cfg, config=config, ratio=ratio, method=build_method(cfg, config), model=model_spec(cfg),
-                    device=device, heal=heal_settings(cfg), cache=spec, ppl_mode=ppl_mode(cfg, spec),
-                    ppl_windows=ppl_windows(cfg),
+    m, t = cfg.eval.measure, cfg.tracking
+    return Settings(config=config, run_name=cfg.run_name, sweep=cfg.sweep, seed=cfg.seed, ratio=ratio,
+                    method=build_method(cfg, config), model=model_spec(cfg), device=device, heal=heal_settings(cfg),
+                    cache=spec, eval_name=cfg.eval.name, evals=eval_specs(cfg.eval),
+                    measure=Measure(m.context_len, m.latency_repeats, m.latency_warmup, bool(m.baseline_latency),
+                                    m.decode_steps),
+                    ppl_mode=ppl_mode(cfg, spec), calibration_source=cfg.calibration.source,
                     calibration=calibration_sizes(cfg.calibration),
+                    gradients={"checkpointing": bool(cfg.get("gradient_checkpointing")), "loss_chunk": chunk},
+                    plan_path=cfg.get("plan") or None,
+                    tracking=Tracking(t.backend, t.get("project"), t.get("entity"), t.get("mode")),
                     threads=threads_per_job(cfg.get("threads", "auto"), launcher),
                     data_dir=resolve_data_dir(cfg.data.dir))
 
@@ -160,15 +193,6 @@ def ppl_mode(cfg: DictConfig, spec: CacheSpec) -> str:
     return mode
 
 
-def ppl_windows(cfg: DictConfig) -> str:
-    """Which perplexity windows: ``spread`` over the test text or the ``first`` N (unset: ``first``, as every result
-    from before the choice existed read)."""
-    choice = cfg.eval.ppl.get("windows") or "first"
-    if choice not in WINDOW_CHOICES:
-        raise ConfigError(f"eval.ppl.windows={choice!r} is not one of {', '.join(WINDOW_CHOICES)}.")
-    return choice
-
-
 def threads_per_job(threads, launcher: dict | None = None, cores: int | None = None) -> int | None:
     """Torch threads for one job: ``threads`` when it is a number; with ``auto``, the cores shared by the jobs that
     a parallel launcher runs at once (joblib's ``n_jobs``, submitit's ``cpus_per_task``), so that jobs x threads
@@ -190,24 +214,20 @@ def check_before_loading(s: Settings, data_dir: Path | None) -> tuple[dict | Non
     """Everything that can be checked from the model config and the data files alone: RoPE layout, the method's
     options and budget, the data files the job will read, and a given plan file. Returns the plan (loaded and
     validated) and the calibration documents by source, so that each is read once."""
-    cfg = s.cfg
-    if cfg.eval.get("long") is not None:
-        from .ruler import check_tasks
-
-        check_tasks(cfg.eval.long.tasks)
     config = load_config(s.model)
     check_rope_config(config)
     if s.method is not None:
         s.method.validate(config)
     documents = check_data(s, data_dir, config)
-    if s.method is None or not cfg.get("plan"):
+    if s.method is None or not s.plan_path:
         return None, documents
-    plan = load_plan(cfg.plan)
+    plan = load_plan(s.plan_path)
     if plan.get("method") != s.method.name or plan.get("ratio") != s.ratio:
-        raise ConfigError(f"plan={cfg.plan} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the job "
-                          f"asks for method={s.method.name} at ratio={cfg.ratio}; set method= and ratio= to match it.")
+        raise ConfigError(f"plan={s.plan_path} is a {plan.get('method')} plan at ratio {plan.get('ratio')}, but the "
+                          f"job asks for method={s.method.name} at ratio={s.ratio:g}; set method= and ratio= to match "
+                          "it.")
     if plan.get("heal") and plan["heal"] != s.heal:  # its weights are healed: the run must be labelled so
-        raise ConfigError(f"plan={cfg.plan} was healed with {healing_words(plan['heal'])}, but the job asks for "
+        raise ConfigError(f"plan={s.plan_path} was healed with {healing_words(plan['heal'])}, but the job asks for "
                           f"{healing_words(s.heal)}; set heal= and its budget to match the plan.")
     validate_plan(config, plan)
     return plan, documents
@@ -225,15 +245,11 @@ def check_data(s: Settings, data_dir: Path | None, config) -> dict:
     the calibration documents by source."""
     if data_dir is None:
         return {}
-    cfg = s.cfg
-    check_wikitext2_test(data_dir, cfg.eval.ppl.seqlen)
-    if cfg.eval.zeroshot.tasks:
-        from .zeroshot import check_task_files
-
-        check_task_files(data_dir, list(cfg.eval.zeroshot.tasks))
+    for key, spec in s.evals.items():
+        EVALUATORS[key].check(spec, data_dir)
     sources = []
-    if s.method is not None and not cfg.get("plan") and s.method.needs_calibration(config):
-        sources.append(cfg.calibration.source)
+    if s.method is not None and not s.plan_path and s.method.needs_calibration(config):
+        sources.append(s.calibration_source)
     if s.heal is not None:
         sources.append(s.heal["source"])
     return {source: calibration_documents(data_dir, source) for source in dict.fromkeys(sources)}
