@@ -11,21 +11,18 @@ process holds the job's lock, ``killed`` when its holder died, else ``unfinished
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from rap.harness.results import FAILURE_FILE, flat_config, lock_state
+from rap.harness.results import RunFolder, flat_config, lock_state
 from rap.methods import METHODS
 from rap.naming import whiten_size
 
 
-def _config(path: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    return flat_config(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
+def _config(run: RunFolder) -> dict:
+    return flat_config(run.config() or {})
 
 
 def healed_suffix(row) -> str:
@@ -89,22 +86,19 @@ def collect_local(*roots: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     missing = [str(r) for r in roots if not Path(r).exists()]
     if missing:
         raise SystemExit(f"error: no such result folder: {', '.join(missing)}")
-    folders = sorted({p.parent for root in roots for name in ("metrics.json", "config.yaml")
-                      for p in Path(root).rglob(name) if ".hydra" not in p.parts})
     rows, problems = [], []
-    for folder in folders:
-        cfg = {f"cfg.{k}": v for k, v in _config(folder / "config.yaml").items()}
-        if (folder / "metrics.json").exists():
-            row = json.loads((folder / "metrics.json").read_text())
+    for run in RunFolder.find(*roots):
+        cfg = {f"cfg.{k}": v for k, v in _config(run).items()}
+        if run.finished:
+            row = run.metrics()
             row.update(cfg)
-            row["path"] = str(folder)
+            row["path"] = str(run.path)
             rows.append(row)
         else:
-            failure = folder / FAILURE_FILE
-            info = json.loads(failure.read_text()) if failure.exists() else {}
-            status = "failed" if info else {"running": "running", "killed": "killed"}.get(lock_state(folder),
+            info = run.failure() or {}
+            status = "failed" if info else {"running": "running", "killed": "killed"}.get(lock_state(run.path),
                                                                                            "unfinished")
-            problems.append({"path": str(folder), "status": status,
+            problems.append({"path": str(run.path), "status": status,
                              "error": info.get("error", ""), "message": info.get("message", ""), **cfg})
     return _derive(pd.DataFrame(rows)), pd.DataFrame(problems)
 

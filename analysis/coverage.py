@@ -9,7 +9,6 @@ are then taken from that series, spread over it or the first N, and the interval
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 from scipy import stats as _dist
 
 from rap.harness.perplexity import window_indices
+from rap.harness.results import RunFolder
 from rap.stats import dependent_mean_interval
 
 WINDOWS_IN_TEXT = 148  # WikiText-2 test in windows of 2048 tokens, SmolLM2's tokenizer (Gemma 3's: 142)
@@ -75,9 +75,8 @@ def coverage(interval, series: np.ndarray, windows: list[int]) -> float:
 def committed_differences(results: Path, source: str = "main_table") -> list[np.ndarray]:
     """Each committed compressed run's per-window NLL difference from its baseline, in the windows' order."""
     runs = {}
-    for f in sorted((results / source).glob("*/per_sample.json")):
-        metrics = json.loads((f.parent / "metrics.json").read_text())
-        runs[metrics["method"], f.parent.name] = np.asarray(json.loads(f.read_text())["ppl"]["window_nll"])
+    for run in RunFolder.find(results / source, finished=True):
+        runs[run.metrics()["method"], run.name] = np.asarray(run.per_sample()["ppl"]["window_nll"])
     base = [v for (method, _), v in runs.items() if method == "none"]
     if len(base) != 1:
         raise SystemExit(f"error: {results / source} holds {len(base)} baseline runs; one is needed to pair against.")

@@ -15,7 +15,6 @@ Error bars are the 95% paired t-intervals against the baseline (``analysis.repor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.collect import collect  # noqa: E402
 from analysis.report import add_paired_intervals  # noqa: E402
+from rap.harness.results import RunFolder  # noqa: E402
 from rap.methods import METHODS, Method  # noqa: E402
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
@@ -168,8 +168,7 @@ def kept_frequency(df: pd.DataFrame) -> dict:
     for ratio, group in mapped.groupby("ratio"):
         plans, kinds = {}, {}
         for _, r in group.sort_values(["method", "criterion"] if "criterion" in group else "method").iterrows():
-            f = Path(str(r["path"])) / "plan.json"
-            plan = json.loads(f.read_text()) if f.exists() else None
+            plan = RunFolder(str(r["path"])).plan()
             if plan is None:
                 continue
             label = METHODS[plan["method"]].panel_label(plan)

@@ -10,20 +10,20 @@ pairs every run with a chosen one.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from analysis.report import interval_text, paired
+from rap.harness.results import RunFolder
 
 SAME = ("model", "eval_profile", "seed", "ppl_seqlen", "ppl_windows")
 
 
 def load(folder: str | Path) -> tuple[dict, dict]:
-    folder = Path(folder)
-    try:
-        return (json.loads((folder / "metrics.json").read_text()), json.loads((folder / "per_sample.json").read_text()))
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {folder} is not a finished run ({Path(e.filename).name} is missing).") from None
+    run = RunFolder(folder)
+    metrics, per_sample = run.metrics(), run.per_sample()
+    if metrics is None or per_sample is None:
+        raise SystemExit(f"error: {run.path} is not a finished run (its metrics or per-sample scores are missing).")
+    return metrics, per_sample
 
 
 def pair(a: str | Path, b: str | Path) -> dict:

@@ -13,7 +13,6 @@ them is typed by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from analysis.report import (
     per_sample,
     row_interval,
 )
+from rap.harness.results import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "docs" / "bench"
@@ -413,7 +413,7 @@ def runs(results: Path, source: str | tuple) -> pd.DataFrame:
     made from a tree with uncommitted changes, ends the rebuild (``SourceError``)."""
     folders = [results / f for f in ((source,) if isinstance(source, str) else source)]
     for folder in folders:
-        if not folder.is_dir() or not any(folder.glob("*/metrics.json")):
+        if not folder.is_dir() or not RunFolder.find(folder, finished=True):
             raise SourceError(f"{folder} holds no finished run, and the docs are rebuilt from it; restore it "
                               "(git checkout -- results) or rerun its preset.")
     df = collect_local(*folders)[0]
@@ -432,10 +432,9 @@ def with_replayed_heal_times(df: pd.DataFrame, results: Path) -> pd.DataFrame:
     if "cfg.plan" not in df:
         return df
     trainer = df["cfg.plan"].map(lambda p: Path(p).parent.name if isinstance(p, str) else None)
-    times = {}
-    for name in trainer.dropna().unique():
-        for metrics in results.glob(f"*/{name}/metrics.json"):
-            times[name] = json.loads(metrics.read_text()).get("heal_time_s")
+    names = set(trainer.dropna())
+    times = {run.name: run.metrics().get("heal_time_s") for run in RunFolder.find(results, finished=True)
+             if run.name in names}
     df = df.copy()
     own = df["heal_time_s"] if "heal_time_s" in df else pd.Series(float("nan"), index=df.index)
     df["heal_time_s"] = own.fillna(trainer.map(times))

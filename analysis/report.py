@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 
 from analysis.collect import collect, collect_local
 from rap.harness.evaluators import by_length, pair_runs
+from rap.harness.results import RunFolder
 from rap.harness.zeroshot import CHANCE
 from rap.methods import METHODS
 from rap.stats import above_chance, paired_accuracy_difference, wilson_lower_bound
@@ -88,8 +88,7 @@ def _read_per_sample(path: str) -> dict | None:
         from analysis.collect import per_sample_from_wandb
 
         return per_sample_from_wandb(path)
-    f = Path(path) / "per_sample.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    return RunFolder(path).per_sample()
 
 
 def per_sample(path) -> dict | None:

@@ -12,23 +12,24 @@ import argparse
 import shutil
 from pathlib import Path
 
+from rap.harness.results import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("config.yaml", "metrics.json", "per_sample.json", "plan.json")
 MAX_PLAN_BYTES = 1 << 20
 
 
 def export(sweep: Path, results: Path) -> list[Path]:
     """Copy each finished run of ``sweep`` to ``results/<sweep name>/<run>``; returns the run folders written."""
     written = []
-    for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
-        if not (run / "metrics.json").exists():
-            print(f"[results] skipping {run}: not finished")
+    for run in (RunFolder(p) for p in sorted(sweep.iterdir()) if p.is_dir()):
+        if not run.finished:
+            print(f"[results] skipping {run.path}: not finished")
             continue
         target = results / sweep.name / run.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in FILES:
-            src = run / name
-            if src.exists() and not (name == "plan.json" and src.stat().st_size > MAX_PLAN_BYTES):
+        for name in RunFolder.FILES:
+            src = run.path / name
+            if src.exists() and not (src == run.plan_path and src.stat().st_size > MAX_PLAN_BYTES):
                 shutil.copyfile(src, target / name)
         written.append(target)
     return written

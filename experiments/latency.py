@@ -9,13 +9,13 @@ re-times every plan with nothing else running. One model is loaded: each plan sw
 the original ones back (no copy of the model, which a large one would not have room for).
 """
 import argparse
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from rap import apply_plan, measure
 from rap.files import write_csv
+from rap.harness.results import RunFolder
 from rap.harness.settings import model_spec
 from rap.models import load_model
 from rap.modules import swapped_attention
@@ -31,11 +31,10 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--out", default="latency.csv")
     a = ap.parse_args()
-    runs = sorted(p.parent for root in a.roots for p in Path(root).rglob("plan.json")
-                  if (p.parent / "metrics.json").exists())
+    runs = [r for r in RunFolder.find(*a.roots, finished=True) if r.plan_path.exists()]
     if not runs:
         raise SystemExit(f"error: no finished compressed runs under {' '.join(a.roots)}")
-    cfg = OmegaConf.load(runs[0] / "config.yaml")
+    cfg = OmegaConf.create(runs[0].config())
     base, _ = load_model(model_spec(cfg))
 
     def timed(model) -> dict:
@@ -45,11 +44,11 @@ def main():
     rows = [{"run": "baseline (before)", **timed(base)}]
     print(rows[-1], flush=True)
     for run in runs:
-        if OmegaConf.load(run / "config.yaml").model.name != cfg.model.name:
+        if run.config()["model"]["name"] != cfg.model.name:
             continue
         with swapped_attention(base):  # the uncompressed model again afterwards (modules and plan), for the next plan
-            apply_plan(base, run / "plan.json")
-            rows.append({"run": str(run), **timed(base)})
+            apply_plan(base, run.plan_path)
+            rows.append({"run": str(run.path), **timed(base)})
         print(rows[-1], flush=True)
     rows.append({"run": "baseline (after)", **timed(base)})
     print(rows[-1], flush=True)

@@ -95,9 +95,9 @@ def test_collect_from_wandb_has_the_local_columns(sweep):
 
 
 def test_per_sample_data_rebuilt_from_wandb_tables_pairs_as_the_files_do(sweep):
-    """The per-sample tables a job logs to W&B (``rap.harness.results.per_sample_tables``) give back the same
+    """The per-sample tables a job logs to W&B (``rap.harness.tracking.per_sample_tables``) give back the same
     ``per_sample.json``, so a paired table can be rebuilt from W&B alone."""
-    from rap.harness.results import per_sample_tables
+    from rap.harness.tracking import per_sample_tables
 
     runs = {p.name: json.loads((p / "per_sample.json").read_text()) for p in sweep.iterdir()
             if (p / "per_sample.json").exists()}

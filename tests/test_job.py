@@ -297,3 +297,18 @@ def test_memory_savers_change_no_plan_and_no_identity(tmp_path, data_dir):
     plain, saver = (json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("plain", "saver"))
     assert plain == saver
     assert results.finished(tmp_path / "saver", settings.job_config(tiny_cfg(tmp_path, *base)))
+
+
+def test_a_run_calibrated_on_other_text_gets_its_own_folder_and_finds_its_committed_result():
+    """The c4-calibrated, c4-healed run is not the wiki run's folder; its committed result (named before the -cal-c4
+    part existed) is still this config's."""
+    from omegaconf import OmegaConf
+
+    from rap.harness.results import identity
+    from rap.harness.settings import job_config
+
+    overrides = ["+experiment=heal", "method=rap", "ratio=0.2", "eval=standard"]
+    c4 = compose(*overrides, "calibration.source=c4", "sweep=heal_c4")
+    assert c4.run_name != compose(*overrides).run_name and c4.run_name.endswith("-cal-c4_standard")
+    committed = OmegaConf.to_container(OmegaConf.load(REPO / "results" / "heal_c4" / c4.run_name / "config.yaml"))
+    assert identity(committed) == identity(job_config(c4))

@@ -77,10 +77,9 @@ from .results import (
     job_lock,
     read_metrics,
     record_failure,
-    result_tables,
 )
 from .settings import Settings, check_before_loading, read_settings
-from .tracking import make_tracker
+from .tracking import make_tracker, result_tables
 
 RATIO_KEYS = ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode", "flops_decode_attention",
               "latency_prefill_ms", "latency_prefill_attention_ms", "latency_decode_ms", "latency_decode_attention_ms")

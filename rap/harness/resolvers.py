@@ -33,6 +33,12 @@ def heal_tag(tag: str, ratio) -> str:
     return "" if is_baseline_ratio(ratio) else tag
 
 
+def calibration_tag(source, ratio) -> str:
+    """``-cal-<source>`` for a compressed run calibrated (and so healed) on other text than ``wiki``: its folder is
+    not the wiki run's. Nothing at ratio 0, which reads no calibration text, or for wiki, so older names stay."""
+    return "" if is_baseline_ratio(ratio) or str(source) == "wiki" else f"-cal-{source}"
+
+
 def tag_option(value, default, prefix: str = "-") -> str:
     """A run-name tag's part for an option added after runs with that tag existed: ``<prefix><value>``, or nothing
     at the option's default, so that the names of runs at the default stay as they were."""
@@ -94,5 +100,6 @@ OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 OmegaConf.register_new_resolver("grouping", grouping, replace=True)
 OmegaConf.register_new_resolver("heal_tag", heal_tag, replace=True)
 OmegaConf.register_new_resolver("tag_option", tag_option, replace=True)
+OmegaConf.register_new_resolver("calibration_tag", calibration_tag, replace=True)
 OmegaConf.register_new_resolver("flag_tag", flag_tag, replace=True)
 OmegaConf.register_new_resolver("hub_name", hub_name, replace=True)

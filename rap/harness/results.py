@@ -17,8 +17,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .. import costs
-from ..architecture import layer_kinds, layer_rope_bases
 from ..errors import ConfigError, RapError
 from ..files import write_atomic
 
@@ -27,15 +25,72 @@ FAILURE_FILE = "failure.json"  # written instead of metrics.json when a started 
 
 
 BASELINE_METHOD = {"name": "none", "tag": "none"}
-# Where a result is written and mirrored (W&B or none), and how it was computed (threads, recorded as env_threads;
+# Where a result is written and mirrored (W&B or none; the run name is derived from the rest, and a name that gained
+# a part, like -cal-c4, still finds the result), and how it was computed (threads, recorded as env_threads;
 # memory savers that change no value), not what it is: a moved result, or one rerun with other such settings, still
 # counts as finished.
-LOCATION_KEYS = ("out_dir", "sweep", "tracking", "threads", "gradient_checkpointing", "loss_chunk")
+LOCATION_KEYS = ("out_dir", "sweep", "run_name", "tracking", "threads", "gradient_checkpointing", "loss_chunk")
 # Settings that cannot change an uncompressed result.
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
 GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
 # Options added later whose absence meant one value: results from before them read that value.
 IMPLIED = {("eval", "ppl", "windows"): "first"}
+
+
+class RunFolder:
+    """One job's result folder, the only reader of its files: analysis and the experiments open nothing by name.
+
+    ``finished`` once ``metrics.json`` exists (the commit point); ``metrics``, ``per_sample``, ``config``, ``plan`` and
+    ``failure`` read the files (None where absent)."""
+
+    FILES = (CONFIG_FILE, METRICS_FILE, PER_SAMPLE_FILE, PLAN_FILE)  # what a result is rebuilt from (results/)
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / METRICS_FILE).exists()
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / PLAN_FILE
+
+    def _json(self, name: str) -> dict | None:
+        f = self.path / name
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def metrics(self) -> dict | None:
+        return self._json(METRICS_FILE)
+
+    def per_sample(self) -> dict | None:
+        return self._json(PER_SAMPLE_FILE)
+
+    def plan(self) -> dict | None:
+        return self._json(PLAN_FILE)
+
+    def failure(self) -> dict | None:
+        return self._json(FAILURE_FILE)
+
+    def config(self) -> dict | None:
+        f = self.path / CONFIG_FILE
+        return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
+
+    @staticmethod
+    def find(*roots, finished: bool = False) -> list[RunFolder]:
+        """Every job folder under ``roots`` (any depth; Hydra's own folders left out): those holding a config or
+        metrics, or only the finished ones."""
+        names = (METRICS_FILE,) if finished else (METRICS_FILE, CONFIG_FILE)
+        found = {p.parent for root in roots for name in names for p in Path(root).rglob(name)
+                 if ".hydra" not in p.parts}
+        return [RunFolder(p) for p in sorted(found)]
 
 
 def _set_only(x):
@@ -145,44 +200,6 @@ def lock_state(folder) -> str | None:
         return "running"
     lock.release()
     return "killed"
-
-
-def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None,
-                  per_sample: dict | None = None) -> dict:
-    """Per-task zero-shot results, per-layer kept widths (what the cache holds; each layer's kind, local or global,
-    and RoPE base), when healed the training loss of every layer and step, and ``per_sample.json`` as tables
-    (``ppl_windows``: each window's mean NLL; ``zeroshot_docs``: each document's scores), so that paired
-    comparisons can be rebuilt from W&B as from the files; as DataFrames."""
-    import pandas as pd
-
-    tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
-    per_task = pd.DataFrame([{"task": t, "acc": results.get(f"acc_{t}"), "acc_norm": results.get(f"acc_norm_{t}"),
-                              "acc_stderr": results.get(f"acc_stderr_{t}"), "n": results[f"n_{t}"]} for t in tasks])
-    shapes = costs.attention_shapes(model_config, plan)
-    per_layer = pd.DataFrame([{"layer": i, "kind": kind, "rope_base": base, "qk_dim": s.qk_dim, "v_dim": s.v_dim,
-                               "cache_elements_per_token": s.cache_elements}
-                              for i, (s, kind, base) in enumerate(zip(shapes, layer_kinds(model_config),
-                                                                      layer_rope_bases(model_config), strict=True))])
-    tables = {"per_task": per_task, "per_layer": per_layer}
-    if heal_curves is not None:
-        tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v}
-                                            for i, curve in enumerate(heal_curves["loss"])
-                                            for j, v in enumerate(curve)])
-    return {**tables, **per_sample_tables(per_sample or {})}
-
-
-def per_sample_tables(per_sample: dict) -> dict:
-    import pandas as pd
-
-    out = {}
-    if per_sample.get("ppl"):
-        out["ppl_windows"] = pd.DataFrame({"window": range(len(per_sample["ppl"]["window_nll"])),
-                                           "nll": per_sample["ppl"]["window_nll"]})
-    docs = [{"task": task, "doc_id": d, **{m: s[m][j] for m in ("acc", "acc_norm") if m in s}}
-            for task, s in (per_sample.get("zeroshot") or {}).items() for j, d in enumerate(s["doc_id"])]
-    if docs:
-        out["zeroshot_docs"] = pd.DataFrame(docs)
-    return out
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import costs
+from ..architecture import layer_kinds, layer_rope_bases
 from ..errors import ConfigError, RapError
 
 
@@ -179,3 +181,41 @@ def read_offline_run(run_dir: str | Path) -> dict:
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items() if not k.startswith("_")}
     return {"config": config, "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
             "history_keys": history_keys, "exit_code": exit_code}
+
+
+def result_tables(results: dict, model_config, plan: dict | None, heal_curves: dict | None = None,
+                  per_sample: dict | None = None) -> dict:
+    """Per-task zero-shot results, per-layer kept widths (what the cache holds; each layer's kind, local or global,
+    and RoPE base), when healed the training loss of every layer and step, and ``per_sample.json`` as tables
+    (``ppl_windows``: each window's mean NLL; ``zeroshot_docs``: each document's scores), so that paired
+    comparisons can be rebuilt from W&B as from the files; as DataFrames."""
+    import pandas as pd
+
+    tasks = sorted(k[len("n_"):] for k in results if k.startswith("n_"))
+    per_task = pd.DataFrame([{"task": t, "acc": results.get(f"acc_{t}"), "acc_norm": results.get(f"acc_norm_{t}"),
+                              "acc_stderr": results.get(f"acc_stderr_{t}"), "n": results[f"n_{t}"]} for t in tasks])
+    shapes = costs.attention_shapes(model_config, plan)
+    per_layer = pd.DataFrame([{"layer": i, "kind": kind, "rope_base": base, "qk_dim": s.qk_dim, "v_dim": s.v_dim,
+                               "cache_elements_per_token": s.cache_elements}
+                              for i, (s, kind, base) in enumerate(zip(shapes, layer_kinds(model_config),
+                                                                      layer_rope_bases(model_config), strict=True))])
+    tables = {"per_task": per_task, "per_layer": per_layer}
+    if heal_curves is not None:
+        tables["heal_loss"] = pd.DataFrame([{"layer": i, "step": j, "loss": v}
+                                            for i, curve in enumerate(heal_curves["loss"])
+                                            for j, v in enumerate(curve)])
+    return {**tables, **per_sample_tables(per_sample or {})}
+
+
+def per_sample_tables(per_sample: dict) -> dict:
+    import pandas as pd
+
+    out = {}
+    if per_sample.get("ppl"):
+        out["ppl_windows"] = pd.DataFrame({"window": range(len(per_sample["ppl"]["window_nll"])),
+                                           "nll": per_sample["ppl"]["window_nll"]})
+    docs = [{"task": task, "doc_id": d, **{m: s[m][j] for m in ("acc", "acc_norm") if m in s}}
+            for task, s in (per_sample.get("zeroshot") or {}).items() for j, d in enumerate(s["doc_id"])]
+    if docs:
+        out["zeroshot_docs"] = pd.DataFrame(docs)
+    return out
