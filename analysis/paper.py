@@ -48,7 +48,6 @@ BENCH_DIR = REPO / "docs" / "bench"
 HEALING = ("main_table", "heal")  # the training-free cells are the main table's
 ABLATION = ("main_table_quick", "kvlatent_ablation")  # the baseline and RAP at eval=quick, as the ablation
 RECIPES = ("main_table_quick", "baseline_recipes")  # each recipe's variants beside the options it chose between
-PALU_CALIBRATION = ("main_table_quick", "palu_calibration")  # Palu whitened on its own batch size beside the default
 VALUE_PATH = ("main_table_quick", "rap_value_path")  # RAP's joint value latent beside the per-head one and V channels
 V_REFIT = ("main_table_quick", "rap_v_refit")  # RAP with W_o refit on the kept V channels beside plain RAP
 HEAL_C4 = ("main_table", "heal", "heal_c4")  # RAP calibrated and healed on c4 beside the same on wiki
@@ -210,6 +209,21 @@ def default_job(df: pd.DataFrame) -> str:
     return markdown(pd.DataFrame(rows, columns=["measure", "value"]))
 
 
+def test_durations(_df=None) -> str:
+    """``docs/bench/test_durations.txt`` (``scripts/test_durations.sh``): the full suite's 20 slowest tests and its
+    closing line, as measured."""
+    path = BENCH_DIR / "test_durations.txt"
+    if not path.exists():
+        raise SourceError(f"{path} is missing; run bash scripts/test_durations.sh on an idle machine.")
+    lines = path.read_text().splitlines()
+    head = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if line.startswith(("commit ", "cores "))}
+    rows = [{"seconds": line.split("s ", 1)[0], "phase": line.split()[1], "test": line.split()[2]}
+            for line in lines if re.match(r"^[0-9.]+s (call|setup|teardown) ", line)]
+    total = next((line.strip("= ") for line in lines if " passed" in line), "")
+    return (markdown(pd.DataFrame(rows)) + f"\n\nThe whole suite: {total}; commit {head.get('commit', '?')}, "
+            f"{head.get('cores', '?')} cores, `pytest -n 2`.")
+
+
 def coverage(_df=None) -> str:
     """The perplexity interval's coverage by simulation (``analysis.coverage``), over the committed main table."""
     from analysis.coverage import coverage_table
@@ -243,9 +257,6 @@ BLOCKS = {
     ("docs/results.md", "criteria_ablation"): ("criteria_ablation", lambda df: compact(df)),
     ("docs/results.md", "baseline_recipes"): (RECIPES, lambda df: compact(df)),
     ("docs/results.md", "long_context"): ("long_context", lambda df: long_per_length(df)),
-    ("docs/results.md", "palu_calibration"): (PALU_CALIBRATION, lambda df: against_rows(
-        df, df["experiment"].eq("palu_calibration"),
-        (({"whiten_calibration": "32 × 512"}, ("ratio", "tag")), ({"variant": "RAP (key_energy)"}, ("ratio",))))),
     ("docs/results.md", "rap_value_path"): (VALUE_PATH, lambda df: against_rows(
         df, df["experiment"].eq("rap_value_path"),
         (({"variant": "RAP (key_energy, low-rank V)"}, ("ratio",)), ({"variant": "RAP (key_energy)"}, ("ratio",))))),
@@ -255,6 +266,7 @@ BLOCKS = {
     ("docs/results.md", "chance_main_table"): ("main_table", lambda df: markdown(chance_table(df))),
     ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
+    ("docs/usage.md", "test_durations"): (None, test_durations),
     ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
     ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),
     ("docs/usage.md", "default_job"): ("default", default_job),

@@ -85,7 +85,7 @@ def test_heal_job_records_its_budget_and_changes_no_cost(tmp_path, data_dir):
     heal = ("heal=layerwise", "heal.n_samples=4", "heal.seqlen=32", "heal.steps=10", "heal.batch_size=2",
             "heal.lr=1e-3")
     cfg = compose(*common, *heal)
-    assert cfg.run_name.endswith("-heal-lw_smoke") and "heal" not in compose(*common[:-2], *heal).run_name
+    assert cfg.run_name.endswith("-heal-lw_smoke-spread") and "heal" not in compose(*common[:-2], *heal).run_name
     free, healed = run_job(compose(*common), tmp_path / "free"), run_job(cfg, tmp_path / "healed")
     for k in ("kv_bytes_per_token", "params_total", "params_attention", "flops_decode"):
         assert healed[k] == free[k]

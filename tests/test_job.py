@@ -269,7 +269,7 @@ def test_every_preset_composes_with_its_method_and_sweep(preset, method):
     assert method in cfg.run_name or method == "rap"
 
 
-@pytest.mark.parametrize("preset", ["palu_calibration", "kvlatent_ablation", "rap_value_path", "rap_v_refit"])
+@pytest.mark.parametrize("preset", ["kvlatent_ablation", "rap_value_path", "rap_v_refit"])
 def test_a_rerun_of_a_perplexity_only_preset_finds_its_committed_runs(preset):
     """Each job of the preset's sweep has the name and the identity of its committed run in results/, so a rerun
     skips it: the shared perplexity-only scope (conf/eval/scope) changes no result's identity or folder."""

@@ -122,7 +122,7 @@ def test_quantized_cache_job_measures_bytes_and_cached_perplexity(tmp_path, data
                   "eval.zeroshot.tasks=[]", "calibration.n_samples=2", "calibration.seqlen=32", "cache=quantized",
                   "cache.q_group_size=4", "cache.residual_length=8", "eval.ppl.chunk=16")
     assert (cfg.run_name.endswith("_rap-key_energy-uniform_r0.25_hqq-int4-g4_smoke")
-            or "_hqq-int4-g4_smoke" in cfg.run_name)
+            or "_hqq-int4-g4_smoke-spread" in cfg.run_name)
     m = run_job(cfg, tmp_path / "job")
     assert m["kv_cache"] == "hqq-int4-g4" and m["ppl_mode"] == "cached" and m["ppl_chunk"] == 16
     for part in ("full", "packed", "scales"):
