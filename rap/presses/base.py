@@ -1,0 +1,116 @@
+"""Base class of token-eviction presses and their registry. A press scores every context token of every KV head once
+the context is encoded (kvpress's leaderboard setting: before the question is read) and keeps each head's
+highest-scoring ``1 - ratio`` of them; the evicted entries leave the cache tensors, so the memory is really freed.
+
+Each layer's cached keys and values (whatever the layer caches: RAP's narrower keys, a latent) are gathered along the
+token axis. Every KV head keeps the same count, so the tensors stay dense: the bytes the cache holds are the bytes of
+the entries kept. The kept entries keep the RoPE rotation of their original positions, so the tokens that follow
+must be given their own positions (``next_positions``), not the compacted length.
+
+A press applies to caches whose every layer holds all the tokens it has seen (``DynamicCache``'s full-attention
+layers): sliding-window layers and quantized caches are refused, in one sentence, for now.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+PRESSES: dict[str, type[Press]] = {}
+
+
+def register(cls: type[Press]) -> type[Press]:
+    """Enter ``cls`` in ``PRESSES`` under its ``name`` (a class decorator)."""
+    PRESSES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Press:
+    """Token eviction after the context is encoded.
+
+    Parameters
+    ----------
+    ratio : float
+        Fraction of the context's tokens each KV head evicts, in [0, 1).
+    """
+
+    ratio: float = 0.0
+    name = "base"
+    reads_keys = False  # scores the cached keys themselves (meaningless on a latent cache)
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, tokens) scores of one layer's cached entries; higher is kept."""
+        raise NotImplementedError
+
+    def keep_count(self, tokens: int) -> int:
+        """Tokens each head keeps of ``tokens``: ``tokens - floor(ratio * tokens)``, at least one."""
+        return max(1, tokens - math.floor(self.ratio * tokens))
+
+    def validate(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0 <= self.ratio < 1:
+            raise ConfigError(f"press.ratio={self.ratio!r} is outside [0, 1).")
+
+    def compress(self, model, cache) -> None:
+        """Evict in place: each layer of ``cache`` keeps, per KV head, its ``keep_count`` highest-scoring tokens, in
+        their original order. Records the tokens seen (``cache.rap_seen_tokens``) for ``next_positions``."""
+        self.validate()
+        check_pressable(model, cache, self)
+        if hasattr(cache, "rap_seen_tokens"):
+            raise ConfigError("This cache was pressed already; a press compresses a context once, after it is encoded.")
+        seen = cache.layers[0].keys.shape[-2]
+        keep = self.keep_count(seen)
+        for layer in cache.layers:
+            if keep < layer.keys.shape[-2]:
+                idx = self.score(layer.keys, layer.values).topk(keep, dim=-1).indices.sort(dim=-1).values
+                layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
+        cache.rap_seen_tokens = seen
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, heads, tokens, width) at ``idx`` (batch, heads, kept) along the token axis: new dense storage,
+    so the evicted entries' memory is released."""
+    return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1])).contiguous()
+
+
+def check_pressable(model, cache, press: Press) -> None:
+    """Refuse, in one sentence, a cache the press cannot compact faithfully."""
+    from ..architecture import sliding_layers
+
+    if any(sliding_layers(model.config)):
+        raise ConfigError(f"press={press.name} evicts from caches that hold every token seen; this "
+                          f"{model.config.model_type} model has sliding-window layers, whose caches keep a window of "
+                          "their own, which rap's presses do not evict from yet.")
+    for layer in cache.layers:
+        if not isinstance(getattr(layer, "keys", None), torch.Tensor) or hasattr(layer, "_quantized_keys"):
+            raise ConfigError(f"press={press.name} compacts full-precision cache tensors; evict before quantizing "
+                              "(a quantized cache with a press is not supported yet).")
+    method = (getattr(model, "rap_plan", None) or {}).get("method")
+    if press.reads_keys and method in ("palu", "elitekv"):
+        raise ConfigError(f"press={press.name} scores cached keys, but {method} caches a low-rank latent, whose norm "
+                          "is not a key's; use a press that does not read the keys (streaming).")
+
+
+def next_positions(cache, new_tokens: int, batch: int = 1) -> torch.Tensor:
+    """(batch, new_tokens) RoPE positions of the tokens that follow a pressed cache: after every token seen, not
+    after the entries kept."""
+    start = getattr(cache, "rap_seen_tokens", None)
+    if start is None:
+        start = cache.get_seq_length()
+    device = cache.layers[0].keys.device
+    return torch.arange(start, start + new_tokens, device=device).expand(batch, -1)
+
+
+def advance(cache, new_tokens: int) -> None:
+    """Count ``new_tokens`` more tokens as seen, after a forward that appended them to a pressed cache."""
+    if hasattr(cache, "rap_seen_tokens"):
+        cache.rap_seen_tokens += new_tokens
+
+
+def kept_fraction(cache) -> float:
+    """Tokens kept over tokens seen, the mean over layers and heads, from the cache's tensors."""
+    seen = getattr(cache, "rap_seen_tokens", None) or cache.layers[0].keys.shape[-2]
+    return sum(layer.keys.shape[-2] for layer in cache.layers) / (len(cache.layers) * seen)

@@ -1,0 +1,149 @@
+"""Token eviction: a press that keeps everything changes nothing; an evicting press frees the evicted entries (the
+cache's tensors hold only what is kept, in closed form too, and with RAP the savings multiply); decoding after it with
+the tokens' own positions equals attending over the full cache with the evicted tokens masked out; each sequence of a
+batch evicts its own tokens; and what cannot be pressed faithfully is refused in one sentence."""
+import copy
+
+import pytest
+import torch
+from default_presses import default_presses
+from transformers import DynamicCache
+
+from rap import compress, costs, get_plan
+from rap.cache import cache_bytes
+from rap.compat import cache_kwargs
+from rap.errors import ConfigError
+from rap.models import build_tiny
+from rap.presses import kept_fraction, make_press, next_positions
+from rap.presses.base import gather_tokens
+
+CONTEXT = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+QUESTION = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
+IDS = [f"{cls.name}" for cls, _ in default_presses]
+
+
+def prefill(model, ids=CONTEXT):
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, use_cache=True, **cache_kwargs(cache))
+    return cache
+
+
+def answer(model, cache, ids=QUESTION, **extra):
+    with torch.no_grad():
+        return model(ids, use_cache=True, **cache_kwargs(cache), **extra).logits
+
+
+@pytest.mark.parametrize("press_cls, options", default_presses, ids=IDS)
+def test_a_press_that_keeps_everything_changes_nothing(press_cls, options):
+    model, _ = build_tiny("tiny-llama")
+    ref = answer(model, prefill(model))
+    cache = prefill(model)
+    press_cls(ratio=0.0, **options).compress(model, cache)
+    assert cache.layers[0].keys.shape[-2] == CONTEXT.shape[1] and kept_fraction(cache) == 1.0
+    assert torch.equal(answer(model, cache, position_ids=next_positions(cache, QUESTION.shape[1])), ref)
+
+
+def masked_reference(model, kept: torch.Tensor):
+    """The question answered over the full cache, with the context tokens outside ``kept`` masked out."""
+    mask = torch.zeros(1, CONTEXT.shape[1] + QUESTION.shape[1], dtype=torch.long)
+    mask[0, kept] = 1
+    mask[0, CONTEXT.shape[1]:] = 1
+    return answer(model, prefill(model), attention_mask=mask)
+
+
+@pytest.mark.parametrize("arch, method", [("tiny-llama", None), ("tiny-qwen3", None), ("tiny-qwen2", "rap")])
+def test_decoding_after_eviction_equals_attending_with_the_evicted_tokens_masked(arch, method):
+    model, _ = build_tiny(arch)
+    if method:
+        compress(model, method, 0.3, criterion="weight_norm")
+    press = make_press("streaming", ratio=0.5, sinks=2)
+    cache = prefill(model)
+    press.compress(model, cache)
+    n = CONTEXT.shape[1]
+    kept = torch.tensor([0, 1, *range(n - (press.keep_count(n) - 2), n)])
+    out = answer(model, cache, position_ids=next_positions(cache, QUESTION.shape[1]))
+    torch.testing.assert_close(out, masked_reference(model, kept), atol=1e-5, rtol=1e-5)
+    # without the tokens' own positions RoPE would rotate the question as if it came right after the kept entries
+    wrong = answer(model, prefill_and_press(model, press))
+    assert not torch.allclose(wrong, out, atol=1e-4)
+
+
+def prefill_and_press(model, press):
+    cache = prefill(model)
+    copy.deepcopy(press).compress(model, cache)
+    return cache
+
+
+@pytest.mark.parametrize("press_cls, options", default_presses, ids=IDS)
+@pytest.mark.parametrize("method", [None, "rap"])
+def test_evicted_entries_leave_the_cache_and_the_savings_multiply_with_rap(press_cls, options, method):
+    model, _ = build_tiny("tiny-llama")
+    full = cache_bytes(prefill(model))["total"]
+    if method:
+        compress(model, method, 0.3, criterion="weight_norm")
+    cache = prefill(model)
+    press = press_cls(ratio=0.5, **options)
+    press.compress(model, cache)
+    n, kept = CONTEXT.shape[1], press.keep_count(CONTEXT.shape[1])
+    measured = cache_bytes(cache)["total"]
+    plan = get_plan(model) if method else None
+    assert measured == costs.kv_bytes(model.config, kept, plan)  # the closed form at the kept count
+    channel = costs.kv_bytes_per_token(model.config, plan) / costs.kv_bytes_per_token(model.config)
+    assert measured == pytest.approx(full * channel * kept / n) and measured < full * channel
+    assert kept_fraction(cache) == kept / n
+
+
+def test_key_norm_keeps_each_heads_lowest_norm_keys_in_their_order():
+    model, _ = build_tiny("tiny-llama")
+    before = prefill(model).layers[1].keys
+    cache = prefill(model)
+    make_press("knorm", ratio=0.5).compress(model, cache)
+    keep = cache.layers[1].keys.shape[-2]
+    for h in range(before.shape[1]):
+        idx = before[0, h].norm(dim=-1).topk(keep, largest=False).indices.sort().values
+        assert torch.equal(cache.layers[1].keys[0, h], before[0, h, idx])
+
+
+@pytest.mark.parametrize("press_cls, options", default_presses, ids=IDS)
+def test_each_sequence_of_a_batch_evicts_its_own_tokens(press_cls, options):
+    model, _ = build_tiny("tiny-llama")
+    batch = torch.cat([CONTEXT, CONTEXT.flip(1)])
+    together = prefill(model, batch)
+    press_cls(ratio=0.5, **options).compress(model, together)
+    for i in range(2):
+        alone = prefill(model, batch[i:i + 1])
+        press_cls(ratio=0.5, **options).compress(model, alone)
+        for a, b in zip(together.layers, alone.layers):
+            torch.testing.assert_close(a.keys[i:i + 1], b.keys)
+            torch.testing.assert_close(a.values[i:i + 1], b.values)
+
+
+def test_gathering_copies_only_the_kept_entries():
+    x = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).view(2, 3, 5, 4)
+    idx = torch.tensor([[[0, 4]] * 3] * 2)
+    out = gather_tokens(x, idx)
+    assert out.shape == (2, 3, 2, 4) and torch.equal(out[:, :, 1], x[:, :, 4])
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda: (build_tiny("tiny-gemma3")[0], "streaming", {}), "has sliding-window layers"),
+    (lambda: (compress(build_tiny("tiny-llama")[0], "palu", 0.3, decomposition="svd", rank_allocation="uniform"),
+              "knorm", {}), "palu caches a low-rank latent"),
+    (lambda: (build_tiny("tiny-llama")[0], "streaming", {"ratio": 1.5}), r"press.ratio=1.5 is outside \[0, 1\)"),
+    (lambda: (build_tiny("tiny-llama")[0], "nope", {}), "Unknown press 'nope'; choose one of none, "),
+])
+def test_what_cannot_be_pressed_faithfully_is_refused_in_one_sentence(setup, message):
+    model, name, options = setup()
+    with pytest.raises(ConfigError, match=message) as err:
+        make_press(name, **{"ratio": 0.5, **options}).compress(model, prefill(model))
+    assert "\n" not in str(err.value) and str(err.value).endswith(".")
+
+
+def test_a_cache_is_pressed_once():
+    model, _ = build_tiny("tiny-llama")
+    cache = prefill(model)
+    make_press("streaming", ratio=0.5).compress(model, cache)
+    with pytest.raises(ConfigError, match="pressed already"):
+        make_press("streaming", ratio=0.5).compress(model, cache)
