@@ -34,6 +34,14 @@ def healed_suffix(row) -> str:
     return ""
 
 
+def press_suffix(row) -> str:
+    """" + streaming press 0.5" for a run whose context was pressed (``conf/press``), else ""."""
+    press = row.get("cfg.press.name")
+    if isinstance(press, str) and press != "none":
+        return f" + {press} press {row.get('cfg.press.ratio')}"
+    return ""
+
+
 def calibration_suffix(row) -> str:
     """" calibrated on c4" for a compressed run whose calibration text is not the default (wiki), else "": the
     criteria's and decompositions' statistics, and a heal's data, come from it."""
@@ -64,7 +72,8 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
     if "cfg.method.tag" in df:
         df["tag"] = df["cfg.method.tag"]
         rows = [r for _, r in df.iterrows()]
-        df["untrained_variant"] = [untrained_recipe(r) + calibration_suffix(r) if isinstance(r.get("method"), str)
+        df["untrained_variant"] = [untrained_recipe(r) + press_suffix(r) + calibration_suffix(r)
+                                   if isinstance(r.get("method"), str)
                                    else r.get("cfg.method.tag") for r in rows]
         df["variant"] = [u + healed_suffix(r) if isinstance(r.get("method"), str) else u
                          for u, r in zip(df["untrained_variant"], rows)]

@@ -105,6 +105,8 @@ def _references(df: pd.DataFrame, against: dict | None, match: tuple[str, ...]) 
         refs = df[df["method"] == "none"]
         if "kv_cache" in refs:  # a full-precision cache is the reference of every quantized one
             refs = refs.sort_values("kv_cache", key=lambda c: c != "fp", kind="stable")
+        if "cfg.press.name" in refs:  # and an unpressed cache that of every pressed one
+            refs = refs[refs["cfg.press.name"].fillna("none").eq("none")]
         return refs, keys
     unknown = [k for k in against if k not in df]
     if unknown:
@@ -130,7 +132,8 @@ def add_paired_intervals(df: pd.DataFrame, against: dict | None = None,
     refs, keys = _references(df, against, match)
     for i, row in df.iterrows():
         quantized = isinstance(row.get("kv_cache"), str) and row["kv_cache"] != "fp"
-        if against is None and row["method"] == "none" and not quantized:
+        pressed = isinstance(row.get("cfg.press.name"), str) and row["cfg.press.name"] != "none"
+        if against is None and row["method"] == "none" and not (quantized or pressed):
             continue
         found = refs[(refs[keys] == row[keys]).all(axis=1)] if keys else refs
         if found.empty or found.iloc[0]["path"] == row["path"]:
@@ -158,6 +161,8 @@ def add_above_chance(df: pd.DataFrame, refs: pd.DataFrame, keys: list[str]) -> p
     baselines = df[df["method"] == "none"]
     if "kv_cache" in baselines:
         baselines = baselines[baselines["kv_cache"].fillna("fp") == "fp"]
+    if "cfg.press.name" in baselines:
+        baselines = baselines[baselines["cfg.press.name"].fillna("none").eq("none")]
     base_keys = [k for k in PAIR_KEYS if k in df]
     df["acc_above"], df["above_tasks"] = math.nan, None
     for i, row in df.iterrows():

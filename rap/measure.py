@@ -70,7 +70,7 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure_costs(model, context_len: int, cache_spec=None) -> dict:
+def measure_costs(model, context_len: int, cache_spec=None, press=None) -> dict:
     """A cache holding ``context_len`` real tokens, then one decode step under ``FlopCounterMode``.
 
     With the default full-precision cache the tokens are one prefill. With a quantized cache (``rap.cache``) the
@@ -80,8 +80,13 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     Returns the bytes the cache holds (``kv_bytes``, and its parts ``kv_bytes_full``, ``kv_bytes_packed`` and
     ``kv_bytes_scales``), the FLOPs of the decode step (whole model and ``self_attn`` modules alone), the attention
     kernels that ran in the prefill and the decode step (``sdpa_kernels``), and the parameter counts.
+
+    With a ``press`` (``rap.presses``) the context is pressed before the decode step: ``kv_bytes`` is what the kept
+    entries hold, ``kv_bytes_allocated`` what the cache's tensors hold (the same while every head keeps one count),
+    and ``press_kept_fraction`` the tokens kept over the tokens seen, the mean over layers and heads.
     """
     from .cache import CacheSpec, cache_bytes, make_cache, measured_split
+    from .presses import kept_fraction, next_positions
 
     spec = cache_spec or CacheSpec()
     n_prefill, _ = measured_split(spec, context_len)
@@ -90,15 +95,20 @@ def measure_costs(model, context_len: int, cache_spec=None) -> dict:
     prefill_kernels = kernel_used(lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
     for t in range(n_prefill, context_len):
         model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
-    held = cache_bytes(cache)
+    positions = {}
+    if press is not None:
+        press.compress(model, cache)
+        positions = {"position_ids": next_positions(cache, 1)}
+    held, kept = cache_bytes(cache), kept_fraction(cache)
     counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
     with counter:
-        model(random_ids(model, 1, seed=1), use_cache=True, **cache_kwargs(cache))
+        model(random_ids(model, 1, seed=1), use_cache=True, **cache_kwargs(cache), **positions)
     per_module = counter.get_flop_counts()
     attn = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith("self_attn"))
     return {
         "context_len": context_len, "kv_bytes": held["total"], "kv_bytes_per_token": held["total"] / context_len,
         **{f"kv_bytes_{k}": held[k] for k in ("full", "packed", "scales")}, "kv_cache": spec.label,
+        "kv_bytes_allocated": held["total"], "press_kept_fraction": kept,
         "flops_decode": counter.get_total_flops(), "flops_decode_attention": attn, "sdpa_kernel": sdpa_kernels(counter),
         "sdpa_kernel_prefill": prefill_kernels, **count_params(model),
     }

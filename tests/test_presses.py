@@ -147,3 +147,28 @@ def test_a_cache_is_pressed_once():
     make_press("streaming", ratio=0.5).compress(model, cache)
     with pytest.raises(ConfigError, match="pressed already"):
         make_press("streaming", ratio=0.5).compress(model, cache)
+
+
+def test_a_pressed_job_records_kept_fraction_and_allocated_bytes_below_the_unpressed_ones(tmp_path, data_dir):
+    """``press=streaming`` in a job: cached perplexity reads the pressed context, and metrics.json carries the kept
+    fraction and the bytes the cache's tensors hold, measured and in closed form, below the unpressed run's; the
+    report pairs the pressed run against the unpressed baseline and names the press in its label."""
+    from conftest import compose
+
+    from analysis.report import add_paired_intervals, load_runs
+    from rap.harness.job import run_job
+
+    common = ["model=tiny-llama", "tracking=none", "eval=smoke", "eval.zeroshot.tasks=[]", "eval.ppl.mode=cached",
+              "eval.ppl.chunk=8", "eval.measure.context_len=32", f"out_dir={tmp_path}"]
+    plain = run_job(compose(*common), tmp_path / "plain")
+    pressed_cfg = compose(*common, "press=streaming", "press.ratio=0.5", "press.sinks=2")
+    assert "-press-streaming-r0.5-s2" in pressed_cfg.run_name
+    pressed = run_job(pressed_cfg, tmp_path / "pressed")
+    assert plain["press_kept_fraction"] == 1.0 and pressed["press_kept_fraction"] == 0.5
+    assert pressed["kv_bytes"] == pressed["kv_bytes_allocated"] == pressed["kv_bytes_formula"]
+    assert pressed["kv_bytes"] == plain["kv_bytes"] / 2 and pressed["kv_bytes_per_token_ratio"] == 0.5
+    assert pressed["flops_decode_attention"] == pressed["flops_decode_attention_formula"]
+    assert pressed["ppl_wikitext2"] != plain["ppl_wikitext2"]  # the second half of each window read less context
+    df = add_paired_intervals(load_runs(tmp_path / "plain", tmp_path / "pressed"))
+    row = df[df["variant"].str.contains("press")].iloc[0]
+    assert row["variant"] == "baseline + streaming press 0.5" and row["reference_path"] == str(tmp_path / "plain")

@@ -23,6 +23,7 @@ class Context:
     cache: object  # rap.cache.CacheSpec
     seed: int
     ppl_mode: str  # forward | cached (Settings.ppl_mode)
+    press: object = None  # rap.presses.Press or None
 
 
 class Evaluator:
@@ -74,7 +75,8 @@ class Perplexity(Evaluator):
         chunk = (spec["chunk"] or 256) if ctx.ppl_mode == "cached" else None
         bos = window_bos(tok)
         ppl = perplexity(model, ids, seqlen=spec["seqlen"], max_windows=spec["max_windows"], chunk=chunk,
-                         make_cache=lambda: make_cache(ctx.cache, model), bos_id=bos, windows=spec["windows"])
+                         make_cache=lambda: make_cache(ctx.cache, model), bos_id=bos, windows=spec["windows"],
+                         press=ctx.press)
         metrics = {"ppl_wikitext2": ppl["ppl"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
                    "ppl_windows": ppl["windows"], "ppl_window_choice": spec["windows"], "ppl_seqlen": spec["seqlen"],
                    "ppl_dataset": "wikitext-2-raw-v1", "ppl_split": "test", "ppl_mode": ctx.ppl_mode,

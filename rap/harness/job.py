@@ -252,15 +252,18 @@ def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> 
     run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
 
 
-def formula_costs(config, plan, context_len: int, bytes_per_element: int) -> dict:
-    kv = costs.kv_bytes(config, context_len, plan, bytes_per_element)
+def formula_costs(config, plan, context_len: int, bytes_per_element: int, kept: int | None = None) -> dict:
+    """Closed-form costs at ``context_len`` tokens of context, of which a press kept ``kept`` (all when None): the
+    cache holds, and the decode step attends over, the kept ones; per-token bytes are per context token seen."""
+    held = context_len if kept is None else kept
+    kv = costs.kv_bytes(config, held, plan, bytes_per_element)
     return {
         "kv_bytes_formula": kv,
         "kv_bytes_per_token_formula": kv / context_len,
         "params_total_formula": costs.total_params(config, plan),
         "params_attention_formula": costs.attention_params(config, plan),
-        "flops_decode_formula": costs.decode_flops(config, context_len, plan),
-        "flops_decode_attention_formula": costs.attention_decode_flops(config, context_len, plan),
+        "flops_decode_formula": costs.decode_flops(config, held, plan),
+        "flops_decode_attention_formula": costs.attention_decode_flops(config, held, plan),
     }
 
 
@@ -275,14 +278,16 @@ def record_costs(run: Run, model, plan: dict | None) -> None:
             print(f"[rap] warning: cached widths {widths} are not all multiples of 8; on a GPU set method.round_to=8, "
                   "else the compressed attention can be slower than the original")
         check_group_size(spec, model, shapes)
-        run.results.update(measure.measure_costs(model, n, spec))
+        press = run.s.press
+        run.results.update(measure.measure_costs(model, n, spec, press))
         bytes_per_element = next(model.parameters()).element_size()
-        run.results.update(formula_costs(model.config, plan, n, bytes_per_element))
+        kept = press.keep_count(n) if press is not None else None
+        run.results.update(formula_costs(model.config, plan, n, bytes_per_element, kept))
         if spec.kind == "quantized":
             held = quantized_cache_bytes(shapes, spec, *measured_split(spec, n), bytes_per_element)
             run.results["kv_bytes_per_token_formula"] = held["total"] / n
             run.results.update({f"kv_bytes_{k}_formula": held[k] for k in ("full", "packed", "scales")})
-        if plan is not None or spec.kind == "quantized":
+        if plan is not None or spec.kind == "quantized" or press is not None:
             # Cost baselines (uncompressed, full-precision cache) are exact in closed form (tests assert measured ==
             # formula); latency must be measured.
             dense = formula_costs(model.config, None, n, bytes_per_element)
@@ -304,7 +309,7 @@ def measure_latency(run: Run, model) -> None:
 def evaluate(run: Run, model, tok) -> None:
     """Every configured evaluation in turn (``rap.harness.evaluators``), each timed as ``time_<key>_s``."""
     s = run.s
-    ctx = Context(data_dir=run.data_dir, cache=s.cache, seed=s.seed, ppl_mode=s.ppl_mode)
+    ctx = Context(data_dir=run.data_dir, cache=s.cache, seed=s.seed, ppl_mode=s.ppl_mode, press=s.press)
     run.per_sample["zeroshot"] = {}  # every per_sample.json has the key, as analysis reads it
     for key, spec in s.evals.items():
         with run.phase(key):

@@ -32,7 +32,8 @@ BASELINE_METHOD = {"name": "none", "tag": "none"}
 LOCATION_KEYS = ("out_dir", "sweep", "run_name", "tracking", "threads", "gradient_checkpointing", "loss_chunk")
 # Settings that cannot change an uncompressed result.
 UNUSED_BY_BASELINE = ("method", "criterion", "calibration", "heal")
-GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none"}  # config groups added later, at their off setting
+# Config groups added later, at their off setting.
+GROUP_DEFAULTS = {"cache": "dynamic", "heal": "none", "press": "none"}
 # Options added later whose absence meant one value: results from before them read that value.
 IMPLIED = {("eval", "ppl", "windows"): "first"}
 

@@ -18,6 +18,7 @@ from ..methods import Method, get_method, make_method
 from ..methods.selection import check_ratio
 from ..models import ModelSpec, check_rope_config, load_config
 from ..plans import load_plan, validate_plan
+from ..presses import Press, make_press
 from .evaluators import EVALUATORS, eval_specs
 from .resolvers import is_baseline_ratio
 from .results import BASELINE_METHOD
@@ -71,6 +72,7 @@ class Settings:
     gradients: dict  # checkpointing, loss_chunk (``rap.calibration.gradient_settings``)
     plan_path: str | None
     tracking: Tracking
+    press: Press | None  # token eviction once the context is encoded (``rap.presses``); None: no press
     threads: int | None
     data_dir: Path | None  # None: nothing configured and no ../shared/data (the hub's copies are read)
 
@@ -105,6 +107,7 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
                     gradients={"checkpointing": bool(cfg.get("gradient_checkpointing")), "loss_chunk": chunk},
                     plan_path=cfg.get("plan") or None,
                     tracking=Tracking(t.backend, t.get("project"), t.get("entity"), t.get("mode")),
+                    press=press_settings(cfg, spec),
                     threads=threads_per_job(cfg.get("threads", "auto"), launcher),
                     data_dir=resolve_data_dir(cfg.data.dir))
 
@@ -183,14 +186,34 @@ def heal_settings(cfg: DictConfig) -> dict | None:
 
 
 def ppl_mode(cfg: DictConfig, spec: CacheSpec) -> str:
-    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache ``spec`` (a one-forward perplexity never
-    reads it)."""
+    """``forward`` or ``cached``; unset, ``cached`` with a quantized cache ``spec`` or a press (a one-forward
+    perplexity never reads a cache)."""
     mode = cfg.eval.ppl.get("mode")
+    pressed = (cfg.get("press") or {}).get("name", "none") != "none"
     if mode is None:
-        return "cached" if spec.kind == "quantized" else "forward"
+        return "cached" if spec.kind == "quantized" or pressed else "forward"
     if mode not in ("forward", "cached"):
         raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
+    if mode == "forward" and pressed:
+        raise ConfigError("eval.ppl.mode=forward reads no cache, so a press would change nothing; use "
+                          "eval.ppl.mode=cached (or leave it unset).")
     return mode
+
+
+def press_settings(cfg: DictConfig, spec: CacheSpec) -> Press | None:
+    """The configured press (``conf/press``), or None for ``press=none``; checked against the cache."""
+    p = cfg.get("press")
+    if p is None or p.name == "none":
+        return None
+    press = make_press(p.name, **{k: v for k, v in OmegaConf.to_container(p, resolve=True).items()
+                                  if k not in ("name", "tag")})
+    if spec.kind == "quantized":
+        raise ConfigError(f"press={p.name} compacts full-precision cache tensors; with cache=quantized, evicting "
+                          "before quantizing is not supported yet.")
+    if (cfg.eval.get("long") or {}).get("tasks"):
+        raise ConfigError(f"press={p.name} with eval.long: compressing a RULER context before its question is not "
+                          "built yet; use eval.long.tasks=[] (cached perplexity reads the press).")
+    return press
 
 
 def threads_per_job(threads, launcher: dict | None = None, cores: int | None = None) -> int | None:
@@ -218,6 +241,8 @@ def check_before_loading(s: Settings, data_dir: Path | None) -> tuple[dict | Non
     check_rope_config(config)
     if s.method is not None:
         s.method.validate(config)
+    if s.press is not None:
+        s.press.check_config(config)
     documents = check_data(s, data_dir, config)
     if s.method is None or not s.plan_path:
         return None, documents

@@ -54,6 +54,15 @@ class Press:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0 <= self.ratio < 1:
             raise ConfigError(f"press.ratio={self.ratio!r} is outside [0, 1).")
 
+    def check_config(self, config) -> None:
+        """What the model config alone refuses (before anything loads)."""
+        from ..architecture import sliding_layers
+
+        if any(sliding_layers(config)):
+            raise ConfigError(f"press={self.name} evicts from caches that hold every token seen; this "
+                              f"{config.model_type} model has sliding-window layers, whose caches keep a window of "
+                              "their own, which rap's presses do not evict from yet.")
+
     def compress(self, model, cache) -> None:
         """Evict in place: each layer of ``cache`` keeps, per KV head, its ``keep_count`` highest-scoring tokens, in
         their original order. Records the tokens seen (``cache.rap_seen_tokens``) for ``next_positions``."""
@@ -78,12 +87,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def check_pressable(model, cache, press: Press) -> None:
     """Refuse, in one sentence, a cache the press cannot compact faithfully."""
-    from ..architecture import sliding_layers
-
-    if any(sliding_layers(model.config)):
-        raise ConfigError(f"press={press.name} evicts from caches that hold every token seen; this "
-                          f"{model.config.model_type} model has sliding-window layers, whose caches keep a window of "
-                          "their own, which rap's presses do not evict from yet.")
+    press.check_config(model.config)
     for layer in cache.layers:
         if not isinstance(getattr(layer, "keys", None), torch.Tensor) or hasattr(layer, "_quantized_keys"):
             raise ConfigError(f"press={press.name} compacts full-precision cache tensors; evict before quantizing "
