@@ -1,4 +1,5 @@
-"""The transformers APIs that changed between the versions rap supports (5.23 and 5.24), in one place.
+"""The transformers APIs that changed between the versions rap supports (5.23 to 5.25), in one place (5.25 changed
+nothing rap uses).
 
 5.24 renamed the cache argument of the model and attention forwards from ``past_key_values`` to ``cache``
 (the old name is deprecated) and returns the cache as ``output.cache``. Everything in rap that hands a cache
