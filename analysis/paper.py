@@ -224,6 +224,23 @@ def test_durations(_df=None) -> str:
             f"{head.get('cores', '?')} cores, `pytest -n 2`.")
 
 
+def bench_recipes(_df=None) -> str:
+    """Each method's options in the latency benchmark (``Method.bench_options``: data-free, the real shapes) beside
+    its default recipe in the quality tables (``conf/method``), so no row of one is read as the other."""
+    from omegaconf import OmegaConf
+
+    from rap.methods import METHODS
+
+    words = lambda opts: ", ".join(f"{k}={v}" for k, v in opts.items()) or "(its defaults)"  # noqa: E731
+    rows = []
+    for name, method in METHODS.items():
+        conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
+        quality = {k: v for k, v in conf.items() if k not in ("name", "tag") and not isinstance(v, list)}
+        bench = {k: v for k, v in (method.bench_options(64, 1) or {}).items() if k != "round_to"}
+        rows.append({"method": name, "benchmark": words(bench), "quality tables (conf/method)": words(quality)})
+    return markdown(pd.DataFrame(rows))
+
+
 def coverage(_df=None) -> str:
     """The perplexity interval's coverage by simulation (``analysis.coverage``), over the committed main table."""
     from analysis.coverage import coverage_table
@@ -270,6 +287,7 @@ BLOCKS = {
     ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
     ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),
     ("docs/usage.md", "default_job"): ("default", default_job),
+    ("docs/benchmark.md", "bench_recipes"): (None, bench_recipes),
     ("docs/benchmark.md", "in_job_latency"): (("main_table", "criteria_ablation"), in_job_latency),
     ("docs/healing.md", "heal_c4"): (HEAL_C4, lambda df: against_rows(
         df, df["experiment"].eq("heal_c4"), (({"variant": HEALED_RAP}, ("ratio",)),
@@ -362,9 +380,8 @@ def against_rows(df: pd.DataFrame, runs: pd.Series, pairings: tuple) -> tuple[st
     table = table.fillna("").replace("nan", "")  # a pairing without documents (perplexity-only runs) has no Δacc
     table = table.loc[:, [c for c in table if table[c].astype(str).str.strip().ne("").any()]]
     run = [own[(v, r)] for v, r in zip(table["variant"], table["ratio"])]
-    healed = all(pd.notna(r.get("heal_time_s")) for r in run)
-    for i, (name, key, spec) in enumerate((("ppl", "ppl_wikitext2", ".2f"), ("compress s", "time_compress_s", ".0f"),
-                                           *([("heal s", "heal_time_s", ".0f")] if healed else []),
+    # no compression or heal times: they were timed with other jobs beside them (docs/benchmark.md times alone)
+    for i, (name, key, spec) in enumerate((("ppl", "ppl_wikitext2", ".2f"),
                                            ("KV", "kv_bytes_per_token_ratio", ".3f"),
                                            ("attn FLOPs", "flops_decode_attention_ratio", ".3f"))):
         table.insert(3 + i, name, [format(r[key], spec) for r in run])

@@ -221,7 +221,7 @@ def paper_table(df: pd.DataFrame, tasks: bool = True, extra: list[str] = (), aga
     cols = ["model", "method", "variant", "ratio", "ppl_wikitext2", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high",
             "ppl_ratio_significant", "acc_avg", "acc_diff", "acc_diff_low", "acc_diff_high", "acc_diff_significant",
             "acc_above", "acc_above_diff", "acc_above_diff_low", "acc_above_diff_high", "acc_above_diff_significant",
-            *(task_cols if tasks else []), *COST_COLUMNS, *(["heal_time_s"] if "heal_time_s" in df else []), *extra]
+            *(task_cols if tasks else []), *COST_COLUMNS, *extra]
     return df[[c for c in cols if c in df]]
 
 
@@ -350,8 +350,7 @@ def heal_table(df: pd.DataFrame) -> pd.DataFrame:
             "healed / training-free [95% CI]": row_interval(gain.loc[i], "ppl_ratio", ".3f"),
             "Δacc, training-free [95% CI]": "" if f is None else row_interval(f, "acc_diff", "+.3f"),
             "Δacc, healed [95% CI]": row_interval(r, "acc_diff", "+.3f"),
-            "Δacc, healed − training-free [95% CI]": row_interval(gain.loc[i], "acc_diff", "+.3f"),
-            "heal time": f"{r['heal_time_s']:,.0f} s" if pd.notna(r.get("heal_time_s")) else ""})
+            "Δacc, healed − training-free [95% CI]": row_interval(gain.loc[i], "acc_diff", "+.3f")})
     return pd.DataFrame(rows)
 
 
