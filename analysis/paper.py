@@ -340,9 +340,10 @@ def provenance(df: pd.DataFrame) -> str:
     samples += [f"{count('zs_limit')} documents per task"] if count("zs_limit") else []
     samples += [f"{count('ruler_limit')} documents per RULER task and length"] if count("ruler_limit") else []
     dirty = int(df["env_git_dirty"].astype(str).eq("True").sum()) if "env_git_dirty" in df else 0
-    above = sorted({f"{r['model']}: {', '.join(above_chance_tasks(per_sample(r['path']))) or 'none'}"
-                    for _, r in df[df["method"] == "none"].iterrows()
-                    if (per_sample(r["path"]) or {}).get("zeroshot")}) if "method" in df else []
+    bases = df[df["method"] == "none"] if "method" in df else df.iloc[:0]
+    above = sorted({f"{r['model']}, {r['eval_profile']}: "
+                    f"{', '.join(above_chance_tasks(per_sample(r['path']))) or 'none'}"
+                    for _, r in bases.iterrows() if (per_sample(r["path"]) or {}).get("zeroshot")})
     samples += [f"acc>chance over the tasks whose baseline is above chance ({'; '.join(above)})"] if above else []
     return (f"{len(df)} runs; eval {values('eval_profile')}" + (f" ({', '.join(samples)})" if samples else "")
             + f"; device {values('env_device_name')}; dtype {values('env_dtype')}; threads "
