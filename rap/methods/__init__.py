@@ -1,12 +1,17 @@
 """Compression methods, one per file, each entered in the registry ``METHODS`` where it is defined (``@register``);
-plans are built, saved and applied in ``rap.plans``. A new method is its module, imported here, its
+plans are built, saved and applied in ``rap.plans``. A new method is its module (found here by itself), its
 ``conf/method`` file and its section in docs/methods.md."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import ConfigError
-from . import elitekv, kvlatent, palu, rap  # noqa: F401  (each registers its method, in this order)
 from .base import METHODS, Method
 from .selection import check_ratio
+
+for _module in pkgutil.iter_modules(__path__):  # each method module registers its method as it is imported
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "get_method", "make_method"]
 

@@ -2,9 +2,14 @@
 kvpress's shape (a ``score`` per press, one base that applies it) without depending on kvpress. ``none`` is no press."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import ConfigError
-from . import knorm, streaming  # noqa: F401  (each registers its press)
 from .base import PRESSES, Press, advance, kept_fraction, next_positions
+
+for _module in pkgutil.iter_modules(__path__):  # each press module registers its press as it is imported
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["PRESSES", "Press", "advance", "kept_fraction", "make_press", "next_positions"]
 
