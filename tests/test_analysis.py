@@ -153,7 +153,7 @@ def test_heal_table_pairs_healed_runs_with_the_baseline_and_their_training_free_
     assert est == pytest.approx(np.exp(0.08 - 0.18), rel=1e-2)  # against RAP 0.2 training-free, not the baseline
     assert float(row["ppl x, healed [95% CI]"].split()[0]) == pytest.approx(np.exp(0.08), rel=1e-2)
     assert float(row["ppl x, training-free [95% CI]"].split()[0]) == pytest.approx(np.exp(0.18), rel=1e-2)
-    assert row["ppl training-free"] == "24.00" and row["heal time"] == "60 s"
+    assert row["ppl training-free"] == "24.00" and "heal time" not in row  # timed beside other jobs: not shown
 
 
 def add_long(run_dir, scores: dict):
