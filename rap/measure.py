@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -92,7 +92,8 @@ def measure_costs(model, context_len: int, cache_spec=None, press=None) -> dict:
     n_prefill, _ = measured_split(spec, context_len)
     ids = random_ids(model, context_len)
     cache = make_cache(spec, model)
-    prefill_kernels = kernel_used(lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
+    with press.capture(model) if press is not None else nullcontext():
+        prefill_kernels = kernel_used(lambda: model(ids[:, :n_prefill], use_cache=True, **cache_kwargs(cache)))
     for t in range(n_prefill, context_len):
         model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
     positions = {}

@@ -29,6 +29,14 @@ def prefill(model, ids=CONTEXT):
     return cache
 
 
+def pressed(model, press, ids=CONTEXT):
+    """The context encoded (with the press capturing what it scores with) and pressed."""
+    with press.capture(model):
+        cache = prefill(model, ids)
+    press.compress(model, cache)
+    return cache
+
+
 def answer(model, cache, ids=QUESTION, **extra):
     with torch.no_grad():
         return model(ids, use_cache=True, **cache_kwargs(cache), **extra).logits
@@ -38,8 +46,7 @@ def answer(model, cache, ids=QUESTION, **extra):
 def test_a_press_that_keeps_everything_changes_nothing(press_cls, options):
     model, _ = build_tiny("tiny-llama")
     ref = answer(model, prefill(model))
-    cache = prefill(model)
-    press_cls(ratio=0.0, **options).compress(model, cache)
+    cache = pressed(model, press_cls(ratio=0.0, **options))
     assert cache.layers[0].keys.shape[-2] == CONTEXT.shape[1] and kept_fraction(cache) == 1.0
     assert torch.equal(answer(model, cache, position_ids=next_positions(cache, QUESTION.shape[1])), ref)
 
@@ -70,9 +77,7 @@ def test_decoding_after_eviction_equals_attending_with_the_evicted_tokens_masked
 
 
 def prefill_and_press(model, press):
-    cache = prefill(model)
-    copy.deepcopy(press).compress(model, cache)
-    return cache
+    return pressed(model, copy.deepcopy(press))
 
 
 @pytest.mark.parametrize("press_cls, options", default_presses, ids=IDS)
@@ -82,9 +87,8 @@ def test_evicted_entries_leave_the_cache_and_the_savings_multiply_with_rap(press
     full = cache_bytes(prefill(model))["total"]
     if method:
         compress(model, method, 0.3, criterion="weight_norm")
-    cache = prefill(model)
     press = press_cls(ratio=0.5, **options)
-    press.compress(model, cache)
+    cache = pressed(model, press)
     n, kept = CONTEXT.shape[1], press.keep_count(CONTEXT.shape[1])
     measured = cache_bytes(cache)["total"]
     plan = get_plan(model) if method else None
@@ -109,11 +113,9 @@ def test_key_norm_keeps_each_heads_lowest_norm_keys_in_their_order():
 def test_each_sequence_of_a_batch_evicts_its_own_tokens(press_cls, options):
     model, _ = build_tiny("tiny-llama")
     batch = torch.cat([CONTEXT, CONTEXT.flip(1)])
-    together = prefill(model, batch)
-    press_cls(ratio=0.5, **options).compress(model, together)
+    together = pressed(model, press_cls(ratio=0.5, **options), batch)
     for i in range(2):
-        alone = prefill(model, batch[i:i + 1])
-        press_cls(ratio=0.5, **options).compress(model, alone)
+        alone = pressed(model, press_cls(ratio=0.5, **options), batch[i:i + 1])
         for a, b in zip(together.layers, alone.layers):
             torch.testing.assert_close(a.keys[i:i + 1], b.keys)
             torch.testing.assert_close(a.values[i:i + 1], b.values)
@@ -133,11 +135,14 @@ def test_gathering_copies_only_the_kept_entries():
               "knorm", {}), "palu caches a low-rank latent"),
     (lambda: (build_tiny("tiny-llama")[0], "streaming", {"ratio": 1.5}), r"press.ratio=1.5 is outside \[0, 1\)"),
     (lambda: (build_tiny("tiny-llama")[0], "nope", {}), "Unknown press 'nope'; choose one of none, "),
+    (lambda: (compress(build_tiny("tiny-llama")[0], "elitekv", 0.3, elite_pairs=2, selection="uniform"), "snapkv", {}),
+     "elitekv caches a low-rank latent"),
 ])
 def test_what_cannot_be_pressed_faithfully_is_refused_in_one_sentence(setup, message):
     model, name, options = setup()
     with pytest.raises(ConfigError, match=message) as err:
-        make_press(name, **{"ratio": 0.5, **options}).compress(model, prefill(model))
+        press = make_press(name, **{"ratio": 0.5, **options})
+        pressed(model, press)
     assert "\n" not in str(err.value) and str(err.value).endswith(".")
 
 
@@ -172,3 +177,32 @@ def test_a_pressed_job_records_kept_fraction_and_allocated_bytes_below_the_unpre
     df = add_paired_intervals(load_runs(tmp_path / "plain", tmp_path / "pressed"))
     row = df[df["variant"].str.contains("press")].iloc[0]
     assert row["variant"] == "baseline + streaming press 0.5" and row["reference_path"] == str(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
+def test_snapkv_scores_equal_the_last_queries_attention_from_eager_weights(arch):
+    """SnapKV's scores, from queries recomputed out of the captured window inputs, equal the eager attention weights
+    of the context's last queries: averaged over them, pooled over neighbours and over each KV head's query heads."""
+    import torch.nn.functional as F
+
+    model, _ = build_tiny(arch)
+    press = make_press("snapkv", ratio=0.5, window=4, kernel=3)
+    with press.capture(model):
+        cache = prefill(model)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = model(CONTEXT, output_attentions=True).attentions
+    n, rep = CONTEXT.shape[1], model.config.num_attention_heads // model.config.num_key_value_heads
+    for i, layer in enumerate(cache.layers):
+        got = press.layer_scores(model.model.layers[i].self_attn, layer.keys, press._captured[i])
+        mean = weights[i][:, :, -4:].float().mean(2)
+        pooled = F.avg_pool1d(mean, 3, stride=1, padding=1, count_include_pad=False)
+        want = pooled.view(1, -1, rep, n).mean(2)
+        torch.testing.assert_close(got[..., :n - 4], want[..., :n - 4], atol=1e-5, rtol=1e-4)
+        assert (got[..., n - 4:] > got[..., :n - 4].max()).all()  # the window itself is always kept
+
+
+def test_snapkv_needs_the_context_encoded_inside_its_capture():
+    model, _ = build_tiny("tiny-llama")
+    with pytest.raises(ConfigError, match="inside press.capture"):
+        make_press("snapkv", ratio=0.5).compress(model, prefill(model))

@@ -28,7 +28,8 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
     start, out = 0, []
     if press is not None:
         start = ids.shape[1] // 2
-        out.append(model(ids[:, :start], use_cache=True, **cache_kwargs(cache)).logits)
+        with press.capture(model):
+            out.append(model(ids[:, :start], use_cache=True, **cache_kwargs(cache)).logits)
         press.compress(model, cache)
     for i in range(start, ids.shape[1], chunk):
         part = ids[:, i:i + chunk]

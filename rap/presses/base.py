@@ -13,6 +13,7 @@ layers): sliding-window layers and quantized caches are refused, in one sentence
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,40 @@ class Press:
     ratio: float = 0.0
     name = "base"
     reads_keys = False  # scores the cached keys themselves (meaningless on a latent cache)
+    needs_queries = False  # scores with queries of the context, captured while it is encoded (``capture``)
 
     def score(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(batch, heads, tokens) scores of one layer's cached entries; higher is kept."""
         raise NotImplementedError
+
+    def layer_scores(self, attn, keys: torch.Tensor, captured) -> torch.Tensor:
+        """``score`` for layer ``attn``; ``captured`` is what ``capture`` kept of its inputs (None if nothing)."""
+        return self.score(keys, None)
+
+    @contextmanager
+    def capture(self, model, last: int = 64):
+        """Encode the context inside this block: each attention layer's inputs for the last ``last`` tokens (the
+        hidden states and RoPE tables) are kept for ``layer_scores``. Nothing is kept for presses that need no
+        queries."""
+        self._captured = {}
+        if not self.needs_queries:
+            yield
+            return
+
+        def keep(i):
+            def hook(module, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                cos, sin = kwargs["position_embeddings"]
+                self._captured[i] = (hidden[:, -last:].detach(), (cos[:, -last:], sin[:, -last:]))
+            return hook
+
+        handles = [layer.self_attn.register_forward_pre_hook(keep(i), with_kwargs=True)
+                   for i, layer in enumerate(model.model.layers)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def keep_count(self, tokens: int) -> int:
         """Tokens each head keeps of ``tokens``: ``tokens - floor(ratio * tokens)``, at least one."""
@@ -70,11 +101,16 @@ class Press:
         check_pressable(model, cache, self)
         if hasattr(cache, "rap_seen_tokens"):
             raise ConfigError("This cache was pressed already; a press compresses a context once, after it is encoded.")
+        captured = getattr(self, "_captured", {})
+        if self.needs_queries and not captured:
+            raise ConfigError(f"press={self.name} scores tokens with the context's last queries; encode the context "
+                              "inside press.capture(model).")
         seen = cache.layers[0].keys.shape[-2]
         keep = self.keep_count(seen)
-        for layer in cache.layers:
+        for i, layer in enumerate(cache.layers):
             if keep < layer.keys.shape[-2]:
-                idx = self.score(layer.keys, layer.values).topk(keep, dim=-1).indices.sort(dim=-1).values
+                scores = self.layer_scores(model.model.layers[i].self_attn, layer.keys, captured.get(i))
+                idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
                 layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
         cache.rap_seen_tokens = seen
 
