@@ -23,6 +23,8 @@ from .hooks import layer_arguments
 from .modules import swapped_attention, trainable_only
 
 HEAL_PREFIX = "heal."
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # ``lr="auto"``: every method and layer picks from the same grid
+HELD_OUT = 4  # ``lr="auto"``: one row in this many is held out to score the grid, never trained on
 
 
 def _call(module, x, position_embeddings, attention_mask=None):
@@ -30,13 +32,47 @@ def _call(module, x, position_embeddings, attention_mask=None):
     return out[0] if isinstance(out, tuple) else out
 
 
-def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: float, batch_size: int,
+def _train(attn, h, target, scale, pos, mask, rows, steps, lr, batch_size, gen) -> list[float]:
+    """Adam on ``attn``'s parameters for ``steps`` steps of ``batch_size`` of ``rows``; each step's relative MSE."""
+    params = list(attn.parameters())
+    opt, curve = torch.optim.Adam(params, lr=lr), []
+    for _ in range(steps):
+        pick = rows[torch.randperm(len(rows), generator=gen)[:batch_size]].to(h.device)
+        loss = F.mse_loss(_call(attn, h[pick], pos, mask).float(), target[pick].float()) / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return curve
+
+
+def pick_lr(model, attn, h, target, scale, pos, mask, steps, batch_size, gen) -> float:
+    """The learning rate of ``LR_GRID`` whose training (on a copy of ``attn``, on the rows not held out) leaves the
+    smallest relative MSE on the held-out rows: chosen on calibration text alone, never on a test metric."""
+    import copy
+
+    rows = torch.arange(len(h))
+    held, train = rows[::HELD_OUT], rows[rows % HELD_OUT != 0]
+    if len(held) == 0 or len(train) == 0:
+        raise ValueError(f"heal.lr=auto holds out one calibration row in {HELD_OUT}; use heal.n_samples >= 2.")
+    losses = {}
+    for lr in LR_GRID:
+        trial = copy.deepcopy(attn)
+        with torch.enable_grad(), trainable_only(model, list(trial.parameters())):
+            _train(trial, h, target, scale, pos, mask, train, steps, lr, batch_size, gen)
+        with torch.no_grad():
+            losses[lr] = (F.mse_loss(_call(trial, h[held], pos, mask).float(), target[held].float()) / scale).item()
+    return min(losses, key=losses.get)
+
+
+def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: float | str, batch_size: int,
                    seed: int = 0) -> dict:
     """Heal ``model`` (compressed, in place) against ``originals`` (each layer's uncompressed attention module; each
-    is dropped once its layer is healed) on ``batch`` (n, seqlen) calibration token ids.
+    is dropped once its layer is healed) on ``batch`` (n, seqlen) calibration token ids. ``lr="auto"`` picks each
+    layer's learning rate from ``LR_GRID`` by held-out calibration loss (``pick_lr``), then trains on every row.
 
     Returns ``{"loss": per layer, the relative MSE (MSE / mean square of the target) of each step, "before", "after"
-    (per layer, on all of ``batch``), "params" (trainable count), "time_s"}``.
+    (per layer, on all of ``batch``), "params" (trainable count), "lr" (per layer, as trained), "time_s"}``.
     """
     t0 = time.time()
     layers, dev = model.model.layers, model_device(model)
@@ -44,7 +80,7 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
     with torch.no_grad():
         x = model.model.embed_tokens(batch.to(dev))
     arguments = layer_arguments(model, batch[:1])  # each layer's RoPE tables and mask (sliding windows on Gemma 3)
-    curves, before, after, n_params = [], [], [], 0
+    curves, before, after, n_params, lrs = [], [], [], 0, []
     for i, layer in enumerate(tqdm(layers, desc="heal layerwise", leave=False)):
         attn = layer.self_attn
         dev = layer.input_layernorm.weight.device  # this layer's, in a model spread over devices
@@ -59,22 +95,17 @@ def heal_layerwise(model, originals: list, batch: torch.Tensor, steps: int, lr: 
         originals[i] = None  # this layer's uncompressed attention is no longer needed
         params = [p for p in attn.parameters()]
         n_params += sum(p.numel() for p in params)
-        opt = torch.optim.Adam(params, lr=lr)
-        curve = []
+        layer_lr = pick_lr(model, attn, h, target, scale, pos, mask, steps, batch_size, gen) if lr == "auto" else lr
+        lrs.append(layer_lr)
         with torch.enable_grad(), trainable_only(model, params):
-            for _ in range(steps):
-                rows = torch.randperm(len(h), generator=gen)[:batch_size].to(dev)
-                loss = F.mse_loss(_call(attn, h[rows], pos, mask).float(), target[rows].float()) / scale
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                curve.append(loss.item())
-        curves.append(curve)
+            curves.append(_train(attn, h, target, scale, pos, mask, torch.arange(len(h)), steps, layer_lr,
+                                 batch_size, gen))
         with torch.no_grad():
             after.append((F.mse_loss(_call(attn, h, pos, mask).float(), target.float()) / scale).item())
             out = layer(x, position_embeddings=pos, attention_mask=mask, use_cache=False)
             x = out[0] if isinstance(out, tuple) else out
-    return {"loss": curves, "before": before, "after": after, "params": n_params, "time_s": time.time() - t0}
+    return {"loss": curves, "before": before, "after": after, "params": n_params, "lr": lrs,
+            "time_s": time.time() - t0}
 
 
 def _kl(model, ids, originals, chunk: int = 1024) -> torch.Tensor:

@@ -126,3 +126,24 @@ def test_e2e_healing_distils_the_uncompressed_model_without_changing_shapes():
     assert all(p.requires_grad for p in model.parameters())  # left as they were
     curve = out["loss"][0]
     assert sum(curve[-5:]) < sum(curve[:5])
+
+
+def test_auto_learning_rate_is_picked_per_layer_from_one_grid_by_held_out_calibration_loss():
+    """``lr="auto"``: each layer's rate comes from LR_GRID, chosen by the loss on held-out calibration rows (the same
+    grid for every method), and healing with it still lowers each layer's error."""
+    from rap.heal import LR_GRID
+
+    model, _ = build_tiny("tiny-llama")
+    originals = [layer.self_attn for layer in model.model.layers]
+    compress(model, "rap", 0.25, **OPTIONS["rap"])
+    batch = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    out = heal_layerwise(model, originals, batch, steps=10, lr="auto", batch_size=3)
+    assert len(out["lr"]) == 2 and set(out["lr"]) <= set(LR_GRID)
+    assert all(a < b for a, b in zip(out["after"], out["before"]))
+
+
+def test_auto_learning_rate_needs_layerwise_healing():
+    from rap.harness.settings import read_settings
+
+    with pytest.raises(ConfigError, match="heal.lr=auto picks each layer's learning rate"):
+        read_settings(compose("model=tiny-llama", "ratio=0.25", "heal=e2e", "heal.lr=auto"))

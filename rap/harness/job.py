@@ -247,7 +247,8 @@ def heal(run: Run, model, tok, originals: list, plan: dict, documents: dict) -> 
     plan["heal"] = dict(h)
     plan["heal_outcome"] = {"params": out["params"], "time_s": out["time_s"],
                             "loss_before": sum(out["before"]) / len(out["before"]),
-                            "loss_after": sum(out["after"]) / len(out["after"])}
+                            "loss_after": sum(out["after"]) / len(out["after"]),
+                            **({"lr_chosen": out["lr"]} if h["lr"] == "auto" else {})}
     run.results.update(heal_record(h, plan["heal_outcome"]))
     run.heal_curves = {k: out[k] for k in ("loss", "before", "after")}
 

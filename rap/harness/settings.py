@@ -175,6 +175,12 @@ def heal_settings(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"heal={h.name} is not one of {', '.join(HEAL_MODES)}.")
     out = {"mode": h.name, "source": str(h.source)}
     for key, kind in HEAL_BUDGET:
+        if key == "lr" and h.get("lr") == "auto":
+            if h.name != "layerwise":
+                raise ConfigError(f"heal.lr=auto picks each layer's learning rate by held-out loss, which "
+                                  f"heal={h.name} (every layer at once) cannot; give heal.lr a number.")
+            out["lr"] = "auto"
+            continue
         try:
             out[key] = kind(h[key])
             assert out[key] > 0 and (kind is float or out[key] == h[key])
