@@ -98,7 +98,7 @@ def measure_costs(model, context_len: int, cache_spec=None, press=None) -> dict:
         model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
     positions = {}
     if press is not None:
-        press.compress(model, cache)
+        press.compress(model, cache, ids)
         positions = {"position_ids": next_positions(cache, 1)}
     held, kept = cache_bytes(cache), kept_fraction(cache)
     counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)

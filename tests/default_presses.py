@@ -3,5 +3,5 @@ this one list, so a new press is tested by adding a line here."""
 from rap.presses import PRESSES
 
 default_presses = [(PRESSES["streaming"], {"sinks": 2}), (PRESSES["knorm"], {}),
-                   (PRESSES["snapkv"], {"window": 4, "kernel": 3})]
+                   (PRESSES["snapkv"], {"window": 4, "kernel": 3}), (PRESSES["kvzip"], {})]
 assert {cls.name for cls, _ in default_presses} == set(PRESSES), "a registered press is missing from default_presses"

@@ -13,7 +13,7 @@ from rap import compress, costs, get_plan
 from rap.cache import cache_bytes
 from rap.compat import cache_kwargs
 from rap.errors import ConfigError
-from rap.models import build_tiny
+from rap.models import build_tiny, byte_tokenizer
 from rap.presses import kept_fraction, make_press, next_positions
 from rap.presses.base import gather_tokens
 
@@ -31,9 +31,11 @@ def prefill(model, ids=CONTEXT):
 
 def pressed(model, press, ids=CONTEXT):
     """The context encoded (with the press capturing what it scores with) and pressed."""
+    if hasattr(press, "bind"):
+        press.bind(byte_tokenizer())
     with press.capture(model):
         cache = prefill(model, ids)
-    press.compress(model, cache)
+    press.compress(model, cache, ids)
     return cache
 
 
@@ -206,3 +208,24 @@ def test_snapkv_needs_the_context_encoded_inside_its_capture():
     model, _ = build_tiny("tiny-llama")
     with pytest.raises(ConfigError, match="inside press.capture"):
         make_press("snapkv", ratio=0.5).compress(model, prefill(model))
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
+def test_kvzip_scores_equal_the_repetitions_attention_from_eager_weights(arch):
+    """KVzip's score of a context token is the largest eager attention weight any query of the repeated context (after
+    the instruction) gives it, over the query heads of its KV head; the repetition pass leaves the cache as it was."""
+    model, tok = build_tiny(arch)
+    press = make_press("kvzip", ratio=0.5).bind(tok)
+    n = CONTEXT.shape[1]
+    cache = prefill(model)
+    keys = [layer.keys.clone() for layer in cache.layers]
+    press.prepare(model, cache, CONTEXT)
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(cache.layers, keys))  # the repetition is cut off again
+    full = torch.cat([CONTEXT, press._instruction_ids, CONTEXT], 1)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = model(full, output_attentions=True).attentions
+    rep = model.config.num_attention_heads // model.config.num_key_value_heads
+    for i in range(len(cache.layers)):
+        want = weights[i][:, :, n:, :n].float().amax(2).view(1, -1, rep, n).amax(2)
+        torch.testing.assert_close(press._captured[i], want, atol=1e-5, rtol=1e-4)

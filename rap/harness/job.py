@@ -190,6 +190,8 @@ def load(run: Run):
     and conditions, for the latency ``*_ratio`` keys."""
     with run.phase("load"):
         model, tok = load_model(run.s.model)
+    if hasattr(run.s.press, "bind"):  # a press that tokenizes text of its own (KVzip's instruction)
+        run.s.press.bind(tok)
     run.results["model_devices"] = ",".join(str(d) for d in model_devices(model))  # a scalar, as W&B summaries take
     m = run.s.measure
     if run.s.method is not None and m.baseline_latency:

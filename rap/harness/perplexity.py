@@ -30,7 +30,7 @@ def window_logits(model, ids: torch.Tensor, chunk: int | None = None, make_cache
         start = ids.shape[1] // 2
         with press.capture(model):
             out.append(model(ids[:, :start], use_cache=True, **cache_kwargs(cache)).logits)
-        press.compress(model, cache)
+        press.compress(model, cache, ids[:, :start])
     for i in range(start, ids.shape[1], chunk):
         part = ids[:, i:i + chunk]
         positions = {"position_ids": next_positions(cache, part.shape[1])} if press is not None else {}

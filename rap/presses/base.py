@@ -94,13 +94,19 @@ class Press:
                               f"{config.model_type} model has sliding-window layers, whose caches keep a window of "
                               "their own, which rap's presses do not evict from yet.")
 
-    def compress(self, model, cache) -> None:
+    def prepare(self, model, cache, ids) -> None:
+        """Work a press does with the encoded context before scoring (KVzip's reconstruction pass); ``ids`` are the
+        context's token ids."""
+
+    def compress(self, model, cache, ids: torch.Tensor | None = None) -> None:
         """Evict in place: each layer of ``cache`` keeps, per KV head, its ``keep_count`` highest-scoring tokens, in
-        their original order. Records the tokens seen (``cache.rap_seen_tokens``) for ``next_positions``."""
+        their original order. Records the tokens seen (``cache.rap_seen_tokens``) for ``next_positions``. ``ids``:
+        the context's token ids, for presses that read them (``prepare``)."""
         self.validate()
         check_pressable(model, cache, self)
         if hasattr(cache, "rap_seen_tokens"):
             raise ConfigError("This cache was pressed already; a press compresses a context once, after it is encoded.")
+        self.prepare(model, cache, ids)
         captured = getattr(self, "_captured", {})
         if self.needs_queries and not captured:
             raise ConfigError(f"press={self.name} scores tokens with the context's last queries; encode the context "
