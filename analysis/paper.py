@@ -241,6 +241,28 @@ def bench_recipes(_df=None) -> str:
     return markdown(pd.DataFrame(rows))
 
 
+def kvzap_r2(_df=None) -> str:
+    """Each committed KVzap surrogate (``surrogates/*.safetensors``): what it was fitted for and its held-out R² per
+    layer (the mean, the range and every layer)."""
+    from rap.presses.surrogates import load_surrogate
+
+    files = sorted((REPO / "surrogates").glob("*.safetensors"))
+    if not files:
+        raise SourceError(f"{REPO / 'surrogates'} holds no KVzap surrogate; fit one with python -m "
+                          "rap.harness.train_kvzap.")
+    rows = []
+    for f in files:
+        s = load_surrogate(f)
+        r2, meta = s["r2"], s["fitted_for"]
+        plan = meta.get("plan")
+        rows.append({"file": f.name, "model": meta.get("model"),
+                     "plan": "none" if not plan else f"{plan['method']} {plan['ratio']}",
+                     "texts": f"{meta.get('texts')} × {meta.get('seqlen')} ({meta.get('held_out')} held out)",
+                     "mean R²": f"{sum(r2) / len(r2):.3f}", "range": f"{min(r2):.3f}-{max(r2):.3f}",
+                     "per layer": " ".join(f"{r:.2f}" for r in r2)})
+    return markdown(pd.DataFrame(rows))
+
+
 def coverage(_df=None) -> str:
     """The perplexity interval's coverage by simulation (``analysis.coverage``), over the committed main table."""
     from analysis.coverage import coverage_table
@@ -283,6 +305,7 @@ BLOCKS = {
     ("docs/results.md", "chance_main_table"): ("main_table", lambda df: markdown(chance_table(df))),
     ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
+    ("docs/presses.md", "kvzap_r2"): (None, kvzap_r2),
     ("docs/usage.md", "test_durations"): (None, test_durations),
     ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
     ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),

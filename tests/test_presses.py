@@ -229,3 +229,82 @@ def test_kvzip_scores_equal_the_repetitions_attention_from_eager_weights(arch):
     for i in range(len(cache.layers)):
         want = weights[i][:, :, n:, :n].float().amax(2).view(1, -1, rep, n).amax(2)
         torch.testing.assert_close(press._captured[i], want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_ridge_fit_from_running_sums_equals_the_closed_form_least_squares():
+    from rap.presses.kvzap import RidgeSums
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 6, generator=g, dtype=torch.float64), torch.randn(300, 2, generator=g, dtype=torch.float64)
+    sums = RidgeSums(6, 2)
+    for part in range(0, 300, 70):  # in chunks, as texts arrive
+        sums.add(x[part:part + 70], y[part:part + 70])
+    x1 = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], 1)
+    w, b = sums.solve(0.0)
+    exact = torch.linalg.lstsq(x1, y).solution
+    torch.testing.assert_close(w.double(), exact[:-1].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.double(), exact[-1], atol=1e-5, rtol=1e-5)
+    w, b = sums.solve(5.0)  # ridge: (XᵀX + λI')⁻¹XᵀY with the bias unpenalised
+    penalty = torch.eye(7, dtype=torch.float64) * 5.0
+    penalty[-1, -1] = 0
+    ridge = torch.linalg.solve(x1.T @ x1 + penalty, x1.T @ y)
+    torch.testing.assert_close(w.double(), ridge[:-1].T, atol=1e-5, rtol=1e-5)
+
+
+def test_kvzip_plus_targets_equal_a_direct_computation_from_eager_weights():
+    """log max over the repetition queries j and the query heads h of a KV head of a_ji · ||W_o^h v_i|| / ||x_j||, from
+    eager attention weights, the prefill's values and the attention inputs of one full forward."""
+    from rap.presses.kvzap import _value_norms, kvzip_plus_targets
+
+    model, tok = build_tiny("tiny-llama")
+    instruction = tok("\\nRepeat.", add_special_tokens=False, return_tensors="pt").input_ids
+    pairs = kvzip_plus_targets(model, CONTEXT, instruction)
+    n, rep = CONTEXT.shape[1], 2
+    assert len(pairs) == 2 and pairs[0][0].shape == (n, 64) and pairs[0][1].shape == (n, 2)
+    cache = prefill(model)
+    inputs = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, k, i=i: inputs.__setitem__(i, k["hidden_states"]), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = model(torch.cat([CONTEXT, instruction, CONTEXT], 1), output_attentions=True).attentions
+    for h in hooks:
+        h.remove()
+    for i, (x, y) in enumerate(pairs):
+        a = weights[i][:, :, n:, :n].float()  # (1, heads, repetition, context)
+        x_norm = inputs[i][:, n:].float().norm(dim=-1)  # (1, repetition)
+        v = _value_norms(model.model.layers[i].self_attn, cache.layers[i].values)  # (1, heads, context)
+        score = (a * v[:, :, None, :] / x_norm[:, None, :, None]).amax(2).view(1, 2, rep, n).amax(2)
+        torch.testing.assert_close(y, score.log()[0].T, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x, inputs[i][0, :n].float())
+
+
+def test_a_kvzap_surrogate_is_saved_with_what_it_fits_and_refused_for_another_model(tmp_path):
+    from default_presses import tiny_llama_surrogate
+
+    from rap.presses.surrogates import load_surrogate, save_surrogate
+
+    s = tiny_llama_surrogate()
+    assert len(s["r2"]) == 2 and all(r <= 1.0 for r in s["r2"])
+    path = save_surrogate(s, tmp_path / "kvzap.safetensors", {"model": "tiny-llama", "plan": None})
+    loaded = load_surrogate(path)
+    assert loaded["fitted_for"]["model"] == "tiny-llama" and loaded["r2"] == s["r2"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded["weight"], s["weight"]))
+    other, _ = build_tiny("tiny-gemma3")
+    with pytest.raises(ConfigError, match="was fitted for 2 layers"):
+        make_press("kvzap", ratio=0.5, surrogate=str(path)).check_model(other)
+
+
+def test_the_training_command_fits_and_saves_a_surrogate_a_press_runs_with(tmp_path, capsys):
+    from rap.harness.train_kvzap import main
+    from rap.presses.surrogates import load_surrogate
+
+    out = tmp_path / "tiny.safetensors"
+    main(["model=tiny-llama", "--texts", "3", "--seqlen", "32", "--held-out", "1", "--out", str(out)])
+    assert "held-out R² per layer" in capsys.readouterr().out
+    s = load_surrogate(out)
+    assert s["fitted_for"]["model"] == "tiny-llama" and s["fitted_for"]["plan"] is None and len(s["r2"]) == 2
+    model, _ = build_tiny("tiny-llama")
+    cache = pressed(model, make_press("kvzap", ratio=0.5, surrogate=str(out), window=2))
+    assert kept_fraction(cache) == 0.5

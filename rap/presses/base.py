@@ -61,12 +61,21 @@ class Press:
         if not self.needs_queries:
             yield
             return
+        with self.capture_all(model, last):
+            yield
+
+    @contextmanager
+    def capture_all(self, model, last: int | None):
+        """Keep each attention layer's inputs (normed hidden states, RoPE tables) for the last ``last`` tokens of the
+        forwards inside the block (every token when None) in ``self._captured``."""
+        self._captured = {}
+        part = slice(None) if last is None else slice(-last, None)
 
         def keep(i):
             def hook(module, args, kwargs):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 cos, sin = kwargs["position_embeddings"]
-                self._captured[i] = (hidden[:, -last:].detach(), (cos[:, -last:], sin[:, -last:]))
+                self._captured[i] = (hidden[:, part].detach(), (cos[:, part], sin[:, part]))
             return hook
 
         handles = [layer.self_attn.register_forward_pre_hook(keep(i), with_kwargs=True)
