@@ -259,7 +259,10 @@ def kvzap_r2(_df=None) -> str:
                      "plan": "none" if not plan else f"{plan['method']} {plan['ratio']}",
                      "texts": f"{meta.get('texts')} × {meta.get('seqlen')} ({meta.get('held_out')} held out)",
                      "mean R²": f"{sum(r2) / len(r2):.3f}", "range": f"{min(r2):.3f}-{max(r2):.3f}",
-                     "per layer": " ".join(f"{r:.2f}" for r in r2)})
+                     "per layer": " ".join(f"{r:.2f}" for r in r2),
+                     "mean R² of the surrogate compared": (f"{meta.get('compare')}: "
+                                                           f"{sum(s['r2_other']) / len(s['r2_other']):.3f}"
+                                                           if "r2_other" in s else "")})
     return markdown(pd.DataFrame(rows))
 
 

@@ -25,6 +25,8 @@ def main(argv=None) -> None:
     ap.add_argument("--held-out", type=int, default=2)
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compare", help="a surrogate fitted elsewhere (e.g. on the uncompressed model): its R² on this "
+                                      "model's held-out targets is recorded beside the new fit's")
     a = ap.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
@@ -34,7 +36,7 @@ def main(argv=None) -> None:
     from ..models import load_model
     from ..plans import apply_plan
     from ..presses.kvzap import INSTRUCTION, fit_surrogate
-    from ..presses.surrogates import save_surrogate
+    from ..presses.surrogates import load_surrogate, save_surrogate
     from . import resolvers  # noqa: F401  (the configs' resolvers)
     from .settings import read_settings
 
@@ -50,16 +52,20 @@ def main(argv=None) -> None:
         texts = calibration_batches(tok, s.data_dir, s.calibration_source, {"kvzap": (a.texts, a.seqlen)},
                                     seed=s.seed + 1)["kvzap"]
         instruction = tok(INSTRUCTION, add_special_tokens=False, return_tensors="pt").input_ids
-        fitted = fit_surrogate(model, [t[None].to(model.device) for t in texts], instruction, a.ridge, a.held_out)
+        other = load_surrogate(a.compare) if a.compare else None
+        fitted = fit_surrogate(model, [t[None].to(model.device) for t in texts], instruction, a.ridge, a.held_out,
+                               other)
     except RapError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     fitted_for = {"model": s.model.name, "plan": None if plan is None else {"method": plan["method"],
                                                                           "ratio": plan["ratio"]},
                   "source": s.calibration_source, "texts": a.texts, "seqlen": a.seqlen, "held_out": a.held_out,
-                  "ridge": a.ridge}
+                  "ridge": a.ridge, "compare": Path(a.compare).name if a.compare else None}
     path = save_surrogate(fitted, a.out, fitted_for)
     print(f"[kvzap] wrote {path}; held-out R² per layer: " + " ".join(f"{r:.3f}" for r in fitted["r2"]))
+    if other is not None:
+        print(f"[kvzap] {a.compare} on the same targets: " + " ".join(f"{r:.3f}" for r in fitted["r2_other"]))
 
 
 if __name__ == "__main__":

@@ -94,11 +94,17 @@ def kvzip_plus_targets(model, ids: torch.Tensor, instruction_ids: torch.Tensor) 
     return out
 
 
+def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - residual / total sum of squares, over every sample and head."""
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(EPS))
+
+
 def fit_surrogate(model, texts: list[torch.Tensor], instruction_ids: torch.Tensor, ridge: float = 1e-3,
-                  held_out: int = 1) -> dict:
+                  held_out: int = 1, other: dict | None = None) -> dict:
     """Ridge surrogates for every layer from KVzip+ targets on ``texts`` (each (1, n) token ids), the last
     ``held_out`` of them kept apart to score each layer's R². Returns ``{"weight": [(n_kv, hidden)], "bias":
-    [(n_kv,)], "r2": [per layer]}``."""
+    [(n_kv,)], "r2": [per layer]}``, and with ``other`` (a surrogate fitted elsewhere, e.g. on the uncompressed
+    model) ``"r2_other"``: its R² on the same held-out targets of this model."""
     if len(texts) <= held_out:
         raise ConfigError(f"fitting KVzap needs more than {held_out} texts (the last {held_out} are held out).")
     sums, held = None, []
@@ -110,16 +116,17 @@ def fit_surrogate(model, texts: list[torch.Tensor], instruction_ids: torch.Tenso
         sums = sums or [RidgeSums(x.shape[1], y.shape[1]) for x, y in pairs]
         for s, (x, y) in zip(sums, pairs):
             s.add(x, y)
-    weights, biases, r2 = [], [], []
+    weights, biases, r2, r2_other = [], [], [], []
     for i, s in enumerate(sums):
         w, b = s.solve(ridge)
         x = torch.cat([h[i][0] for h in held])
         y = torch.cat([h[i][1] for h in held])
-        pred = x @ w.T + b
-        r2.append(float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(EPS)))
+        r2.append(r2_score(x @ w.T + b, y))
+        if other is not None:
+            r2_other.append(r2_score(x @ other["weight"][i].T + other["bias"][i], y))
         weights.append(w)
         biases.append(b)
-    return {"weight": weights, "bias": biases, "r2": r2}
+    return {"weight": weights, "bias": biases, "r2": r2, **({"r2_other": r2_other} if other is not None else {})}
 
 
 @register

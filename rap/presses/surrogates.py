@@ -16,7 +16,10 @@ def save_surrogate(surrogate: dict, path, fitted_for: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{k}.{i}": t.contiguous() for k in ("weight", "bias") for i, t in enumerate(surrogate[k])}
-    save_file(tensors, str(path), metadata={"fitted_for": json.dumps(fitted_for), "r2": json.dumps(surrogate["r2"])})
+    meta = {"fitted_for": json.dumps(fitted_for), "r2": json.dumps(surrogate["r2"])}
+    if "r2_other" in surrogate:
+        meta["r2_other"] = json.dumps(surrogate["r2_other"])
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
@@ -32,6 +35,7 @@ def load_surrogate(path) -> dict:
             meta = f.metadata() or {}
             n = len([k for k in f.keys() if k.startswith("weight.")])
             out = {k: [f.get_tensor(f"{k}.{i}") for i in range(n)] for k in ("weight", "bias")}
-        return {**out, "r2": json.loads(meta.get("r2", "[]")), "fitted_for": json.loads(meta.get("fitted_for", "{}"))}
+        return {**out, "r2": json.loads(meta.get("r2", "[]")), "fitted_for": json.loads(meta.get("fitted_for", "{}")),
+                **({"r2_other": json.loads(meta["r2_other"])} if "r2_other" in meta else {})}
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"press.surrogate={path} is not a KVzap surrogate file ({e}).") from None
