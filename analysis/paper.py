@@ -254,8 +254,11 @@ def kvzap_r2(_df=None) -> str:
     for f in files:
         s = load_surrogate(f)
         r2, meta = s["r2"], s["fitted_for"]
+        if meta.get("env_git_dirty") is not False:
+            raise SourceError(f"{f} was not fitted from a clean commit (env_git_dirty={meta.get('env_git_dirty')}); "
+                              "refit it with python -m rap.harness.train_kvzap from a clean checkout.")
         plan = meta.get("plan")
-        rows.append({"file": f.name, "model": meta.get("model"),
+        rows.append({"file": f.name, "commit": str(meta.get("env_git_commit"))[:7], "model": meta.get("model"),
                      "plan": "none" if not plan else f"{plan['method']} {plan['ratio']}",
                      "texts": f"{meta.get('texts')} × {meta.get('seqlen')} ({meta.get('held_out')} held out)",
                      "mean R²": f"{sum(r2) / len(r2):.3f}", "range": f"{min(r2):.3f}-{max(r2):.3f}",

@@ -38,8 +38,10 @@ def main(argv=None) -> None:
     from ..presses.kvzap import INSTRUCTION, fit_surrogate
     from ..presses.surrogates import load_surrogate, save_surrogate
     from . import resolvers  # noqa: F401  (the configs' resolvers)
+    from .environment import git_state
     from .settings import read_settings
 
+    state = git_state()  # read before the work: a published surrogate comes from a clean commit
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             s = read_settings(compose(config_name="config", overrides=["tracking=none", *a.overrides]))
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
     fitted_for = {"model": s.model.name, "plan": None if plan is None else {"method": plan["method"],
                                                                           "ratio": plan["ratio"]},
                   "source": s.calibration_source, "texts": a.texts, "seqlen": a.seqlen, "held_out": a.held_out,
-                  "ridge": a.ridge, "compare": Path(a.compare).name if a.compare else None}
+                  "ridge": a.ridge, "compare": Path(a.compare).name if a.compare else None, **state}
     path = save_surrogate(fitted, a.out, fitted_for)
     print(f"[kvzap] wrote {path}; held-out R² per layer: " + " ".join(f"{r:.3f}" for r in fitted["r2"]))
     if other is not None:
