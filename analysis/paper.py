@@ -312,7 +312,6 @@ BLOCKS = {
     ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
     ("docs/presses.md", "kvzap_r2"): (None, kvzap_r2),
-    ("docs/usage.md", "test_durations"): (None, test_durations),
     ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
     ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),
     ("docs/usage.md", "default_job"): ("default", default_job),
