@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.bench_table import scale_extrapolated, scale_table  # noqa: E402
-from rap.calibration import gradient_settings  # noqa: E402
+from rap.calibration import GradientSettings  # noqa: E402
 from rap.files import write_csv  # noqa: E402
 from rap.harness.bench import SHAPES  # noqa: E402
 from rap.memory import recording, stage  # noqa: E402
@@ -56,9 +56,10 @@ def scaled_model(shape: str, layers: int, vocab: int):
 def measure(model, run: str, ratio: float, calibration: torch.Tensor) -> list[dict]:
     """Make the plan and build the compressed modules under ``recording``; the model's own modules are put back."""
     name, options = RUNS[run]
-    method = make_method(name, ratio, **options)
+    gradients = GradientSettings(checkpointing=run.endswith("+checkpointing"))
+    method = make_method(name, ratio, shared={"gradients": gradients}, **options)
     t0 = time.perf_counter()
-    with recording() as stages, gradient_settings(checkpointing=run.endswith("+checkpointing")):
+    with recording() as stages:
         with stage("total"):
             plan = method.make_plan(model, calibration)
             with swapped_attention(model), stage("apply plan"):

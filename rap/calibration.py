@@ -1,7 +1,6 @@
 """Calibration statistics, gathered layer by layer with hooks (running sums, never stored activations)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -96,21 +95,6 @@ class GradientSettings:
     loss_chunk: int = 1024
 
 
-GRADIENTS = GradientSettings()
-
-
-@contextmanager
-def gradient_settings(**settings):
-    """Run the gradient statistics inside the block with ``GradientSettings(**settings)`` (the job's
-    ``gradient_checkpointing`` and ``loss_chunk``)."""
-    global GRADIENTS
-    before, GRADIENTS = GRADIENTS, GradientSettings(**settings)
-    try:
-        yield
-    finally:
-        GRADIENTS = before
-
-
 def _chunk_loss(head, hidden, labels):
     return F.cross_entropy(head(hidden).float().flatten(0, 1), labels.flatten(), reduction="sum")
 
@@ -126,15 +110,17 @@ def lm_loss(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return total / labels.numel()
 
 
-def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"),
-                     rows: bool = True) -> dict[str, list[torch.Tensor]]:
+def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"), rows: bool = True,
+                     settings: GradientSettings | None = None) -> dict[str, list[torch.Tensor]]:
     """Per layer, over calibration sequences, for the LM loss: mean squared gradient (``fisher``) and mean |w·g|
     (``taylor``) of the k_proj and v_proj weights, under keys ``fisher_k, fisher_v, taylor_k, taylor_v``.
 
     Only what is asked for is kept: ``rows=True`` sums each weight row, (out,) per layer (what the pair and
     channel criteria read); ``rows=False`` keeps every element, (out, in) in float32 (Palu's module scores take
     a square root per element). Each weight's gradient is folded in and freed as soon as the backward has
-    produced it, so no layer's full gradient outlives its own step."""
+    produced it, so no layer's full gradient outlives its own step. ``settings``: how the backward runs (memory
+    savers that change no value; the defaults when None)."""
+    settings = settings or GradientSettings()
     dev = model_device(model)
     targets = [(i, n, getattr(layer.self_attn, f"{n}_proj").weight)
                for i, layer in enumerate(_layers(model)) for n in ("k", "v")]
@@ -152,16 +138,16 @@ def weight_gradients(model, batch: torch.Tensor, kinds=("fisher", "taylor"),
         return hook
 
     training = model.training
-    if GRADIENTS.checkpointing:
+    if settings.checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; these models have no dropout in use
     try:
         with trainable_only(model, [w for _, _, w in targets]), stage("calibration (gradients)"), \
                 temporary_hooks([w.register_post_accumulate_grad_hook(fold(i, n, w)) for i, n, w in targets]):
             for row in tqdm(batch, desc="calibration (gradients)", leave=False):
-                lm_loss(model, row[None].to(dev), GRADIENTS.loss_chunk).backward()
+                lm_loss(model, row[None].to(dev), settings.loss_chunk).backward()
     finally:
-        if GRADIENTS.checkpointing:
+        if settings.checkpointing:
             model.activation_checkpointing_disable()
         model.train(training)
         model.zero_grad(set_to_none=True)

@@ -64,20 +64,20 @@ def weight_norm(model, batch=None, seed=0):
     return {"k": k, "v": v}
 
 
-def _gradient_scores(model, batch, kind):
+def _gradient_scores(model, batch, kind, gradients=None):
     nkv, d, _ = _shape(model)
-    g = calibration.weight_gradients(model, batch, kinds=(kind,), rows=True)
+    g = calibration.weight_gradients(model, batch, kinds=(kind,), rows=True, settings=gradients)
     return {"k": [_pairs(x.view(nkv, d)) for x in g[f"{kind}_k"]], "v": [x.view(nkv, d) for x in g[f"{kind}_v"]]}
 
 
-def fisher(model, batch, seed=0):
+def fisher(model, batch, seed=0, gradients=None):
     """Mean squared gradient of the LM loss, summed over the pair's (channel's) weight rows."""
-    return _gradient_scores(model, batch, "fisher")
+    return _gradient_scores(model, batch, "fisher", gradients)
 
 
-def gradient(model, batch, seed=0):
+def gradient(model, batch, seed=0, gradients=None):
     """First-order Taylor: mean |w·g| summed over the pair's (channel's) weight rows."""
-    return _gradient_scores(model, batch, "taylor")
+    return _gradient_scores(model, batch, "taylor", gradients)
 
 
 def attn_error(model, batch, seed=0):
@@ -107,9 +107,15 @@ CRITERIA = {"key_energy": key_energy, "qk_energy": qk_energy, "weight_norm": wei
 NEEDS_DATA = {"key_energy", "qk_energy", "fisher", "gradient", "attn_error", "rope_blind"}
 
 
-def score(name: str, model, batch, seed: int = 0) -> dict:
+GRADIENT_CRITERIA = {"fisher", "gradient"}  # read LM-loss gradients (``calibration.weight_gradients``)
+
+
+def score(name: str, model, batch, seed: int = 0, gradients=None) -> dict:
+    """The criterion's per-layer scores; ``gradients`` (``calibration.GradientSettings``) is how a gradient
+    criterion's backward runs."""
     if name not in CRITERIA:
         raise ConfigError(f"Unknown criterion '{name}'; choose one of {', '.join(CRITERIA)}.")
     if name in NEEDS_DATA and batch is None:
         raise ConfigError(f"Criterion '{name}' needs calibration data; pass calibration=<token batch>.")
-    return CRITERIA[name](model, batch, seed=seed)
+    extra = {"gradients": gradients} if name in GRADIENT_CRITERIA else {}
+    return CRITERIA[name](model, batch, seed=seed, **extra)

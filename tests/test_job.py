@@ -312,3 +312,20 @@ def test_a_run_calibrated_on_other_text_gets_its_own_folder_and_finds_its_commit
     assert c4.run_name != compose(*overrides).run_name and c4.run_name.endswith("-cal-c4_standard")
     committed = OmegaConf.to_container(OmegaConf.load(REPO / "results" / "heal_c4" / c4.run_name / "config.yaml"))
     assert identity(committed) == identity(job_config(c4))
+
+
+def test_every_committed_result_keeps_the_metrics_schema():
+    """rap.harness.schema documents every key of every committed run, with its kind; a key it does not know fails."""
+    import json
+
+    from rap.harness.results import RunFolder
+    from rap.harness.schema import check_metrics
+
+    runs = RunFolder.find(REPO / "results", finished=True)
+    assert len(runs) > 90
+    for run in runs:
+        check_metrics(run.metrics())
+    with pytest.raises(ValueError, match="undocumented_key is not in rap.harness.schema.METRICS"):
+        check_metrics({**runs[0].metrics(), "undocumented_key": 1})
+    with pytest.raises(ValueError, match=r"ppl_wikitext2='high' is not number"):
+        check_metrics(json.loads(json.dumps({"ppl_wikitext2": "high"})))

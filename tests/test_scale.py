@@ -125,9 +125,9 @@ def test_gradient_statistics_keep_only_what_is_read(checkpointing, chunk):
     model, _ = build_tiny("tiny-llama")
     batch = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     ref = _autograd_reference(model, batch)
-    with calibration.gradient_settings(checkpointing=checkpointing, loss_chunk=chunk):
-        rows = calibration.weight_gradients(model, batch, kinds=("fisher", "taylor"), rows=True)
-        full = calibration.weight_gradients(model, batch, kinds=("fisher",), rows=False)
+    settings = calibration.GradientSettings(checkpointing=checkpointing, loss_chunk=chunk)
+    rows = calibration.weight_gradients(model, batch, kinds=("fisher", "taylor"), rows=True, settings=settings)
+    full = calibration.weight_gradients(model, batch, kinds=("fisher",), rows=False, settings=settings)
     assert set(full) == {"fisher_k", "fisher_v"}
     for i in range(2):
         for n in "kv":

@@ -1,49 +1,13 @@
 """One experiment job, as phases: settings (checked before anything loads) -> skip if done -> load -> compress
 (-> heal) -> costs -> latency -> evaluate -> commit -> mirror to the tracker.
 
-``metrics.json`` keys (flat):
-
-- run: ``model``, ``method`` (``none`` at ratio 0, whatever the configured method), ``ratio``, ``eval_profile``,
-  ``seed``, ``run_name``, ``status`` ("complete"), ``wall_time_s`` and ``time_<phase>_s`` for
-  load/baseline/compress/heal/measure/latency/ppl/zeroshot; ``model_devices``, the devices holding the model's
-  weights, comma-separated (several with ``model.device_map``); ``round_to``, the plan's rounding as it ran
-  (``auto`` resolved); ``value_path``, EliteKV's value path as it ran (``auto`` resolved); ``qk_norm``, RAP's QK-norm
-  mode on a QK-norm model (Qwen3, Gemma 3) as it ran (null resolved).
-- healing (``heal=layerwise`` or ``e2e``, ``rap.heal``): ``heal``, its budget ``heal_source``, ``heal_n_samples``,
-  ``heal_seqlen``, ``heal_tokens``, ``heal_steps``, ``heal_batch_size``, ``heal_lr``, ``heal_params`` (trained
-  parameters), ``heal_time_s``, and ``heal_loss_before`` / ``heal_loss_after`` (layerwise: relative MSE of the
-  attention outputs, mean over layers; e2e: KL divergence per token from the uncompressed model); each step's loss
-  in ``per_sample.json`` (``heal``) and the W&B table ``heal_loss``. The plan keeps the four outcomes
-  (``heal_outcome``), so a run that replays a healed plan (``plan=``) records them too, with ``heal_replayed``
-  true: its ``heal_time_s`` is what training the plan cost, not time this run spent.
-- environment (``rap.harness.environment``): ``env_rap_version``, ``env_git_commit``, ``env_git_dirty``, ``env_python``,
-  ``env_torch``, ``env_transformers``, ``env_lm_eval``, ``env_datasets``, ``env_hydra_core``, ``env_device``,
-  ``env_device_name``, ``env_dtype``, ``env_threads``, ``env_platform``.
-- perplexity: ``ppl_wikitext2`` with ``ppl_nll``, ``ppl_tokens`` (predicted tokens), ``ppl_windows``,
-  ``ppl_window_choice`` (``spread`` over the text or the ``first`` N), ``ppl_seqlen``, ``ppl_dataset``,
-  ``ppl_split``, ``ppl_mode`` (``forward``, or ``cached`` with ``ppl_chunk``),
-  ``ppl_bos`` (true when each window starts with the tokenizer's BOS, as Gemma's texts do: ``rap.data.window_bos``).
-- long context (``eval=long``, ``rap.harness.ruler``): ``ruler_<task>_<length>``, ``n_ruler_<task>_<length>``,
-  ``ruler_avg_<length>``, ``ruler_limit``, ``ruler_lengths``; per-document scores in ``per_sample.json`` (``long``).
-- zero-shot: ``acc_<task>``, ``acc_norm_<task>``, ``acc_stderr_<task>``, ``n_<task>``, ``acc_avg``,
-  ``acc_norm_avg``, ``zs_limit``, ``zs_seed``.
-- ``per_sample.json`` beside it: ``{"ppl": {"window_nll": [...], "seqlen": n}, "zeroshot": {task: {"doc_id": [...],
-  "acc": [...], "acc_norm": [...]}}}``, each window's mean NLL and each document's 0/1 scores, for paired
-  comparisons between runs on the same documents (``rap.stats``, ``analysis.report``).
-- costs at ``context_len``: ``kv_bytes``, ``kv_bytes_per_token``, its parts ``kv_bytes_full`` / ``_packed`` /
-  ``_scales`` and ``kv_cache`` (``fp`` or the quantized cache's label), ``params_total``, ``params_attention``,
-  ``flops_decode``, ``flops_decode_attention`` (FLOPs of one decode step), each count also as ``<key>_formula``
-  from the config alone; ``sdpa_kernel`` and ``sdpa_kernel_prefill``, the attention kernels of that decode step
-  and of the prefill before it (SDPA kernel names, or ``matmul`` for rap's own decode path).
-- compressed runs: ``base_<key>`` (the uncompressed model, measured in the same job) and ``<key>_ratio``
-  for KV bytes, params, FLOPs and latencies; the plan is saved as ``plan.json`` (``plan=<file>`` applies a saved one).
+``metrics.json`` holds flat keys, each documented in ``rap.harness.schema.METRICS`` and checked against it before the
+commit; ``per_sample.json`` beside it holds each window's NLL and each document's scores, for paired comparisons
+(``rap.stats``, ``analysis.report``); the plan is saved as ``plan.json`` (``plan=<file>`` applies a saved one).
 
 Faults: ``metrics.json`` is written last, by one atomic rename (the commit point); a job that fails writes
 ``failure.json`` instead, and one that is killed leaves neither. The job holds ``<out_dir>/.rap.lock`` while it
 computes (``rap.harness.results.job_lock``). ``RAP_KILL_AT`` injects kills for the tests (``rap.faults``).
-- latency (ms, medians): ``latency_prefill_ms``, ``latency_prefill_attention_ms``, ``latency_decode_ms``,
-  ``latency_decode_attention_ms`` with ``latency_device`` (every device the model uses), ``latency_dtype``,
-  ``latency_threads``.
 """
 from __future__ import annotations
 
@@ -57,7 +21,6 @@ from omegaconf import OmegaConf
 
 from .. import costs, measure
 from ..cache import cached_widths, check_group_size, measured_split, quantized_cache_bytes
-from ..calibration import gradient_settings
 from ..data import calibration_batches
 from ..devices import model_devices, resolve_dtype
 from ..faults import kill_point, set_current_run
@@ -78,6 +41,7 @@ from .results import (
     read_metrics,
     record_failure,
 )
+from .schema import check_metrics
 from .settings import Settings, check_before_loading, read_settings
 from .tracking import make_tracker, result_tables
 
@@ -156,6 +120,7 @@ def compute_job(s: Settings, out_dir: Path) -> dict:
         run.results.update({f"time_{k}_s": v for k, v in run.times.items()})
         run.results["wall_time_s"] = time.time() - run.t0
         run.results["status"] = "complete"
+        check_metrics(run.results)  # a key the schema does not document never reaches a result file
         commit(out_dir, run.results, run.per_sample)  # the commit point
     except BaseException as e:
         record_failure(out_dir, e)  # no metrics.json: the folder never looks complete
@@ -216,8 +181,7 @@ def compress_and_heal(run: Run, model, tok, given_plan: dict | None, documents: 
             if s.method.needs_calibration(model.config):
                 calib = calibration_batches(tok, run.data_dir, s.calibration_source, s.calibration, seed=s.seed,
                                             documents=documents.get(s.calibration_source))
-            with gradient_settings(**s.gradients):
-                plan = s.method.make_plan(model, calib)
+            plan = s.method.make_plan(model, calib)
         model = apply_plan(model, plan)
     run.results.update(s.method.plan_record(plan))  # options that resolve by device or model (``auto``) as they ran
     if s.heal is not None and plan.get("heal"):  # a given healed plan brought its healed weights (same settings)

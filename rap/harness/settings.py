@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..cache import CacheSpec, cache_spec
-from ..calibration import STATISTICS
+from ..calibration import STATISTICS, GradientSettings
 from ..data import calibration_documents, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import ConfigError
@@ -69,7 +69,6 @@ class Settings:
     ppl_mode: str
     calibration_source: str
     calibration: dict  # statistic -> (n_samples, seqlen); "default" for the rest
-    gradients: dict  # checkpointing, loss_chunk (``rap.calibration.gradient_settings``)
     plan_path: str | None
     tracking: Tracking
     press: Press | None  # token eviction once the context is encoded (``rap.presses``); None: no press
@@ -104,7 +103,6 @@ def read_settings(cfg: DictConfig, launcher: dict | None = None) -> Settings:
                                     m.decode_steps),
                     ppl_mode=ppl_mode(cfg, spec), calibration_source=cfg.calibration.source,
                     calibration=calibration_sizes(cfg.calibration),
-                    gradients={"checkpointing": bool(cfg.get("gradient_checkpointing")), "loss_chunk": chunk},
                     plan_path=cfg.get("plan") or None,
                     tracking=Tracking(t.backend, t.get("project"), t.get("entity"), t.get("mode")),
                     press=press_settings(cfg, spec),
@@ -145,7 +143,10 @@ def build_method(cfg: DictConfig, config: dict) -> Method | None:
     if config["method"]["name"] == "none":
         return None
     options = {k: v for k, v in config["method"].items() if k not in ("name", "tag")}
-    return make_method(cfg.method.name, config["ratio"], shared={"criterion": cfg.criterion.name, "seed": cfg.seed},
+    gradients = GradientSettings(checkpointing=bool(cfg.get("gradient_checkpointing")),
+                                 loss_chunk=cfg.get("loss_chunk", 1024))
+    return make_method(cfg.method.name, config["ratio"],
+                       shared={"criterion": cfg.criterion.name, "seed": cfg.seed, "gradients": gradients},
                        **options)
 
 

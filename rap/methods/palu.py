@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..architecture import STATIC_ROPE_TYPES, rope_types
-from ..calibration import calibration_for, weight_gradients, whitening_grams
+from ..calibration import GradientSettings, calibration_for, weight_gradients, whitening_grams
 from ..errors import ConfigError, PlanError
 from ..naming import default_size, grouping_words, option, whiten_size
 from ..shapes import AttentionShape, has_latent_o_bias, has_qkv_bias, qk_norm_params
@@ -123,6 +123,8 @@ class Palu(Method):
         equal to RAP's; larger values change the total by up to round_to/2 per module.
     floor : int
         Minimum rank per module.
+    gradients : GradientSettings or None
+        How the Fisher pass's backward runs (memory savers that change no value; the job passes its settings).
     """
 
     decomposition: str = "whiten"
@@ -130,6 +132,7 @@ class Palu(Method):
     rank_allocation: str = "fisher_uniform"
     round_to: int = 1
     floor: int = 1
+    gradients: GradientSettings | None = None
     name = "palu"
     order = 2
     examples = ({}, {"group_size": 1, "decomposition": "svd"}, {"rank_allocation": "uniform", "decomposition": "svd"})
@@ -179,7 +182,8 @@ class Palu(Method):
         cap = min(g * d, cfg.hidden_size)
         k_ranks, v_ranks = [min(g * 2 * n_pairs, cap)] * L, [min(g * n_v, cap)] * L
         if self.rank_allocation == "fisher_uniform":
-            grads = weight_gradients(model, calibration_for(calibration, "fisher"), kinds=("fisher",), rows=False)
+            grads = weight_gradients(model, calibration_for(calibration, "fisher"), kinds=("fisher",), rows=False,
+                                     settings=self.gradients)
             scores = [f.sqrt().mean().item() for i in range(L) for f in (grads["fisher_k"][i], grads["fisher_v"][i])]
             ranks = fisher_uniform_ranks(scores, sum(k_ranks) + sum(v_ranks), cap, self.floor)
             k_ranks, v_ranks = ranks[0::2], ranks[1::2]

@@ -11,7 +11,13 @@ from torch import nn
 
 from .. import criteria
 from ..architecture import check_config, has_qk_norm, head_dim, layer_kinds, layer_rope_bases, sliding_layers
-from ..calibration import attention_output_gram, calibration_for, channel_energy, whitening_grams
+from ..calibration import (
+    GradientSettings,
+    attention_output_gram,
+    calibration_for,
+    channel_energy,
+    whitening_grams,
+)
 from ..devices import model_device
 from ..errors import ConfigError, PlanError
 from ..naming import low_rank_v_words, option, qk_norm_words
@@ -94,6 +100,9 @@ class RAP(Method):
         approximate). None: ``DEFAULT_QK_NORM``. Ignored on models without QK-norm.
     seed : int
         For the ``random`` criterion.
+    gradients : GradientSettings or None
+        How the gradient criteria's backward runs (activation checkpointing, the loss chunk): memory savers that
+        change no score. The job passes its ``gradient_checkpointing`` and ``loss_chunk``.
     """
 
     criterion: str = "key_energy"
@@ -108,6 +117,7 @@ class RAP(Method):
     v_refit: bool = False
     qk_norm: str | None = None
     seed: int = 0
+    gradients: GradientSettings | None = None
     name = "rap"
     recorded = ("round_to", "qk_norm")
     order = 1
@@ -179,7 +189,8 @@ class RAP(Method):
         d = attn.head_dim
         round_to = resolve_round_to(self.round_to, model_device(model))
         n_pairs, n_v = kv_budget(self.ratio, d, round_to, self.prune_k, self.prune_v)
-        s = criteria.score(self.criterion, model, calibration_for(calibration, "scores"), seed=self.seed)
+        s = criteria.score(self.criterion, model, calibration_for(calibration, "scores"), seed=self.seed,
+                           gradients=self.gradients)
         k_counts = allocate(s["k"], n_pairs, self.allocation, self.floor)
         v_counts = allocate(s["v"], n_v, self.allocation, self.floor)
         layers = []
