@@ -311,6 +311,7 @@ BLOCKS = {
     ("docs/results.md", "chance_main_table"): ("main_table", lambda df: markdown(chance_table(df))),
     ("docs/architectures.md", "chance_gemma3_270m"): ("gemma3_270m", lambda df: markdown(chance_table(df))),
     ("docs/usage.md", "coverage"): (None, coverage),
+    ("docs/usage.md", "test_durations"): (None, test_durations),
     ("docs/presses.md", "kvzap_r2"): (None, kvzap_r2),
     ("docs/usage.md", "standard_sizing"): ("main_table", standard_sizing),
     ("docs/usage.md", "standard_wall_time"): ("main_table", standard_wall_time),
