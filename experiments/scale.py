@@ -81,13 +81,11 @@ def thread_rows(shape: str, rounds: int) -> list[dict]:
     gram = x.T @ x
     out, default = [], torch.get_num_threads()
     for r in range(rounds):
-        for threads in (1, 0):
-            lowrank.LINALG_THREADS = threads
+        for threads in (1, None):
             t0 = time.perf_counter()
-            lowrank.factorize(w, rows * 3 // 4, gram)
+            lowrank.factorize(w, rows * 3 // 4, gram, threads=threads)
             out.append({"shape": shape, "round": r, "linalg_threads": threads or default,
                         "seconds": time.perf_counter() - t0})
-    lowrank.LINALG_THREADS = 1
     return out
 
 

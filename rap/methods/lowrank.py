@@ -27,7 +27,7 @@ def group_size_for(n_kv: int, group_size: int) -> int:
 
 
 @torch.no_grad()  # the weights require grad: a graph would keep every temporary (and the Gram) alive with the factors
-def factorize(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None):
+def factorize(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, threads: int | None = 1):
     """``weight`` (out, in) ≈ up @ down with down (rank, in) and up (out, rank), computed in float64 on the weight's
     device and returned on the CPU in the weight's dtype.
 
@@ -37,41 +37,40 @@ def factorize(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None)
     (W·S)(W·S)ᵀ = W·G·Wᵀ, U and Σ² are its eigenvectors and eigenvalues, and V_rᵀ S⁻¹ = Σ_r⁻¹ U_rᵀ W: the same
     factors from an eigendecomposition of the small (out, out) matrix, with no Cholesky of the (in, in) Gram
     (which needed jitter when the Gram is singular). On a Llama-3-8B block (512 x 4096, a 4096² Gram, 1 thread)
-    this took 0.3-0.9 s against 2.1-3.8 s for the Cholesky route, with the same error.
+    this took 0.3-0.9 s against 2.1-3.8 s for the Cholesky route, with the same error. ``threads``: CPU threads for
+    the SVD or eigendecomposition (``linalg_threads``).
     """
     with stage("low-rank factorisation"):
-        down, up = _factorize(weight, rank, gram)
+        down, up = _factorize(weight, rank, gram, threads)
     # The factors go into the plan, which is saved and applied from the CPU: on a GPU they would otherwise hold a
     # second copy of the compressed weights beside the modules built from them.
     return down.cpu(), up.cpu()
 
 
-LINALG_THREADS = 1  # CPU threads for eigh/svd (matmuls keep torch's): see ``linalg_threads``
-
-
 @contextmanager
-def linalg_threads(tensor: torch.Tensor):
-    """Run LAPACK on CPU with ``LINALG_THREADS`` threads. On the 2-core machines one thread is about as fast as two
-    when the machine is idle, and faster beside other work (``experiments/scale.py --threads``; docs/scale.md)."""
+def linalg_threads(tensor: torch.Tensor, threads: int | None = 1):
+    """Run LAPACK on CPU with ``threads`` threads (None: torch's own count); matmuls keep torch's. On the 2-core
+    machines one thread is about as fast as two when the machine is idle, and faster beside other work
+    (``experiments/scale.py --threads``; docs/scale.md), so the methods use one."""
     before = torch.get_num_threads()
-    if tensor.device.type == "cpu" and LINALG_THREADS and LINALG_THREADS != before:
-        torch.set_num_threads(LINALG_THREADS)
+    if tensor.device.type == "cpu" and threads and threads != before:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def _factorize(weight, rank, gram):
+def _factorize(weight, rank, gram, threads):
     w = weight.double()
     if gram is None:
-        with linalg_threads(w):
+        with linalg_threads(w, threads):
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
         root = s[:rank].sqrt()
         return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
     g = gram.to(device=w.device, dtype=torch.float64)
     m = w @ g @ w.T
-    with linalg_threads(m):
+    with linalg_threads(m, threads):
         evals, evecs = torch.linalg.eigh(m)  # ascending
     u = evecs.flip(-1)[:, :rank]
     # √σ_r = eigenvalue^(1/4); floored so that directions the calibration never excites do not divide by zero
