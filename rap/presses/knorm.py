@@ -12,13 +12,7 @@ from .base import Press, register
 @register
 @dataclass
 class KeyNorm(Press):
-    """Each KV head keeps the context tokens whose cached keys have the smallest L2 norm.
-
-    Parameters
-    ----------
-    ratio : float
-        Fraction of the context evicted per head.
-    """
+    """Each KV head keeps the context tokens whose cached keys have the smallest L2 norm (``ratio``: ``Press``)."""
 
     name = "knorm"
     reads_keys = True

@@ -134,10 +134,8 @@ def fit_surrogate(model, texts: list[torch.Tensor], instruction_ids: torch.Tenso
 class KVzap(Press):
     """The trained surrogate's predicted KVzip+ scores, at a fixed ratio.
 
-    Parameters
+    Parameters (and ``ratio``, as ``Press``)
     ----------
-    ratio : float
-        Fraction of the context evicted per KV head.
     surrogate : str or dict
         A file saved by ``python -m rap.harness.train_kvzap`` (or the dict ``fit_surrogate`` returns).
     window : int

@@ -21,15 +21,8 @@ INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
 @register
 @dataclass
 class KVzip(Press):
-    """Context-reconstruction scores.
-
-    Parameters
-    ----------
-    ratio : float
-        Fraction of the context evicted per KV head.
-    instruction : str
-        What precedes the repeated context (kvpress's wording).
-    """
+    """Context-reconstruction scores; ``instruction`` is what precedes the repeated context (kvpress's wording), and
+    ``ratio`` is as ``Press``."""
 
     instruction: str = INSTRUCTION
     name = "kvzip"

@@ -31,10 +31,8 @@ def window_queries(attn, hidden: torch.Tensor, position_embeddings) -> torch.Ten
 class SnapKV(Press):
     """Keeps the tokens the end of the context attends to.
 
-    Parameters
+    Parameters (and ``ratio``, as ``Press``)
     ----------
-    ratio : float
-        Fraction of the context evicted per KV head.
     window : int
         The last ``window`` context tokens whose queries score the rest; they are always kept (64, as kvpress).
     kernel : int

@@ -12,15 +12,8 @@ from .base import Press, register
 @register
 @dataclass
 class StreamingLLM(Press):
-    """Attention sinks plus a recent window.
-
-    Parameters
-    ----------
-    ratio : float
-        Fraction of the context evicted: the window is what the sinks leave of the kept count.
-    sinks : int
-        Leading tokens always kept (4, as kvpress and the paper).
-    """
+    """Attention sinks plus a recent window: the first ``sinks`` tokens (4, as kvpress and the paper) and the most
+    recent ones, as many as ``ratio`` (``Press``) leaves."""
 
     sinks: int = 4
     name = "streaming"
