@@ -20,8 +20,7 @@ import torch
 from ..compat import cache_kwargs
 from ..errors import ConfigError
 from .base import Press, register
-from .kvzip import INSTRUCTION, KVzip
-from .snapkv import window_queries
+from .kvzip import INSTRUCTION, KVzip, group_max, repetition_attention
 
 EPS = 1e-12
 
@@ -79,16 +78,11 @@ def kvzip_plus_targets(model, ids: torch.Tensor, instruction_ids: torch.Tensor) 
               **cache_kwargs(cache))
     out = []
     for i, layer in enumerate(cache.layers):
-        attn = model.model.layers[i].self_attn
-        hidden, pos = recorder._captured[i]
-        q = window_queries(attn, hidden, pos).float()
-        heads, total, n_kv = q.shape[1], layer.keys.shape[-2], layer.keys.shape[1]
-        k = layer.keys.float().repeat_interleave(heads // n_kv, dim=1)
-        later = torch.arange(total, device=ids.device)[None, :] > torch.arange(n, total, device=ids.device)[:, None]
-        probs = (q @ k.transpose(-1, -2) * attn.scaling).masked_fill(later, float("-inf")).softmax(-1)[..., :n]
+        attn, n_kv = model.model.layers[i].self_attn, layer.keys.shape[1]
+        probs = repetition_attention(attn, layer.keys, recorder._captured[i], n)
         weighted = probs * _value_norms(attn, layer.values[..., :n, :])[:, :, None, :]
-        weighted = weighted / hidden.float().norm(dim=-1)[:, None, :, None].clamp_min(EPS)
-        score = weighted.amax(2).view(b, n_kv, heads // n_kv, n).amax(2)  # (b, n_kv, n)
+        weighted = weighted / recorder._captured[i][0].float().norm(dim=-1)[:, None, :, None].clamp_min(EPS)
+        score = group_max(weighted, n_kv)  # (b, n_kv, n)
         out.append((context[i][0].float().reshape(b * n, -1), score.clamp_min(EPS).log().transpose(1, 2)
                     .reshape(b * n, n_kv)))
     return out

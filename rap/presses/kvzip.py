@@ -18,6 +18,25 @@ from .snapkv import window_queries
 INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
 
 
+def repetition_attention(attn, keys: torch.Tensor, captured, n: int) -> torch.Tensor:
+    """(batch, heads, m, n): the attention weights the m repetition queries (``captured``: the layer's inputs for
+    them) give the n context tokens, each a softmax over every key the query sees (context, instruction, earlier
+    repetition)."""
+    hidden, position_embeddings = captured
+    q = window_queries(attn, hidden, position_embeddings).float()
+    heads, m, total = q.shape[1], q.shape[2], keys.shape[-2]
+    k = keys.float().repeat_interleave(heads // keys.shape[1], dim=1)
+    positions = torch.arange(total, device=keys.device)
+    later = positions[None, :] > positions[total - m:, None]
+    return (q @ k.transpose(-1, -2) * attn.scaling).masked_fill(later, float("-inf")).softmax(-1)[..., :n]
+
+
+def group_max(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(batch, heads, m, n) -> (batch, n_kv, n): the largest over the m queries and each KV head's query heads."""
+    b, heads, _, n = x.shape
+    return x.amax(2).view(b, n_kv, heads // n_kv, n).amax(2)
+
+
 @register
 @dataclass
 class KVzip(Press):
@@ -57,16 +76,7 @@ class KVzip(Press):
     def reconstruction_scores(attn, keys: torch.Tensor, captured, n: int) -> torch.Tensor:
         """(batch, KV heads, n): per context token, the largest attention weight a repetition query of any query head
         of the KV head gives it (softmax over every key the query sees)."""
-        hidden, position_embeddings = captured
-        q = window_queries(attn, hidden, position_embeddings).float()
-        b, heads, m, _ = q.shape
-        n_kv, total = keys.shape[1], keys.shape[-2]
-        k = keys.float().repeat_interleave(heads // n_kv, dim=1)
-        logits = q @ k.transpose(-1, -2) * attn.scaling
-        later = torch.arange(total, device=keys.device)[None, :] > torch.arange(total - m, total,
-                                                                                 device=keys.device)[:, None]
-        probs = logits.masked_fill(later, float("-inf")).softmax(-1)[..., :n]
-        return probs.amax(2).view(b, n_kv, heads // n_kv, n).amax(2)
+        return group_max(repetition_attention(attn, keys, captured, n), keys.shape[1])
 
     def layer_scores(self, attn, keys: torch.Tensor, captured) -> torch.Tensor:
         return captured  # ``prepare`` left each layer's scores
