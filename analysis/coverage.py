@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats as _dist
 
 from rap.harness.perplexity import window_indices
 from rap.harness.results import RunFolder
-from rap.stats import dependent_mean_interval
+from rap.stats import dependent_mean_interval, t_interval
 
 WINDOWS_IN_TEXT = 148  # WikiText-2 test in windows of 2048 tokens, SmolLM2's tokenizer (Gemma 3's: 142)
 RHOS = (0.0, 0.35, 0.7)
@@ -31,8 +30,7 @@ LEVEL = 0.95
 def plain_t_interval(d) -> tuple[float, float]:
     """The interval rap used before: a t-interval that takes the windows as independent."""
     d = np.asarray(d, dtype=float)
-    half = float(_dist.t.ppf(0.5 + LEVEL / 2, d.size - 1)) * d.std(ddof=1) / np.sqrt(d.size)
-    return float(d.mean()) - half, float(d.mean()) + half
+    return t_interval(float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), d.size - 1, LEVEL)
 
 
 INTERVALS = {"AR(1)-adjusted t (rap)": dependent_mean_interval, "plain t (before)": plain_t_interval}

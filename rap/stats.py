@@ -49,7 +49,7 @@ def _aligned(base: dict, other: dict, metric: str) -> np.ndarray:
     return np.array([o[d] - b[d] for d in sorted(b)], dtype=float)
 
 
-def _t_interval(estimate: float, se: float, df: int, level: float) -> tuple[float, float]:
+def t_interval(estimate: float, se: float, df: float, level: float) -> tuple[float, float]:
     """``estimate`` ± the Student-t quantile at ``level`` times ``se``; NaN ends where ``df`` < 1 (one sample)."""
     if df < 1:
         return float("nan"), float("nan")
@@ -77,7 +77,7 @@ def paired_accuracy_difference(base: dict, other: dict, metric: str = "acc", tas
     estimate = float(np.mean([d.mean() for d in diffs]))
     var = sum((np.sum((d - d.mean()) ** 2) + 1.0) / ((d.size - 1) * d.size) for d in diffs if d.size > 1)
     df = sum(d.size - 1 for d in diffs)
-    return Interval(estimate, *_t_interval(estimate, float(np.sqrt(var)) / len(diffs), df, level))
+    return Interval(estimate, *t_interval(estimate, float(np.sqrt(var)) / len(diffs), df, level))
 
 
 MAX_AUTOCORRELATION = 0.9  # beyond it a handful of windows cannot tell the mean at all; the cap keeps df >= 1
@@ -103,9 +103,7 @@ def dependent_mean_interval(d, level: float = 0.95) -> tuple[float, float]:
     r = lag1_autocorrelation(d)
     inflation = (1 + r) / (1 - r)
     se = float(d.std(ddof=1) / np.sqrt(d.size) * np.sqrt(inflation))
-    n_eff = max(2.0, d.size / inflation)
-    q = float(_dist.t.ppf(0.5 + level / 2, n_eff - 1))
-    return float(d.mean()) - q * se, float(d.mean()) + q * se
+    return t_interval(float(d.mean()), se, max(2.0, d.size / inflation) - 1, level)
 
 
 def paired_perplexity_ratio(base_nll, other_nll, level: float = 0.95) -> Interval:

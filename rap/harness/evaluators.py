@@ -58,10 +58,8 @@ class Perplexity(Evaluator):
         windows = block.get("windows") or "first"  # results from before the choice read the first windows
         if windows not in WINDOW_CHOICES:
             raise ConfigError(f"eval.ppl.windows={windows!r} is not one of {', '.join(WINDOW_CHOICES)}.")
-        mode = block.get("mode")
-        if mode not in (None, "forward", "cached"):
-            raise ConfigError(f"eval.ppl.mode={mode!r} is not forward or cached.")
-        return {"seqlen": block.seqlen, "max_windows": block.max_windows, "mode": mode, "chunk": block.get("chunk"),
+        # the mode (forward or cached) is resolved with the cache and the press: Settings.ppl_mode
+        return {"seqlen": block.seqlen, "max_windows": block.max_windows, "chunk": block.get("chunk"),
                 "windows": windows}
 
     def check(self, spec, data_dir):
